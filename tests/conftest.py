@@ -1,0 +1,111 @@
+"""Shared fixtures: tiny random models of each supported family, and the embedded model.
+
+Tiny models get real tokenizers trained here (in well under a second) on the shared Wikipedia
+text: byte-level BPE with and without a leading-space prefix (GPT-2 style) and a
+SentencePiece-style Metaspace BPE (Llama style). Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama")
+
+torch.set_num_threads(int(os.environ.get("FACTSCOPE_TEST_THREADS", min(2, os.cpu_count() or 1))))
+
+
+@lru_cache(maxsize=None)
+def _corpus() -> tuple[str, ...]:
+    texts = []
+    with gzip.open(SHARED_DATA / "wikipedia" / "enwiki_2015_3220_articles.jsonl.gz", "rt") as f:
+        for i, line in enumerate(f):
+            texts.append(json.loads(line)["text"][:3000])
+            if i >= 200:
+                break
+    return tuple(texts)
+
+
+@lru_cache(maxsize=None)
+def tiny_tokenizer(style: str = "bytelevel"):
+    """A trained tokenizer: ``bytelevel`` (GPT-2), ``bytelevel-prefix`` (leading space added) or
+    ``metaspace`` (SentencePiece-style, as Llama's fast tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>" if style == "metaspace" else None))
+    if style == "metaspace":
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+        alphabet = []
+        specials = ["<unk>", "<s>", "</s>"]
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=(style == "bytelevel-prefix"))
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        specials = ["<|endoftext|>"]
+    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=alphabet, special_tokens=specials)
+    tok.train_from_iterator(_corpus(), trainer)
+    eos = "</s>" if style == "metaspace" else "<|endoftext|>"
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos,
+                                   unk_token="<unk>" if style == "metaspace" else None)
+    return fast
+
+
+def tiny_config(family: str, vocab_size: int, n_layers: int = 4):
+    from transformers import GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig
+
+    if family == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_positions=128, n_embd=32, n_layer=n_layers, n_head=4)
+    if family == "gptj":
+        return GPTJConfig(vocab_size=vocab_size, n_positions=128, n_embd=32, n_layer=n_layers, n_head=4, rotary_dim=4)
+    if family == "gpt_neox":
+        return GPTNeoXConfig(vocab_size=vocab_size, max_position_embeddings=128, hidden_size=32,
+                             num_hidden_layers=n_layers, num_attention_heads=4, intermediate_size=64)
+    if family == "llama":
+        return LlamaConfig(vocab_size=vocab_size, max_position_embeddings=128, hidden_size=32,
+                           num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=64, tie_word_embeddings=False)
+    raise ValueError(family)
+
+
+def make_tiny_model(family: str, seed: int = 0, n_layers: int = 4):
+    """A :class:`tracer.LanguageModel` with random weights (float32, CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    from tracer.layers import layer_map_for
+    from tracer.models import LanguageModel
+
+    tokenizer = tiny_tokenizer("metaspace" if family == "llama" else "bytelevel")
+    torch.manual_seed(seed)
+    config = tiny_config(family, len(tokenizer), n_layers)
+    # the default init (0.02) gives near-uniform next-token distributions; 0.3 gives top-1
+    # probabilities of 0.1-0.2, so traces and edits have something to move
+    config.initializer_range = 0.3
+    model = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+    return LanguageModel(model=model, tokenizer=tokenizer, layers=layer_map_for(model), name=f"tiny-{family}")
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny_lm(request):
+    return make_tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M-Instruct (loaded once per test session)."""
+    from tracer.models import load_model
+
+    return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return SHARED_DATA

@@ -1,0 +1,40 @@
+"""tracer/hooks.py: the one hook primitive edits outputs and inputs and never outlives its block."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from tracer.errors import UnknownLayerError
+from tracer.hooks import active_hook_count, hooked, record_outputs
+
+
+def test_output_input_and_replace_hooks():
+    lm = make_tiny_model("llama")
+    ids = torch.tensor([lm.encode("The Eiffel Tower is")])
+    clean = lm.model(ids).logits
+    block = lm.layers.block_name(1)
+    fns, store = record_outputs([block, lm.layers.name("mlp", 0)])
+    with hooked(lm.model, outputs=fns):
+        lm.model(ids)
+    assert store[block].shape == (1, ids.shape[1], lm.hidden_size)
+    keys = {}
+    with hooked(lm.model, inputs={lm.layers.mlp_out_name(0): lambda k: keys.setdefault("k", k)}):
+        lm.model(ids)
+    assert keys["k"].shape[-1] == lm.model.config.intermediate_size
+    with hooked(lm.model, outputs={block: lambda h: torch.zeros_like(h)}):
+        zeroed = lm.model(ids).logits
+    assert not torch.allclose(zeroed, clean)
+    # replacing block 1 by its recorded output gives the same logits without running it
+    with hooked(lm.model, replace={block: lambda *a, **k: store[block]}):
+        assert torch.allclose(lm.model(ids).logits, clean, atol=1e-6)
+    assert active_hook_count(lm.model) == 0
+    assert torch.equal(lm.model(ids).logits, clean)
+
+
+def test_names_checked_before_anything_is_installed():
+    lm = make_tiny_model("gpt2")
+    with pytest.raises(UnknownLayerError):
+        with hooked(lm.model, outputs={lm.layers.block_name(0): lambda h: None, "transformer.h.99": lambda h: None}):
+            pass
+    assert active_hook_count(lm.model) == 0

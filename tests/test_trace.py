@@ -1,0 +1,148 @@
+"""tracer/trace.py: the batched engine equals one-forward-per-restoration, and ROME's numbers."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHARED_DATA, make_tiny_model
+from tracer.errors import HyperParameterError, PromptError, SubjectNotFoundError
+from tracer.hooks import active_hook_count, hooked
+from tracer.trace import _plan_batches, trace, trace_all
+from tracer.trace_result import NoiseSpec, TraceResult
+
+PROMPT = "The Eiffel Tower is located in the city of"
+SUBJECT = "Eiffel Tower"
+
+
+@pytest.mark.parametrize("severed", [None, "mlp", "attn"])
+def test_batched_equals_naive_all_kinds(tiny_lm, severed):
+    kinds = ("hidden",) if severed else ("hidden", "mlp", "attn")
+    common = dict(kinds=kinds, noise=0.5, samples=3, window=3, severed=severed, progress=False)
+    batched = trace_all(tiny_lm, PROMPT, SUBJECT, **common)
+    naive = trace_all(tiny_lm, PROMPT, SUBJECT, naive=True, **common)
+    for kind in kinds:
+        a, b = batched[kind], naive[kind]
+        assert a.scores.shape == (len(a.tokens), tiny_lm.n_layers)
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-5, rtol=0)
+        assert a.low_score == pytest.approx(b.low_score, abs=1e-6)
+        assert a.n_forward < b.n_forward
+    # the restorations actually move the answer: not all cells equal the corrupted score
+    assert np.ptp(batched[kinds[0]].scores) > 1e-3
+
+
+def test_small_batches_and_noise_options_match_naive():
+    lm = make_tiny_model("llama", n_layers=6)
+    prompt = "The Eiffel Tower is in"
+    for kinds, options in ((("hidden", "mlp", "attn"), dict(noise_mode="torch")),
+                           (("hidden",), dict(uniform_noise=True)), (("attn",), dict(replace=True, noise=0.3))):
+        settings = dict(dict(noise=0.5, samples=2, window=4, kinds=kinds, progress=False), **options)
+        many = trace_all(lm, prompt, SUBJECT, batch_tokens=24, **settings)  # many batches, from different layers
+        naive = trace_all(lm, prompt, SUBJECT, naive=True, **settings)
+        for kind in many:
+            np.testing.assert_allclose(many[kind].scores, naive[kind].scores, atol=1e-5, rtol=0)
+            assert many[kind].n_forward > 8
+
+
+def test_first_and_last_cells_have_exact_meaning():
+    lm = make_tiny_model("gpt2")
+    r = trace(lm, PROMPT, SUBJECT, "hidden", noise=0.5, samples=3, progress=False)
+    b, e = r.subject_span
+    # restoring a token before the subject changes nothing: the corrupted score
+    assert np.all(r.scores[:b] == r.low_score)
+    # restoring the last token's output at the last layer gives back the clean distribution
+    assert r.scores[-1, -1] == pytest.approx(r.high_score, abs=1e-5)
+    assert r.answer == lm.decode(r.answer_id)
+
+
+def test_plan_batches_covers_units_once_and_respects_budget():
+    units = [(3, layer, (layer,)) for layer in range(30)]
+    batches = _plan_batches(units, tokens_per_unit=50, n_layers=30, budget=400, overhead=100)
+    assert [u for b in batches for u in b] == units
+    assert all(len(b) * 50 <= 400 for b in batches)
+    assert len(_plan_batches(units, 50, 30, budget=10**9, overhead=10**9)) == 1
+
+
+def test_hooks_removed_after_success_and_exception():
+    lm = make_tiny_model("gptj")
+    trace_all(lm, PROMPT, SUBJECT, noise=0.5, samples=2, window=2, progress=False)
+    assert active_hook_count(lm.model) == 0
+
+    def boom(h):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with hooked(lm.model, outputs={lm.layers.block_name(1): boom}, replace={lm.layers.block_name(0): lambda *a, **k: a[0]}):
+            assert active_hook_count(lm.model) == 2
+            lm.model(torch.tensor([lm.encode(PROMPT)]))
+    assert active_hook_count(lm.model) == 0
+    # an exception inside the engine (a broken answer hook) also leaves no hook behind
+    with pytest.raises(RuntimeError, match="boom"):
+        with hooked(lm.model, outputs={lm.layers.name("mlp", 2): boom}):
+            trace(lm, PROMPT, SUBJECT, noise=0.5, samples=2, progress=False)
+    assert active_hook_count(lm.model) == 0
+
+
+def test_json_round_trip(tmp_path):
+    lm = make_tiny_model("gpt_neox")
+    r = trace(lm, PROMPT, SUBJECT, "mlp", noise="2s", samples=2, window=2, progress=False)
+    d = r.to_dict()
+    for key in ("tokens", "subject_span", "kind", "scores", "low_score", "high_score", "answer", "answer_id", "noise", "samples", "model"):
+        assert key in d
+    assert d["subject_span"] == [1, r.subject_span[1]] and d["noise"]["multiple"] == 2.0
+    back = TraceResult.from_dict(json.loads(json.dumps(d)))
+    np.testing.assert_array_equal(back.scores, r.scores)
+    assert back.to_dict() == d
+    r.save(tmp_path / "t.json")
+    assert TraceResult.load(tmp_path / "t.json").to_dict() == d
+
+
+def test_bad_inputs_have_specific_errors():
+    lm = make_tiny_model("gpt2")
+    with pytest.raises(SubjectNotFoundError, match="does not occur"):
+        trace(lm, PROMPT, "Colosseum", progress=False)
+    with pytest.raises(SubjectNotFoundError, match="different case"):
+        trace(lm, PROMPT, "eiffel tower", progress=False)
+    with pytest.raises(PromptError, match="empty"):
+        trace(lm, "   ", "x", progress=False)
+    with pytest.raises(PromptError, match="at most 128"):
+        trace(lm, "word " * 200 + "Eiffel Tower", SUBJECT, progress=False)
+    with pytest.raises(HyperParameterError, match="kind must be one of"):
+        trace(lm, PROMPT, SUBJECT, "mlps", progress=False)
+    with pytest.raises(HyperParameterError, match="samples"):
+        trace(lm, PROMPT, SUBJECT, samples=0, progress=False)
+    with pytest.raises(HyperParameterError, match="noise"):
+        trace(lm, PROMPT, SUBJECT, noise="lots", progress=False)
+    with pytest.raises(HyperParameterError, match="noise scale"):
+        trace(lm, PROMPT, SUBJECT, noise=-1.0, progress=False)
+    with pytest.raises(HyperParameterError, match="severed"):
+        trace(lm, PROMPT, SUBJECT, "mlp", severed="mlp", progress=False)
+    assert NoiseSpec(scale=0.1).mode == "rome"
+
+
+@pytest.mark.embedded
+def test_embedded_eiffel_tower_trace(embedded):
+    r = trace(embedded, PROMPT, "The Eiffel Tower", "hidden", samples=5, progress=False)
+    assert r.answer == " Paris" and r.high_score > 0.5
+    assert r.low_score < r.high_score
+    last_subject = r.subject_span[1] - 1
+    restored = (r.scores[last_subject] - r.low_score) / (r.high_score - r.low_score)
+    # the early site: some early-to-middle layer at the last subject token restores most of the gap
+    assert restored[:15].max() > 0.5
+
+
+@pytest.mark.embedded
+def test_golden_rome_reference(embedded):
+    """The original ROME code's traces on the embedded model, reproduced number for number."""
+    ref = json.loads((SHARED_DATA / "rome_reference_trace.json").read_text())
+    results = trace_all(embedded, ref["prompt"], ref["subject"], noise=ref["noise"], noise_mode="rome",
+                        samples=ref["samples"], window=ref["window"], progress=False)
+    for kind in ("hidden", "mlp", "attn"):
+        r = results[kind]
+        assert r.tokens == ref["tokens"] and list(r.subject_span) == ref["subject_range"]
+        assert r.answer == ref["answer"]
+        assert r.high_score == pytest.approx(ref["high_score"], abs=1e-4)
+        assert r.low_score == pytest.approx(ref[kind]["low_score"], abs=1e-4)
+        np.testing.assert_allclose(r.scores, np.array(ref[kind]["scores"]), atol=1e-4, rtol=0)
