@@ -127,10 +127,15 @@ def test_embedded_eiffel_tower_trace(embedded):
     r = trace(embedded, PROMPT, "The Eiffel Tower", "hidden", samples=5, progress=False)
     assert r.answer == " Paris" and r.high_score > 0.5
     assert r.low_score < r.high_score
-    last_subject = r.subject_span[1] - 1
-    restored = (r.scores[last_subject] - r.low_score) / (r.high_score - r.low_score)
-    # the early site: some early-to-middle layer at the last subject token restores most of the gap
-    assert restored[:15].max() > 0.5
+    b, e = r.subject_span
+    restored = (r.scores - r.low_score) / (r.high_score - r.low_score)
+    # the early site: a subject token's state in an early-to-middle layer restores most of the gap.
+    # For this prompt it sits at "iffel" (" Tower" follows from it), not at " Tower": measured
+    # 0.57 at layer 6 for "iffel", below 0.02 at every layer for " Tower".
+    assert r.tokens[2] == "iffel" and restored[2, :15].max() > 0.5
+    assert restored[b:e, :15].max() == restored[2, :15].max()
+    # the late site: the last token's state in the upper layers
+    assert restored[-1, 20:].max() > 0.7 and restored[-1, :20].max() < 0.2
 
 
 @pytest.mark.embedded
@@ -146,3 +151,7 @@ def test_golden_rome_reference(embedded):
         assert r.high_score == pytest.approx(ref["high_score"], abs=1e-4)
         assert r.low_score == pytest.approx(ref[kind]["low_score"], abs=1e-4)
         np.testing.assert_allclose(r.scores, np.array(ref[kind]["scores"]), atol=1e-4, rtol=0)
+    # ROME's early site: the last subject token ("onia") restores most of the gap in an early layer
+    hidden = results["hidden"]
+    gap = (hidden.scores[hidden.subject_span[1] - 1] - hidden.low_score) / (hidden.high_score - hidden.low_score)
+    assert gap[:15].max() > 0.5 and int(gap.argmax()) < 15

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .errors import HyperParameterError
 from .hooks import hooked, record_outputs
+from .layers import get_module
 from .models import LanguageModel, as_model
 from .noise import corrupt, draw_noise, resolve_noise
 from .subject import tokenize_with_subject
@@ -166,13 +167,20 @@ def _noise_hook(run: _Run, start: int, rows_per_sample: int):
     return add
 
 
-def _logits_kwargs(model) -> dict:
-    params = inspect.signature(model.forward).parameters
-    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+def _cache_kwarg(module) -> str:
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
-def _cache_kwarg(model) -> str:
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+def _last_logits(lm: LanguageModel, input_ids: torch.Tensor, **kwargs):
+    """Logits at the last position only: ``"row vocab"``, and the backbone's output.
+
+    Runs the backbone (which ends with the final norm) and unembeds one position as a plain
+    matrix product; asking the full model for ``logits_to_keep=1`` can fall into a slow
+    broadcast batched product on the CPU.
+    """
+    out = get_module(lm.model, lm.layers.backbone)(input_ids=input_ids, **kwargs)
+    last = out.last_hidden_state[:, -1].contiguous()
+    return get_module(lm.model, lm.layers.unembed)(last), out
 
 
 @torch.no_grad()
@@ -182,12 +190,11 @@ def _prepare(lm, prompt, subject, spec, samples, seed, kinds, severed) -> _Run:
     clean_sites = _site_names(lm, set(kinds) | {"hidden"})
     corrupt_sites = _site_names(lm, {"hidden"} | ({severed} if severed else set()))
     input_ids = torch.tensor([ids], device=device)
-    extra = _logits_kwargs(model)
 
     fns, clean = record_outputs(clean_sites)
     with hooked(model, outputs=fns):
-        logits = model(input_ids=input_ids, **extra).logits[0, -1]
-    probs = torch.softmax(logits.float(), -1)
+        logits, _ = _last_logits(lm, input_ids)
+    probs = torch.softmax(logits[0].float(), -1)
     answer_id = int(probs.argmax())
     high = float(probs[answer_id])
 
@@ -197,8 +204,8 @@ def _prepare(lm, prompt, subject, spec, samples, seed, kinds, severed) -> _Run:
     fns, corrupted = record_outputs(corrupt_sites)
     fns[lm.layers.embed] = _noise_hook(run, 0, 1)
     with hooked(model, outputs=fns):
-        out = model(input_ids=input_ids.expand(samples, -1), use_cache=True, **extra)
-    run.low_score = float(torch.softmax(out.logits[:, -1].float(), -1)[:, answer_id].mean())
+        logits, out = _last_logits(lm, input_ids.expand(samples, -1), use_cache=True)
+    run.low_score = float(torch.softmax(logits.float(), -1)[:, answer_id].mean())
     run.corrupted = corrupted
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     run.kv = [(layer.keys, layer.values) for layer in cache.layers] if cache is not None else []
@@ -294,17 +301,17 @@ def _forward_restored(run: _Run, kind: TraceKind, batch, severed) -> torch.Tenso
                 frozen = repeat(run.corrupted[lm.layers.name(severed, layer)][:, t], "s h -> (u s) h", u=n_units)
                 outputs[lm.layers.name(severed, layer)] = _set_position0(torch.tensor(rows_), frozen[rows_])
 
-    kwargs = _logits_kwargs(model)
+    kwargs = {}
     if t > 0:
         from transformers import DynamicCache
 
         prefix = [(repeat(k[:, :, :t], "s h p d -> (u s) h p d", u=n_units),
                    repeat(v[:, :, :t], "s h p d -> (u s) h p d", u=n_units)) for k, v in run.kv]
-        kwargs[_cache_kwarg(model)] = DynamicCache(prefix, config=model.config)
+        kwargs[_cache_kwarg(get_module(model, lm.layers.backbone))] = DynamicCache(prefix, config=model.config)
         kwargs["use_cache"] = True
     input_ids = torch.tensor([run.ids[t:]], device=lm.device).expand(rows, -1)
     with hooked(model, outputs=outputs, replace=replace):
-        logits = model(input_ids=input_ids, **kwargs).logits[:, -1]
+        logits, _ = _last_logits(lm, input_ids, **kwargs)
     probs = torch.softmax(logits.float(), -1)[:, run.answer_id]
     return probs.view(n_units, samples).double().mean(1)
 

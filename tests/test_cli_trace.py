@@ -1,0 +1,68 @@
+"""``factscope trace``: output, --json, and one-line errors with a non-zero exit."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import make_tiny_model
+from tracer.cli import main
+from tracer.models import load_model
+from tracer.trace import trace_all
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random GPT-2 saved as a local model directory, as a user's own model would be."""
+    lm = make_tiny_model("gpt2")
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+def test_trace_all_writes_three_results(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "t.json"
+    args = ["trace", "--model", str(tiny_dir), "--prompt", "The Eiffel Tower is located in", "--subject", "Eiffel Tower",
+            "--kind", "all", "--samples", "3", "--noise", "0.5", "--window", "2", "--device", "cpu", "--no-progress",
+            "--json", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "high score (clean)" in printed and "strongest restorations" in printed
+    payload = json.loads(out.read_text())
+    assert [d["kind"] for d in payload] == ["hidden", "mlp", "attn"]
+    # the CLI's numbers are the library's numbers
+    lm = load_model(str(tiny_dir), device="cpu")
+    direct = trace_all(lm, "The Eiffel Tower is located in", "Eiffel Tower", samples=3, noise=0.5, window=2, progress=False)
+    for d in payload:
+        np.testing.assert_allclose(np.array(d["scores"]), direct[d["kind"]].scores, atol=1e-6)
+        assert d["subject_span"] == list(direct[d["kind"]].subject_span) and d["answer"] == direct[d["kind"]].answer
+
+
+def test_naive_flag_gives_same_numbers(tiny_dir, tmp_path):
+    common = ["trace", "--model", str(tiny_dir), "--prompt", "The Eiffel Tower is in", "--subject", "Eiffel",
+              "--samples", "2", "--noise", "0.5", "--device", "cpu", "--no-progress"]
+    assert main(common + ["--json", str(tmp_path / "a.json")]) == 0
+    assert main(common + ["--naive", "--json", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-5)
+    assert a["n_forward"] < b["n_forward"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--subject", "Louvre"], "does not occur in prompt"),
+    (["--subject", "Eiffel", "--samples", "0"], "samples must be"),
+    (["--subject", "Eiffel", "--noise", "loud"], "noise 'loud' is not understood"),
+    (["--subject", "Eiffel", "--json", "/no/such/dir/t.json"], "does not exist"),
+])
+def test_bad_input_is_one_line_exit_2(tiny_dir, extra, message):
+    cmd = [sys.executable, "-m", "tracer.cli", "trace", "--model", str(tiny_dir), "--device", "cpu",
+           "--prompt", "The Eiffel Tower is in", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("factscope trace: error:")]
+    assert len(errors) == 1 and message in errors[0]
+    assert "Traceback" not in proc.stderr
