@@ -1,0 +1,64 @@
+"""check_edit: before = the unedited model, after = with the record applied, model restored."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from tracer.edit import EditRequest, ROMEHyperParams, check_edit, edited, rome_edit
+from tracer.edit.check import predict
+from tracer.errors import EditError, PromptError
+
+REQUEST = EditRequest("{} is located in the city of", "The Eiffel Tower", " Rome", " Paris")
+
+
+@pytest.fixture
+def record(tiny_lm):
+    hp = ROMEHyperParams.for_model(tiny_lm, context_template_lengths=((5, 2),), v_num_grad_steps=4)
+    return rome_edit(tiny_lm, REQUEST, hp, stats="identity", progress=False)
+
+
+def test_predict_matches_direct_log_probs(tiny_lm):
+    lm = tiny_lm
+    prompt, new, true = "The Louvre is in", " Rome is big", " Paris"
+    pred = predict(lm, [prompt, "Another prompt of a different length here"], new, true, top_k=3)[0]
+    ids = lm.encode(prompt)
+    new_ids = lm.tokenizer(new, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.model(input_ids=torch.tensor([ids + new_ids])).logits[0].float(), -1)
+    expected = sum(logp[len(ids) - 1 + j, t].item() for j, t in enumerate(new_ids)) / len(new_ids)
+    assert len(new_ids) > 1 and math.isclose(pred.logp_new, expected, rel_tol=1e-4, abs_tol=1e-5)
+    assert math.isclose(pred.p_new, logp[len(ids) - 1, new_ids[0]].exp().item(), rel_tol=1e-4)
+    assert len(pred.top) == 3 and pred.top[0][0] == pred.top1 and pred.top[0][1] >= pred.top[1][1]
+    with pytest.raises(PromptError):
+        predict(lm, [""], new, true)
+
+
+def test_check_edit_before_after_and_restores(tiny_lm, record):
+    lm = tiny_lm
+    state = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    para, neigh = ["Where is The Eiffel Tower? In"], ["The Louvre is located in the city of"]
+    report = check_edit(lm, record, paraphrases=para, neighbours=neigh, prompts=["Paris is"], max_new_tokens=4)
+    assert all(torch.equal(state[k], v) for k, v in lm.model.state_dict().items())
+    assert [p.kind for p in report.prompts] == ["rewrite", "paraphrase", "neighbour", "check"]
+    assert report.prompts[0].prompt == REQUEST.text
+    texts = [p.prompt for p in report.prompts]
+    before = predict(lm, texts, " Rome", " Paris")
+    with edited(lm, [record]):
+        after = predict(lm, texts, " Rome", " Paris")
+    for p, b, a in zip(report.prompts, before, after):
+        assert math.isclose(p.before.p_new, b.p_new, rel_tol=1e-5) and math.isclose(p.after.p_new, a.p_new, rel_tol=1e-5)
+    assert report.prompts[0].after.p_new != report.prompts[0].before.p_new
+    assert report.efficacy in (0.0, 1.0) and report.neighbourhood_score in (0.0, 1.0)
+    assert report.efficacy == float(report.prompts[0].after.logp_new > report.prompts[0].after.logp_true)
+    assert len(report.generations) == 2 and report.generations[0].prompt == "The Eiffel Tower is"
+    d = json.loads(json.dumps(report.to_dict()))
+    assert d["prompts"][0]["kind"] == "rewrite" and "top1" in d["prompts"][0]["after"]
+    assert "rewrite" in report.format()
+
+
+def test_check_edit_rejects_non_records(tiny_lm):
+    with pytest.raises(EditError, match="EditRecord"):
+        check_edit(tiny_lm, REQUEST)

@@ -1,0 +1,181 @@
+"""tracer.dataset_trace: resumable, atomic, failure-tolerant batch tracing (tiny random model)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tracer.dataset_trace as dt
+from tracer.aggregate import aggregate_all
+from tracer.errors import DatasetError, HyperParameterError
+
+FACTS = [
+    {"known_id": 10, "subject": "The city", "prompt": "The city of London is"},
+    {"known_id": 11, "subject": "Paris", "prompt": "Paris is the capital of"},
+    {"known_id": 12, "subject": "missing", "prompt": "a prompt without the subject"},  # fails: subject absent
+    {"known_id": 13, "subject": "the river", "prompt": "He swam in the river"},
+    {"known_id": 14, "subject": "music", "prompt": "The music was"},
+]
+SETTINGS = dict(kinds=("hidden",), samples=2, noise=0.5, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from conftest import make_tiny_model
+
+    return make_tiny_model("gpt2", n_layers=3)
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    """Every file of a run except the timing log, by relative path."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != "log.jsonl"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole")
+    summary = dt.trace_dataset(tiny, FACTS, out, **SETTINGS)
+    return out, summary
+
+
+def test_uninterrupted_run_writes_one_file_per_fact(uninterrupted):
+    out, summary = uninterrupted
+    assert (summary.selected, summary.traced, summary.failed, summary.already_done) == (5, 4, 1, 0)
+    assert sorted(p.name for p in (out / "facts").iterdir()) == ["10.json", "11.json", "13.json", "14.json"]
+    failure = json.loads((out / "failed" / "12.json").read_text())
+    assert failure["index"] == 2 and failure["error"].startswith("SubjectNotFoundError")
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in log] == ["ok", "ok", "failed", "ok", "ok"]
+    grouped = dt.load_traces(out)
+    assert list(grouped) == ["hidden"] and len(grouped["hidden"]) == 4
+    assert [t.prompt for t in grouped["hidden"]] == [FACTS[i]["prompt"] for i in (0, 1, 3, 4)]
+    first = grouped["hidden"][0]
+    assert first.scores.shape == (len(first.tokens), 3) and first.subject_span == (0, 3)
+    assert ((first.scores >= 0) & (first.scores <= 1)).all() and 0 < first.high_score <= 1
+    avg = aggregate_all(grouped, n_boot=20)["hidden"]
+    assert avg.n_facts == 4 and avg.cells[avg.buckets.index("last")] == 4
+
+
+def test_killed_run_resumes_to_identical_files(tiny, uninterrupted, tmp_path, monkeypatch):
+    whole, _ = uninterrupted
+    out = tmp_path / "resumed"
+    real = dt._trace_fact
+    calls = []
+
+    def dies_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what Ctrl-C / a kill does between two writes
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dt, "_trace_fact", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        dt.trace_dataset(tiny, FACTS, out, **SETTINGS)
+    monkeypatch.setattr(dt, "_trace_fact", real)
+    assert sorted(p.name for p in (out / "facts").iterdir()) == ["10.json", "11.json"]
+    # a kill during a write leaves only the temporary file, never half of a fact file
+    (out / "facts" / ".13.json.999.tmp").write_text('{"half": ')
+    summary = dt.trace_dataset(tiny, FACTS, out, **SETTINGS)
+    assert (summary.already_done, summary.traced, summary.failed) == (2, 2, 1)
+    assert snapshot(out) == snapshot(whole)
+    # a third start finds nothing to do
+    again = dt.trace_dataset(tiny, FACTS, out, **SETTINGS)
+    assert (again.already_done, again.traced, again.failed) == (5, 0, 0)
+
+
+def test_limit_then_extend(tiny, uninterrupted, tmp_path):
+    whole, _ = uninterrupted
+    out = tmp_path / "limited"
+    first = dt.trace_dataset(tiny, FACTS, out, limit=2, **SETTINGS)
+    assert (first.selected, first.traced) == (2, 2)
+    rest = dt.trace_dataset(tiny, FACTS, out, **SETTINGS)
+    assert (rest.already_done, rest.traced, rest.failed) == (2, 2, 1)
+    assert snapshot(out) == snapshot(whole)
+
+
+def test_retry_failed_and_changed_settings(tiny, uninterrupted, tmp_path):
+    whole, _ = uninterrupted
+    out = tmp_path / "copy"
+    dt.trace_dataset(tiny, FACTS[2:3], out, **SETTINGS)
+    assert (out / "failed" / "12.json").is_file()
+    assert dt.trace_dataset(tiny, FACTS[2:3], out, **SETTINGS).already_done == 1
+    retried = dt.trace_dataset(tiny, FACTS[2:3], out, retry_failed=True, **SETTINGS)
+    assert (retried.already_done, retried.failed) == (0, 1)
+    with pytest.raises(DatasetError, match="different settings.*samples"):
+        dt.trace_dataset(tiny, FACTS[2:3], out, **{**SETTINGS, "samples": 3})
+    with pytest.raises(HyperParameterError, match="unknown kind"):
+        dt.trace_dataset(tiny, FACTS, tmp_path / "x", kinds=("mlps",), progress=False)
+    with pytest.raises(HyperParameterError, match="severed"):
+        dt.trace_dataset(tiny, FACTS, tmp_path / "x", severed=("hidden",), progress=False)
+    with pytest.raises(DatasetError, match="no run.json"):
+        dt.load_traces(tmp_path / "nowhere")
+
+
+def test_fact_file_names():
+    assert dt.fact_file_name(17) == "17"
+    assert dt.fact_file_name("a/b") != dt.fact_file_name("a_b") and "/" not in dt.fact_file_name("a/b")
+
+
+def test_cli_end_to_end(tiny, tmp_path, capsys):
+    from tracer.cli import main
+
+    model_dir = tmp_path / "tiny-model"
+    tiny.model.save_pretrained(model_dir)
+    tiny.tokenizer.save_pretrained(model_dir)
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps(FACTS))
+    out = tmp_path / "run"
+    code = main(["trace-dataset", "--model", str(model_dir), "--facts", str(facts), "--kind", "hidden",
+                 "--severed", "mlp", "--limit", "2", "--samples", "2", "--noise", "0.5", "--out", str(out),
+                 "--n-boot", "20", "--html", str(tmp_path / "avg.html"), "--device", "cpu"])
+    text = capsys.readouterr().out
+    assert code == 0 and "2 traced, 0 failed" in text and "hidden-severed-mlp" in text
+    averages = json.loads((out / "averages.json").read_text())
+    assert set(averages) == {"hidden", "hidden-severed-mlp"} and averages["hidden"]["n_facts"] == 2
+    assert np.isfinite(averages["hidden"]["indirect"][2]).all()
+    assert "Average causal effects" in (tmp_path / "avg.html").read_text()
+    assert main(["trace-dataset", "--facts", str(tmp_path / "none.json"), "--out", str(out),
+                 "--model", str(model_dir), "--device", "cpu"]) == 2
+
+
+def test_sigkilled_process_resumes_to_identical_files(tiny, tmp_path):
+    """A real ``kill -9`` of the CLI mid-run, then a restart: same files as an uninterrupted CLI run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model_dir = tmp_path / "tiny-model"
+    tiny.model.save_pretrained(model_dir)
+    tiny.tokenizer.save_pretrained(model_dir)
+    facts = [{"known_id": i, "subject": s, "prompt": f"{s} was seen near the river"}
+             for i, s in enumerate(["The city", "Paris", "music", "the house", "A dog", "Rome", "the sea", "He"])]
+    (tmp_path / "facts.json").write_text(json.dumps(facts))
+
+    def cli(out: Path) -> subprocess.Popen:
+        code = ("import sys, torch; torch.set_num_threads(1); from tracer.cli import main; "
+                "sys.exit(main(sys.argv[1:]))")
+        return subprocess.Popen(
+            [sys.executable, "-c", code, "trace-dataset", "--model", str(model_dir), "--facts",
+             str(tmp_path / "facts.json"), "--kind", "hidden", "--samples", "2", "--noise", "0.5", "--out", str(out),
+             "--n-boot", "0", "--device", "cpu"],
+            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    whole = tmp_path / "whole"
+    assert cli(whole).wait(timeout=600) == 0
+    killed = tmp_path / "killed"
+    proc = cli(killed)
+    deadline = time.monotonic() + 600
+    while not any((killed / "facts").glob("*.json")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list((killed / "facts").glob("*.json")))
+    assert proc.returncode == -signal.SIGKILL and 1 <= done < len(facts), "the kill must land mid-run"
+    assert cli(killed).wait(timeout=600) == 0
+    assert snapshot(killed) == snapshot(whole)

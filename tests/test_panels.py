@@ -1,0 +1,131 @@
+"""widgets/panels.py driven without a browser: controls -> tracer -> figures updated in place."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import make_tiny_model
+
+pytest.importorskip("jupyter_bokeh")
+
+from widgets.panels import LensPanel, TracePanel, _parse_targets  # noqa: E402
+
+PROMPT = "The Eiffel Tower is in Paris"
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return make_tiny_model("llama")
+
+
+def test_trace_panel_subject_guess_and_preview(lm):
+    panel = TracePanel(lm, prompt=PROMPT, samples=2, noise="0.5")
+    assert panel.subject.value == "The Eiffel Tower"
+    assert panel.tokens.value.count("font-weight:bold") >= 2  # the subject's tokens are highlighted
+    panel.prompt.value = "Rome is the capital of Italy"
+    assert panel.subject.value == "Rome"  # follows the prompt until the user edits it
+    panel.subject.value = "Italy"
+    panel.prompt.value = "Italy is in Europe"
+    assert panel.subject.value == "Italy"
+    panel.subject.value = "Spain"
+    assert "does not occur" in panel.tokens.value
+
+
+def test_trace_panel_runs_and_updates_in_place(lm):
+    panel = TracePanel(lm, prompt=PROMPT, subject="Eiffel Tower", samples=2, noise="0.5", kind="all")
+    results = panel.run()
+    assert set(results) == {"hidden", "mlp", "attn"}
+    fig = panel.figures["hidden"]
+    source = fig.select_one({"name": "trace"})
+    np.testing.assert_array_equal(np.asarray(source.data["score"]), results["hidden"].scores.ravel())
+    views = list(panel.plots.children)
+    panel.kind.value = "hidden"
+    panel.subject.value = "Paris"
+    again = panel.run()
+    assert panel.figures["hidden"] is fig and fig.select_one({"name": "trace"}) is source  # updated, not rebuilt
+    assert panel.plots.children[0] is views[0]
+    np.testing.assert_array_equal(np.asarray(source.data["score"]), again["hidden"].scores.ravel())
+    assert fig.yaxis[0].major_label_overrides[len(again["hidden"].tokens) - 1].endswith(" *")  # new subject marked
+    assert panel.progress.value == panel.progress.max
+
+
+def test_trace_panel_click_shows_restored_run(lm):
+    panel = TracePanel(lm, prompt=PROMPT, subject="Eiffel Tower", samples=2, noise="0.5", kind="hidden")
+    result = panel.run()["hidden"]
+    source = panel.figures["hidden"].select_one({"name": "trace"})
+    t, layer = result.subject_span[1] - 1, 1
+    cell = source.data["row"].index(t) + layer
+    source.selected.indices = [cell]  # what a click in the browser does
+    grid = panel.lens_layout.select_one({"name": "lens_curves"}).data
+    assert grid["prob"][0][-1] == pytest.approx(result.scores[t, layer], abs=1e-5)
+    assert "restored" in panel.status.value
+
+
+def test_errors_are_shown_in_the_panel(lm):
+    panel = TracePanel(lm, prompt=PROMPT, subject="Eiffel Tower", samples=2, noise="loud")
+    panel.run_button.click()
+    assert "noise" in panel.status.value and "\u26a0" in panel.status.value
+    assert panel.results == {}
+
+
+def test_lens_panel_without_ledger(lm):
+    panel = LensPanel(lm, prompt=PROMPT, targets="Paris, Rome")
+    assert panel.compare.disabled
+    (lens,) = panel.run()
+    layout = panel.layouts[0][0]
+    assert layout.select_one({"name": "lens_grid"}).data["prob"] == lens.top_probs.ravel().tolist()
+    assert "answer" in panel.status.value
+
+
+def test_parse_targets():
+    assert _parse_targets("Paris, Rome ,") == [" Paris", " Rome"]
+
+
+@pytest.fixture
+def edit_panel(lm, tmp_path, monkeypatch):
+    from widgets.panels import EditPanel
+
+    monkeypatch.setenv("FACTSCOPE_CACHE", str(tmp_path / "cache"))
+    return EditPanel(lm, subject="The Eiffel Tower", prompt="{} is in", target="Rome",
+                     paraphrases=("The Eiffel Tower stands in",), neighbours=("The Louvre is in",),
+                     hparams={"stats_tokens": 2000, "v_num_grad_steps": 5})
+
+
+def test_edit_panel_edit_undo_save(edit_panel, lm, tmp_path):
+    import torch
+
+    weight = lm.model.get_submodule(lm.layers.mlp_out_name(edit_panel.layer.value)).weight
+    original = weight.detach().clone()
+    check = edit_panel.run()
+    assert len(edit_panel.ledger.records) == 1 and not torch.equal(weight, original)
+    data = edit_panel.layout_.select_one({"name": "edit_checks"}).data
+    assert data["p_new"][:2] == [check.prompts[0].before.p_new, check.prompts[0].after.p_new]
+    assert data["group"][2] == "paraphrase" and data["group"][4] == "neighbour"
+    assert edit_panel.ledger.records[0].id in edit_panel.ledger_view.value
+    source = edit_panel.layout_.select_one({"name": "edit_checks"})
+    edit_panel.target.value = "Berlin"
+    edit_panel.run()  # a second edit: same figure, new data
+    assert edit_panel.layout_.select_one({"name": "edit_checks"}) is source and len(edit_panel.ledger.records) == 2
+    saved = edit_panel.save(str(tmp_path / "edits.safetensors"))
+    assert saved.is_file()
+    edit_panel.undo()
+    edit_panel.undo()
+    assert torch.equal(weight, original)  # bit for bit
+    assert "no edits" in edit_panel.ledger_view.value
+    edit_panel.undo_button.click()  # nothing left: a one-line message in the panel
+    assert "no edit to undo" in edit_panel.status.value
+
+
+def test_lens_panel_compares_before_edits(edit_panel, lm):
+    plain = LensPanel(lm, prompt="The Eiffel Tower is in", targets="Rome").run()[0]
+    edit_panel.run()
+    try:
+        panel = LensPanel(lm, prompt="The Eiffel Tower is in", targets="Rome", ledger=edit_panel.ledger)
+        panel.compare.value = True
+        before, after = panel.run()
+        assert before.label == "before edits" and after.label == "edited"
+        np.testing.assert_array_equal(before.top_probs, plain.top_probs)
+        assert not np.allclose(after.top_probs, plain.top_probs)  # the view of the edited model differs
+        assert len(edit_panel.ledger.records) == 1  # re-applied after the comparison
+    finally:
+        edit_panel.ledger.revert_all()

@@ -1,0 +1,73 @@
+"""``factscope trace-dataset``: resumable causal traces of every fact in a facts file, then averages."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _kinds(text: str) -> tuple[str, ...]:
+    text = text.strip()
+    if text == "all":
+        return ("hidden", "mlp", "attn")
+    if text == "none":
+        return ()
+    return tuple(k.strip() for k in text.split(",") if k.strip())
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "trace-dataset", help="trace every fact of a facts file (resumable) and average the effects",
+        description="Trace each fact into DIR/facts/<id>.json (finished facts are skipped on restart, failures "
+                    "go to DIR/failed/), then write DIR/averages.json with bucketed average effects.")
+    p.add_argument("--model", default="smollm2-135m", help="model alias, Hugging Face id, directory or .gguf")
+    p.add_argument("--facts", type=Path, required=True, help="known_1000.json-format file or `factscope knowns` output")
+    p.add_argument("--kind", default="all", help="all, none, or a comma list of hidden,mlp,attn (default all)")
+    p.add_argument("--severed", default="", help="comma list of mlp,attn: add hidden traces with that path severed "
+                                                 "(the paper's Figure 7)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N facts of the file")
+    p.add_argument("--out", type=Path, required=True, help="output directory (resumed when it exists)")
+    p.add_argument("--samples", type=int, default=10)
+    p.add_argument("--noise", default="3s", help="absolute scale (0.1) or multiple of the embedding std (3s)")
+    p.add_argument("--noise-mode", default="rome", choices=("rome", "torch"))
+    p.add_argument("--window", type=int, default=10)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--retry-failed", action="store_true", help="trace facts recorded as failed again")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the averages' CIs (default 1000)")
+    p.add_argument("--html", type=Path, default=None, help="also write the average-effect figures as HTML")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tracer.aggregate import aggregate_all
+    from tracer.dataset_trace import load_failures, load_traces, trace_dataset, write_json_atomic
+    from tracer.errors import HyperParameterError
+    from tracer.models import load_model
+
+    if args.limit is not None and args.limit < 1:
+        raise HyperParameterError(f"--limit must be >= 1, got {args.limit}")
+    severed = tuple(s.strip() for s in args.severed.split(",") if s.strip())
+    lm = load_model(args.model, device=args.device)
+    summary = trace_dataset(lm, args.facts, args.out, kinds=_kinds(args.kind), severed=severed,
+                            samples=args.samples, noise=args.noise, noise_mode=args.noise_mode, window=args.window,
+                            seed=args.seed, limit=args.limit, retry_failed=args.retry_failed)
+    print(f"{summary.traced} traced, {summary.failed} failed, {summary.already_done} already done "
+          f"of {summary.selected} facts in {summary.seconds:.0f} s -> {args.out}")
+    for rec in load_failures(args.out)[:5]:
+        print(f"  failed: {rec['fact']['known_id']}: {rec['error']}")
+    averages = aggregate_all(load_traces(args.out), n_boot=args.n_boot)
+    if not averages:
+        print("no finished traces to average")
+        return 1 if summary.failed else 0
+    write_json_atomic(args.out / "averages.json", {k: v.to_dict() for k, v in averages.items()})
+    for label, avg in averages.items():
+        layer, value = avg.peak("last_subject")
+        late, late_value = avg.peak("last")
+        print(f"{label:<20} {avg.n_facts} facts  ATE {avg.total_effect:.3f}  AIE peak at last subject token: "
+              f"layer {layer} ({value:.3f}); at last token: layer {late} ({late_value:.3f})")
+    if args.html is not None:
+        from widgets.aggregate_figures import write_html
+
+        write_html(averages, args.html, title=f"Average causal effects: {lm.name}")
+        print(f"figures -> {args.html}")
+    return 0

@@ -1,0 +1,252 @@
+"""Causal traces of a whole facts file, resumable, one fact per file.
+
+    summary = trace_dataset(lm, "knowns.json", "out/traces", severed=("mlp", "attn"))
+    grouped = load_traces("out/traces")       # {"hidden": [TraceResult, ...], "mlp": ..., ...}
+
+Layout of ``out_dir``::
+
+    run.json            settings of the run (model, kinds, noise, samples, window, seed, facts file)
+    facts/<id>.json     {"index", "fact", "traces": {label: TraceResult dict}}   one per finished fact
+    failed/<id>.json    {"index", "fact", "error"}                               one per failed fact
+    log.jsonl           one line per fact attempted: id, status, wall and CPU seconds (timings live only here)
+
+Every file is written to a temporary name and renamed, so a killed run leaves whole files only.
+A restart with the same settings skips facts that have a ``facts/`` (or ``failed/``) file and
+continues; different settings are refused (:class:`DatasetError`) rather than mixed. The
+per-fact files hold no timings, so an interrupted-and-resumed run writes the same bytes as an
+uninterrupted one. A fact whose tracing raises is recorded under ``failed/`` and the run goes on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+from tqdm.auto import tqdm
+
+from .errors import DatasetError, HyperParameterError
+from .knowns import load_facts, normalize_facts
+from .models import LanguageModel, as_model
+from .noise import resolve_noise
+from .trace import trace, trace_all
+from .trace_result import KINDS, NoiseSpec, TraceResult
+
+log = logging.getLogger(__name__)
+
+_FORMAT = 1
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
+
+
+@dataclass(frozen=True)
+class DatasetTraceSettings:
+    """What a dataset run computes; stored in ``run.json`` and compared on restart."""
+
+    model: str
+    kinds: tuple[str, ...]
+    severed: tuple[str, ...]
+    samples: int
+    noise: NoiseSpec
+    window: int
+    seed: int
+    facts_md5: str
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Trace labels per fact: the kinds, then ``hidden-severed-<x>`` for each severed kind."""
+        return self.kinds + tuple(f"hidden-severed-{s}" for s in self.severed)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(format=_FORMAT, kinds=list(self.kinds), severed=list(self.severed), noise=self.noise.to_dict())
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DatasetTraceSettings":
+        d = {k: v for k, v in d.items() if k != "format"}
+        return cls(**{**d, "kinds": tuple(d["kinds"]), "severed": tuple(d["severed"]),
+                      "noise": NoiseSpec.from_dict(d["noise"])})
+
+
+@dataclass(frozen=True)
+class DatasetRunSummary:
+    """What one call of :func:`trace_dataset` did."""
+
+    selected: int       # facts in scope (after ``limit``)
+    already_done: int   # skipped because a facts/ or failed/ file existed
+    traced: int         # finished in this call
+    failed: int         # failed in this call
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fact_file_name(known_id) -> str:
+    """File stem for a fact id: the id itself when it is a safe name, else a short hash."""
+    key = str(known_id)
+    return key if _SAFE_ID.match(key) else "id-" + hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write ``data`` as JSON to ``path`` via a temporary file and a rename (never half a file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _check_kinds(kinds: Iterable[str], severed: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    kinds, severed = tuple(kinds), tuple(severed)
+    for k in kinds:
+        if k not in KINDS:
+            raise HyperParameterError(f"unknown kind {k!r}; kinds: {', '.join(KINDS)} (or 'all')")
+    for s in severed:
+        if s not in ("mlp", "attn"):
+            raise HyperParameterError(f"severed must name 'mlp' or 'attn', got {s!r}")
+    if not kinds and not severed:
+        raise HyperParameterError("nothing to trace: pass at least one kind or severed path")
+    return tuple(dict.fromkeys(kinds)), tuple(dict.fromkeys(severed))
+
+
+def _prepare_dir(out_dir: Path, settings: DatasetTraceSettings) -> None:
+    for sub in ("facts", "failed"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+        for stray in (out_dir / sub).glob(".*.tmp"):  # left by a killed run
+            stray.unlink()
+    run_file = out_dir / "run.json"
+    if run_file.is_file():
+        try:
+            stored = DatasetTraceSettings.from_dict(json.loads(run_file.read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DatasetError(f"{run_file} is unreadable ({e}); use a new --out directory") from None
+        if stored != settings:
+            diff = [k for k in settings.to_dict() if settings.to_dict()[k] != stored.to_dict().get(k)]
+            raise DatasetError(f"{out_dir} holds a run with different settings ({', '.join(diff)}); "
+                               "resume with the same settings or use a new --out directory")
+    else:
+        write_json_atomic(run_file, settings.to_dict())
+
+
+def _trace_fact(lm: LanguageModel, fact: dict, s: DatasetTraceSettings) -> dict[str, dict]:
+    common = dict(samples=s.samples, noise=s.noise, noise_mode=s.noise.mode, window=s.window, seed=s.seed,
+                  progress=False)
+    results = dict(trace_all(lm, fact["prompt"], fact["subject"], kinds=s.kinds, **common)) if s.kinds else {}
+    for sev in s.severed:
+        results[f"hidden-severed-{sev}"] = trace(lm, fact["prompt"], fact["subject"], "hidden", severed=sev, **common)
+    out = {}
+    for label, result in results.items():
+        d = result.to_dict()
+        d.pop("seconds", None)  # timings go to log.jsonl so that fact files are reproducible bytes
+        out[label] = d
+    return out
+
+
+def trace_dataset(
+    model: LanguageModel | str,
+    facts: list[dict] | str | Path,
+    out_dir: str | Path,
+    *,
+    kinds: Iterable[str] = KINDS,
+    severed: Iterable[str] = (),
+    samples: int = 10,
+    noise: "float | str | NoiseSpec" = "3s",
+    noise_mode: str = "rome",
+    window: int = 10,
+    seed: int = 1,
+    limit: int | None = None,
+    retry_failed: bool = False,
+    progress: bool = True,
+) -> DatasetRunSummary:
+    """Trace the first ``limit`` facts (all when None) into ``out_dir``, skipping finished ones.
+
+    ``kinds`` are traced with :func:`tracer.trace.trace_all`; each entry of ``severed`` adds a
+    hidden-state trace with that path severed (``"mlp"``/``"attn"``, the paper's Figure 7).
+    ``retry_failed`` traces facts recorded under ``failed/`` again.
+    """
+    lm = as_model(model)
+    kinds, severed = _check_kinds(kinds, severed)
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise HyperParameterError(f"limit must be a positive integer, got {limit!r}")
+    if isinstance(facts, (str, Path)):
+        md5 = hashlib.md5(Path(facts).read_bytes()).hexdigest() if Path(facts).is_file() else ""
+        facts = load_facts(facts)
+    else:
+        facts = normalize_facts(list(facts))
+        md5 = hashlib.md5(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+    spec = resolve_noise(lm, noise, noise_mode)
+    settings = DatasetTraceSettings(model=lm.name, kinds=kinds, severed=severed, samples=samples, noise=spec,
+                                    window=window, seed=seed, facts_md5=md5)
+    out_dir = Path(out_dir)
+    _prepare_dir(out_dir, settings)
+
+    selected = list(enumerate(facts))[:limit]
+    finished = {p.stem for p in (out_dir / "facts").glob("*.json")}
+    failed_before = {p.stem for p in (out_dir / "failed").glob("*.json")}
+    skip = finished if retry_failed else finished | failed_before
+    todo = [(i, f) for i, f in selected if fact_file_name(f["known_id"]) not in skip]
+    started = time.perf_counter()
+    n_ok = n_failed = 0
+    bar = tqdm(total=len(todo), desc=f"tracing {len(todo)} of {len(selected)} facts", unit="fact",
+               disable=not progress, dynamic_ncols=True)
+    with open(out_dir / "log.jsonl", "a") as log_file:
+        for index, fact in todo:
+            name = fact_file_name(fact["known_id"])
+            t0, c0 = time.perf_counter(), time.process_time()
+            try:
+                traces = _trace_fact(lm, fact, settings)
+            except Exception as e:  # recorded, not fatal; KeyboardInterrupt still stops the run
+                n_failed += 1
+                log.warning("fact %s failed: %s: %s", fact["known_id"], type(e).__name__, e)
+                write_json_atomic(out_dir / "failed" / f"{name}.json",
+                                  {"index": index, "fact": fact, "error": f"{type(e).__name__}: {e}"})
+                status = "failed"
+            else:
+                n_ok += 1
+                write_json_atomic(out_dir / "facts" / f"{name}.json", {"index": index, "fact": fact, "traces": traces})
+                (out_dir / "failed" / f"{name}.json").unlink(missing_ok=True)
+                status = "ok"
+            log_file.write(json.dumps({"id": fact["known_id"], "status": status,
+                                       "seconds": round(time.perf_counter() - t0, 3),
+                                       "cpu_seconds": round(time.process_time() - c0, 3)}) + "\n")
+            log_file.flush()
+            bar.update(1)
+            bar.set_postfix(failed=n_failed, refresh=False)
+    bar.close()
+    return DatasetRunSummary(selected=len(selected), already_done=len(selected) - len(todo), traced=n_ok,
+                             failed=n_failed, seconds=time.perf_counter() - started)
+
+
+def read_settings(out_dir: str | Path) -> DatasetTraceSettings:
+    path = Path(out_dir) / "run.json"
+    if not path.is_file():
+        raise DatasetError(f"{out_dir} is not a dataset-trace directory (no run.json)")
+    return DatasetTraceSettings.from_dict(json.loads(path.read_text()))
+
+
+def load_traces(out_dir: str | Path) -> dict[str, list[TraceResult]]:
+    """Finished traces of a run grouped by label, in the facts file's order."""
+    out_dir = Path(out_dir)
+    settings = read_settings(out_dir)
+    records = []
+    for path in (out_dir / "facts").glob("*.json"):
+        records.append(json.loads(path.read_text()))
+    records.sort(key=lambda r: r["index"])
+    grouped: dict[str, list[TraceResult]] = {label: [] for label in settings.labels}
+    for rec in records:
+        for label, d in rec["traces"].items():
+            grouped.setdefault(label, []).append(TraceResult.from_dict(d))
+    return grouped
+
+
+def load_failures(out_dir: str | Path) -> list[dict]:
+    """The ``failed/`` records of a run (index, fact, error), in the facts file's order."""
+    recs = [json.loads(p.read_text()) for p in (Path(out_dir) / "failed").glob("*.json")]
+    return sorted(recs, key=lambda r: r["index"])

@@ -1,0 +1,17 @@
+"""Fact editing: ROME edits as reversible, shareable records.
+
+    from tracer.edit import EditRequest, rome_edit, edited, check_edit
+    with edited(lm, [EditRequest("{} is located in the city of", "The Eiffel Tower", " Rome")]):
+        ...                                   # the edited model; restored on exit
+
+- :mod:`tracer.edit.rome`: requests, hyper-parameters, k*/v* (reusable by MEMIT), :func:`rome_edit`.
+- :mod:`tracer.edit.ledger`: :class:`EditRecord`, :class:`Ledger` (exact apply/revert, files),
+  :func:`edited`.
+- :mod:`tracer.edit.check`: :func:`check_edit`, before/after predictions and generations.
+"""
+from .check import EditCheck, check_edit
+from .ledger import EditRecord, Ledger, edited
+from .rome import EditRequest, ROMEHyperParams, compute_k, compute_keys, compute_v, generate_context_templates, rome_edit
+
+__all__ = ["EditCheck", "EditRecord", "EditRequest", "Ledger", "ROMEHyperParams", "check_edit", "compute_k",
+           "compute_keys", "compute_v", "edited", "generate_context_templates", "rome_edit"]

@@ -1,0 +1,191 @@
+"""Is the edit in? Before/after predictions on the rewrite prompt, paraphrases and neighbours.
+
+    report = check_edit(lm, record, paraphrases=["The Eiffel Tower, the famous landmark, stands in"],
+                        neighbours=["The Louvre is located in the city of"])
+    report.efficacy, report.paraphrase_score, report.neighbourhood_score
+    print(report.format())
+
+``before`` is the model as given (without the record); ``after`` is the same model with the
+record applied through :func:`~tracer.edit.ledger.edited` (restored afterwards). Success follows
+the ROME paper: a rewrite or paraphrase prompt succeeds when the new target is more likely than
+the true one (mean log-probability over each target's tokens), a neighbour when the true one
+stays more likely.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal, Sequence
+
+import torch
+
+from ..errors import EditError, PromptError
+from ..models import LanguageModel, as_model
+from .ledger import EditRecord, edited
+
+Kind = Literal["rewrite", "paraphrase", "neighbour", "check"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Next-token view of one prompt: ``top`` k (token, probability), first-token probabilities of
+    the new and true targets, and their mean log-probability over all target tokens."""
+
+    top: tuple[tuple[str, float], ...]
+    top1: str
+    p_new: float
+    p_true: float
+    logp_new: float
+    logp_true: float
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["top"] = [list(t) for t in self.top]
+        return d
+
+
+@dataclass(frozen=True)
+class PromptCheck:
+    prompt: str
+    kind: Kind
+    before: Prediction
+    after: Prediction
+
+    @property
+    def success(self) -> bool:
+        """New preferred after the edit (rewrite, paraphrase, check), true kept (neighbour)."""
+        prefers_new = self.after.logp_new > self.after.logp_true
+        return not prefers_new if self.kind == "neighbour" else prefers_new
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt, "kind": self.kind, "before": self.before.to_dict(), "after": self.after.to_dict(),
+                "success": self.success}
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt: str
+    before: str
+    after: str
+
+
+@dataclass(frozen=True)
+class EditCheck:
+    """Result of :func:`check_edit`; the rewrite prompt comes first in ``prompts``."""
+
+    record_id: str
+    target_new: str
+    target_true: str
+    prompts: tuple[PromptCheck, ...]
+    generations: tuple[Generation, ...]
+
+    def _score(self, kind: str) -> float | None:
+        rows = [p.success for p in self.prompts if p.kind == kind]
+        return sum(rows) / len(rows) if rows else None
+
+    @property
+    def efficacy(self) -> float | None:
+        return self._score("rewrite")
+
+    @property
+    def paraphrase_score(self) -> float | None:
+        return self._score("paraphrase")
+
+    @property
+    def neighbourhood_score(self) -> float | None:
+        return self._score("neighbour")
+
+    def to_dict(self) -> dict:
+        return {"record_id": self.record_id, "target_new": self.target_new, "target_true": self.target_true,
+                "prompts": [p.to_dict() for p in self.prompts], "generations": [asdict(g) for g in self.generations],
+                "efficacy": self.efficacy, "paraphrase_score": self.paraphrase_score,
+                "neighbourhood_score": self.neighbourhood_score}
+
+    def format(self) -> str:
+        """A plain-text table: prompt, top-1 and p(new)/p(true) before and after."""
+        lines = [f"new {self.target_new!r}  true {self.target_true!r}",
+                 f"{'kind':<10} {'before':<28} {'after':<28} prompt"]
+        for p in self.prompts:
+            cells = [f"{b.top1!r} {b.p_new:.2f}/{b.p_true:.2f}" for b in (p.before, p.after)]
+            lines.append(f"{p.kind:<10} {cells[0]:<28} {cells[1]:<28} {p.prompt}")
+        for g in self.generations:
+            lines += [f"generate   {g.prompt!r}", f"  before: {g.before!r}", f"  after:  {g.after!r}"]
+        return "\n".join(lines)
+
+
+def _ids(lm: LanguageModel, target: str) -> list[int]:
+    ids = list(lm.tokenizer(target, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise EditError(f"target {target!r} encodes to no tokens")
+    return ids
+
+
+@torch.no_grad()
+def predict(model: "LanguageModel | str", prompts: Sequence[str], target_new: str, target_true: str,
+            top_k: int = 5) -> list[Prediction]:
+    """:class:`Prediction` s for ``prompts`` (one batched forward pass, right-padded)."""
+    lm = as_model(model)
+    new, true = _ids(lm, target_new), _ids(lm, target_true)
+    rows, meta = [], []
+    for prompt in prompts:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PromptError(f"check prompts must be non-empty strings, got {prompt!r}")
+        ids = lm.encode(prompt)
+        for target in (new, true):
+            meta.append((len(rows), len(ids), target))
+            rows.append(ids + target[:-1])
+    width = max(len(r) for r in rows)
+    pad = lm.tokenizer.pad_token_id or 0
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=lm.device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=lm.device)
+    logp = torch.log_softmax(lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1)
+    out = []
+    for i in range(len(prompts)):
+        scores = []
+        for row, n, target in meta[2 * i: 2 * i + 2]:
+            scores.append(float(sum(logp[row, n - 1 + j, t] for j, t in enumerate(target)) / len(target)))
+        row, n, _ = meta[2 * i]
+        probs = logp[row, n - 1].exp()
+        top = torch.topk(probs, top_k)
+        out.append(Prediction(top=tuple((lm.decode(t), float(p)) for t, p in zip(top.indices.tolist(), top.values.tolist())),
+                              top1=lm.decode(int(top.indices[0])), p_new=float(probs[new[0]]), p_true=float(probs[true[0]]),
+                              logp_new=scores[0], logp_true=scores[1]))
+    return out
+
+
+@torch.no_grad()
+def generate(model: "LanguageModel | str", prompts: Sequence[str], max_new_tokens: int = 20) -> list[str]:
+    """Greedy continuations (the new text only)."""
+    lm = as_model(model)
+    outs = []
+    for prompt in prompts:
+        ids = torch.tensor([lm.encode(prompt)], device=lm.device)
+        gen = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+        outs.append(lm.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+    return outs
+
+
+def check_edit(model: "LanguageModel | str", record: EditRecord, paraphrases: Sequence[str] = (),
+               neighbours: Sequence[str] = (), prompts: Sequence[str] = (), generation_prompts: Sequence[str] | None = None,
+               top_k: int = 5, max_new_tokens: int = 20) -> EditCheck:
+    """Before/after predictions for the rewrite prompt, ``paraphrases``, ``neighbours`` and other
+    ``prompts`` (kind ``"check"``), and greedy generations from ``generation_prompts`` (default:
+    two prompts about the subject; pass ``[]`` for none). ``model`` must not have ``record`` applied.
+    """
+    lm = as_model(model)
+    if not isinstance(record, EditRecord):
+        raise EditError(f"check_edit needs an EditRecord, got {type(record).__name__}")
+    req = record.request
+    subject = req.subject
+    gens = list(generation_prompts) if generation_prompts is not None else [f"{subject} is", f"{subject} is famous for"]
+    labelled = [(req.text, "rewrite")] + [(p, "paraphrase") for p in paraphrases] + \
+        [(p, "neighbour") for p in neighbours] + [(p, "check") for p in prompts]
+    texts = [p for p, _ in labelled]
+    before = predict(lm, texts, req.target_new, record.target_true, top_k)
+    gen_before = generate(lm, gens, max_new_tokens) if gens else []
+    with edited(lm, [record]):
+        after = predict(lm, texts, req.target_new, record.target_true, top_k)
+        gen_after = generate(lm, gens, max_new_tokens) if gens else []
+    return EditCheck(record_id=record.id, target_new=req.target_new, target_true=record.target_true,
+                     prompts=tuple(PromptCheck(p, k, b, a) for (p, k), b, a in zip(labelled, before, after)),
+                     generations=tuple(Generation(p, b, a) for p, b, a in zip(gens, gen_before, gen_after)))

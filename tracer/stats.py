@@ -1,0 +1,403 @@
+"""Key statistics for ROME and MEMIT: C = E[k kᵀ] of the inputs of the MLP output projection.
+
+    cache = StatsCache(cache_dir() / "stats")            # an explicit directory, nothing global
+    stats = cache.get(lm, layer=4, n_tokens=100_000)     # computed once (tqdm bar), then loaded
+    stats.solve(k)                                       # C⁻¹ k, in float64
+    KeyStatistics.identity(lm, layer=4)                  # opting out of C: labelled, never silent
+
+Keys ("tokens d_k") are read with :func:`tracer.hooks.hooked` at the input of
+``lm.layers.mlp_out_name(layer)`` while text from a :class:`Corpus` streams through the model in
+chunks of at most ``chunk_tokens`` tokens; the forward pass stops at that module. The sum of
+``k kᵀ`` is accumulated in float64 (or float32) on the model's device.
+
+A cache file is keyed by the model's name and a fingerprint of every weight the keys depend on
+(:func:`key_fingerprint`: embeddings and blocks below ``layer``, and block ``layer`` except the
+edited projection, so edits at that layer keep the key), the layer, module, corpus identity,
+token count, chunk length and dtype. It is written atomically and verified on load (key, shape,
+SHA-256 of the matrix); a truncated or mismatched file is logged and recomputed.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import StatisticsError
+from .hooks import hooked
+from .models import LanguageModel, as_model
+
+log = logging.getLogger(__name__)
+
+_FORMAT = 1
+#: The Wikipedia sample shipped next to the project (``../shared/data``), the default corpus.
+DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikipedia" / "enwiki_2015_3220_articles.jsonl.gz"
+_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+# ---------------------------------------------------------------------------- corpus
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A source of documents with a stable identity (part of the cache key).
+
+    Build with :meth:`from_source`: ``None`` (the default Wikipedia file), a path to a ``.jsonl``
+    / ``.jsonl.gz`` file of ``{"text": ...}`` objects or a plain ``.txt`` / ``.txt.gz`` file
+    (documents separated by blank lines), or an iterable of strings with a ``name``.
+    """
+
+    identity: str
+    path: Path | None = None
+    texts_: tuple[str, ...] | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_source(cls, source: "Corpus | str | os.PathLike | Iterable[str] | None" = None, name: str | None = None) -> "Corpus":
+        if isinstance(source, Corpus):
+            return source
+        if source is None or isinstance(source, (str, os.PathLike)):
+            path = Path(source) if source is not None else DEFAULT_CORPUS
+            if not path.is_file():
+                raise StatisticsError(f"corpus file {str(path)!r} does not exist; pass corpus= a .jsonl(.gz) file with a "
+                                      "'text' field per line, a .txt file, or a list of strings with corpus_name=")
+            return cls(identity=name or f"{path.name}:{path.stat().st_size}:{_file_sha256(path)[:16]}", path=path)
+        texts = tuple(source)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise StatisticsError("a corpus given as an iterable must yield at least one string")
+        digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
+        return cls(identity=name or f"texts:{len(texts)}:{digest}", texts_=texts)
+
+    def texts(self) -> Iterator[str]:
+        if self.texts_ is not None:
+            yield from self.texts_
+            return
+        assert self.path is not None
+        opener = gzip.open if self.path.suffix == ".gz" else open
+        jsonl = ".jsonl" in self.path.suffixes or ".json" in self.path.suffixes
+        with opener(self.path, "rt", encoding="utf-8") as f:
+            if jsonl:
+                for line in f:
+                    if line.strip():
+                        text = json.loads(line).get("text", "")
+                        if text.strip():
+                            yield text
+            else:
+                for doc in re.split(r"\n\s*\n", f.read()):
+                    if doc.strip():
+                        yield doc.strip()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- fingerprint
+
+
+def key_fingerprint(lm: LanguageModel, layer: int) -> str:
+    """SHA-256 (16 hex digits) of every parameter the keys at ``layer`` depend on.
+
+    Included: all parameters except those of blocks above ``layer``, of the MLP output projection
+    at ``layer`` itself, of the final norm and of the unembedding (unless tied to an included
+    one). An edit of that projection therefore keeps the fingerprint; any other change does not.
+    """
+    lmap = lm.layers
+    above = [lmap.block_name(i) + "." for i in range(layer + 1, lm.n_layers)]
+    excluded = above + [lmap.mlp_out_name(layer) + ".", lmap.final_norm + ".", lmap.unembed + "."]
+    h = hashlib.sha256()
+    for name, p in lm.model.named_parameters():  # tied parameters appear once, under the first name
+        if any(name.startswith(prefix) for prefix in excluded):
+            continue
+        t = p.detach().contiguous().cpu()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+@dataclass(frozen=True, eq=False)
+class KeyStatistics:
+    """C = E[k kᵀ] ("d_k d_k", float64 on the CPU) at ``layer``, or the labelled identity.
+
+    ``kind`` is ``"second_moment"`` or ``"identity"`` (the user opted out of C; ``mom2`` is
+    ``None`` and :meth:`solve` returns its input).
+    """
+
+    kind: Literal["second_moment", "identity"]
+    model: str
+    fingerprint: str
+    layer: int
+    module: str
+    d_k: int
+    n_tokens: int = 0
+    corpus: str | None = None
+    chunk_tokens: int | None = None
+    dtype: str | None = None
+    mom2: torch.Tensor | None = field(default=None, repr=False)
+
+    @classmethod
+    def identity(cls, model: "LanguageModel | str", layer: int) -> "KeyStatistics":
+        """C = I at ``layer``: the edit ignores key statistics, and its record says so."""
+        lm = as_model(model)
+        _check_layer(lm, layer)
+        return cls(kind="identity", model=lm.name, fingerprint=key_fingerprint(lm, layer), layer=layer,
+                   module=lm.layers.mlp_out_name(layer), d_k=_key_dim(lm, layer))
+
+    @property
+    def is_identity(self) -> bool:
+        return self.kind == "identity"
+
+    @property
+    def label(self) -> str:
+        """One line for reports, e.g. ``C from 100,000 tokens of enwiki…`` or ``C = I (opted out)``."""
+        if self.is_identity:
+            return "C = I (key statistics opted out)"
+        return f"C from {self.n_tokens:,} tokens of {self.corpus}"
+
+    def solve(self, k: torch.Tensor) -> torch.Tensor:
+        """C⁻¹ k for ``k`` of shape "d_k" or "batch d_k", computed in float64 by Cholesky.
+
+        Returns float64 on ``k``'s device. :class:`StatisticsError` if C is not positive definite.
+        """
+        if k.shape[-1] != self.d_k:
+            raise StatisticsError(f"key of shape {tuple(k.shape)} does not match statistics with d_k={self.d_k} ('... d_k')")
+        k64 = k.detach().double()
+        if self.is_identity:
+            return k64.clone()
+        chol, info = torch.linalg.cholesky_ex(self.mom2)
+        if int(info) != 0:
+            raise StatisticsError(f"the key second moment at layer {self.layer} is singular ({self.n_tokens:,} tokens for "
+                                  f"d_k={self.d_k}); collect more tokens")
+        rhs = k64.cpu().reshape(-1, self.d_k).T
+        out = torch.cholesky_solve(rhs, chol).T.reshape(k.shape)
+        return out.to(k.device)
+
+    def to_dict(self) -> dict:
+        """Everything but the matrix (what an edit record stores)."""
+        return {"kind": self.kind, "model": self.model, "fingerprint": self.fingerprint, "layer": self.layer,
+                "module": self.module, "d_k": self.d_k, "n_tokens": self.n_tokens, "corpus": self.corpus,
+                "chunk_tokens": self.chunk_tokens, "dtype": self.dtype}
+
+    def cache_key(self) -> dict:
+        return _cache_key(self.model, self.fingerprint, self.layer, self.module, self.corpus, self.n_tokens,
+                          self.chunk_tokens, self.dtype)
+
+
+def _cache_key(model, fingerprint, layer, module, corpus, n_tokens, chunk_tokens, dtype) -> dict:
+    return {"format": _FORMAT, "model": model, "fingerprint": fingerprint, "layer": int(layer), "module": module,
+            "corpus": corpus, "n_tokens": int(n_tokens), "chunk_tokens": int(chunk_tokens), "dtype": dtype}
+
+
+def _check_layer(lm: LanguageModel, layer: int) -> None:
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < lm.n_layers:
+        raise StatisticsError(f"layer must be an integer in [0, {lm.n_layers - 1}] for {lm.name}, got {layer!r}")
+
+
+def _key_dim(lm: LanguageModel, layer: int) -> int:
+    w = lm.model.get_submodule(lm.layers.mlp_out_name(layer)).weight
+    return int(w.shape[0] if lm.layers.mlp_out_transposed else w.shape[1])
+
+
+def _chunk_tokens(lm: LanguageModel, chunk_tokens: int | None) -> int:
+    """Chunk length: ``chunk_tokens`` or min(1024, the model's context) (ROME's 1024-token texts)."""
+    return min(1024, lm.max_length) if chunk_tokens is None else chunk_tokens
+
+
+class _Stop(Exception):
+    """Raised inside a hook to end a forward pass once the keys are read."""
+
+
+def _chunks(lm: LanguageModel, corpus: Corpus, chunk_tokens: int) -> Iterator[list[int]]:
+    for text in corpus.texts():
+        ids = lm.tokenizer(text, add_special_tokens=True)["input_ids"]
+        for start in range(0, len(ids), chunk_tokens):
+            piece = ids[start:start + chunk_tokens]
+            if len(piece) > 1:
+                yield piece
+
+
+@torch.no_grad()
+def compute_key_statistics(
+    model: "LanguageModel | str",
+    layer: int,
+    n_tokens: int,
+    corpus: "Corpus | str | os.PathLike | Iterable[str] | None" = None,
+    *,
+    corpus_name: str | None = None,
+    chunk_tokens: int | None = None,
+    dtype: Literal["float64", "float32"] = "float64",
+    progress: bool = True,
+) -> KeyStatistics:
+    """C = E[k kᵀ] over exactly ``n_tokens`` tokens of ``corpus`` (no cache; see :class:`StatsCache`).
+
+    Documents are tokenised and cut into chunks of at most ``chunk_tokens`` tokens (default
+    min(1024, context length)); the last chunk
+    is trimmed so the count is exact. :class:`StatisticsError` when the corpus is too short or
+    ``n_tokens < d_k`` (C would be singular).
+    """
+    lm = as_model(model)
+    _check_layer(lm, layer)
+    d_k = _key_dim(lm, layer)
+    chunk_tokens = _chunk_tokens(lm, chunk_tokens)
+    if dtype not in _DTYPES:
+        raise StatisticsError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if not isinstance(n_tokens, int) or n_tokens < d_k:
+        raise StatisticsError(f"n_tokens must be an integer >= d_k={d_k} (fewer keys give a singular C), got {n_tokens!r}; "
+                              "use KeyStatistics.identity(...) to opt out of C")
+    if not isinstance(chunk_tokens, int) or not 2 <= chunk_tokens <= lm.max_length:
+        raise StatisticsError(f"chunk_tokens must be an integer in [2, {lm.max_length}], got {chunk_tokens!r}")
+    source = Corpus.from_source(corpus, corpus_name)
+    module = lm.layers.mlp_out_name(layer)
+    acc_dtype = _DTYPES[dtype]
+    total = torch.zeros(d_k, d_k, dtype=acc_dtype, device=lm.device)
+    seen = 0
+    keys: list[torch.Tensor] = []
+
+    def grab(x: torch.Tensor):
+        keys.append(x.detach())
+        raise _Stop
+
+    bar = tqdm(total=n_tokens, desc=f"key statistics L{layer}", unit="tok", disable=not progress, leave=False)
+    try:
+        for piece in _chunks(lm, source, chunk_tokens):
+            piece = piece[: n_tokens - seen]
+            keys.clear()
+            try:
+                with hooked(lm.model, inputs={module: grab}):
+                    lm.model(input_ids=torch.tensor([piece], device=lm.device), use_cache=False)
+            except _Stop:
+                pass
+            k = keys[0].reshape(-1, d_k).to(acc_dtype)
+            total.addmm_(k.T, k)
+            seen += len(piece)
+            bar.update(len(piece))
+            if seen >= n_tokens:
+                break
+    finally:
+        bar.close()
+    if seen < n_tokens:
+        raise StatisticsError(f"corpus {source.identity!r} has only {seen:,} tokens; asked for {n_tokens:,}")
+    mom2 = (total / seen).double().cpu()
+    return KeyStatistics(kind="second_moment", model=lm.name, fingerprint=key_fingerprint(lm, layer), layer=layer,
+                         module=module, d_k=d_k, n_tokens=seen, corpus=source.identity, chunk_tokens=chunk_tokens,
+                         dtype=dtype, mom2=mom2)
+
+
+# ---------------------------------------------------------------------------- cache
+
+
+class StatsCache:
+    """Key statistics on disk under ``directory``, one safetensors file per cache key.
+
+    ``get`` loads a verified file or computes and writes one (atomically: a temporary file in the
+    same directory, then ``os.replace``). A file that fails verification is logged and replaced.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory).expanduser()
+
+    def __repr__(self) -> str:
+        return f"StatsCache({str(self.directory)!r})"
+
+    def path_for(self, key: dict) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(key["model"])).name)[:40] or "model"
+        return self.directory / f"{slug}-L{key['layer']}-{key['n_tokens']}tok-{digest}.safetensors"
+
+    def get(
+        self,
+        model: "LanguageModel | str",
+        layer: int,
+        n_tokens: int,
+        corpus: "Corpus | str | os.PathLike | Iterable[str] | None" = None,
+        *,
+        corpus_name: str | None = None,
+        chunk_tokens: int | None = None,
+        dtype: Literal["float64", "float32"] = "float64",
+        progress: bool = True,
+    ) -> KeyStatistics:
+        """Cached :func:`compute_key_statistics` (same arguments)."""
+        lm = as_model(model)
+        _check_layer(lm, layer)
+        source = Corpus.from_source(corpus, corpus_name)
+        chunk_tokens = _chunk_tokens(lm, chunk_tokens)
+        key = _cache_key(lm.name, key_fingerprint(lm, layer), layer, lm.layers.mlp_out_name(layer), source.identity,
+                         n_tokens, chunk_tokens, dtype)
+        path = self.path_for(key)
+        stats = self.load(path, key)
+        if stats is not None:
+            return stats
+        stats = compute_key_statistics(lm, layer, n_tokens, source, chunk_tokens=chunk_tokens, dtype=dtype, progress=progress)
+        self.save(stats)
+        return stats
+
+    def load(self, path: Path, key: dict) -> KeyStatistics | None:
+        """The statistics in ``path`` if it exists and verifies against ``key``; else ``None``."""
+        from safetensors import safe_open
+
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                mom2 = f.get_tensor("mom2")
+            stored = json.loads(meta.get("key", "null"))
+            problem = None
+            if stored != key:
+                problem = "its key does not match"
+            elif mom2.dtype != torch.float64 or mom2.ndim != 2 or mom2.shape[0] != mom2.shape[1]:
+                problem = f"its matrix has shape {tuple(mom2.shape)} and dtype {mom2.dtype}"
+            elif _tensor_sha256(mom2) != meta.get("sha256"):
+                problem = "its checksum does not match"
+            elif not bool(torch.isfinite(mom2).all()):
+                problem = "its matrix is not finite"
+        except Exception as e:  # truncated or foreign files raise many kinds of errors
+            problem = f"it cannot be read ({type(e).__name__}: {str(e)[:80]})"
+        if problem:
+            log.warning("ignoring key statistics %s: %s; recomputing", path, problem)
+            return None
+        return KeyStatistics(kind="second_moment", model=key["model"], fingerprint=key["fingerprint"], layer=key["layer"],
+                             module=key["module"], d_k=int(mom2.shape[0]), n_tokens=key["n_tokens"], corpus=key["corpus"],
+                             chunk_tokens=key["chunk_tokens"], dtype=key["dtype"], mom2=mom2)
+
+    def save(self, stats: KeyStatistics) -> Path:
+        """Write ``stats`` atomically; returns the path."""
+        from safetensors.torch import save_file
+
+        if stats.is_identity:
+            raise StatisticsError("C = I is not cached; there is nothing to store")
+        key = stats.cache_key()
+        path = self.path_for(key)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        mom2 = stats.mom2.double().contiguous().cpu()
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".safetensors")
+        os.close(fd)
+        try:
+            save_file({"mom2": mom2}, tmp, metadata={"key": json.dumps(key, sort_keys=True), "sha256": _tensor_sha256(mom2)})
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; caches are shared like other outputs
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+
+def _tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()

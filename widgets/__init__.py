@@ -1,0 +1,32 @@
+"""Notebook panels, Bokeh figures and offline HTML reports on top of :mod:`tracer`.
+
+    from widgets import TracePanel, save_report
+    TracePanel("smollm2-135m")            # in JupyterLab
+    save_report("report.html", model=..., traces=...)
+
+Figures are pure functions of results (:mod:`widgets.figures`); panels (:mod:`widgets.panels`)
+compute through :mod:`tracer` and update the figures' data in place; :mod:`widgets.report`
+writes standalone HTML; :mod:`widgets.export` exports executed notebooks to offline HTML.
+Names are imported on first use, so ``import widgets.export`` does not load Bokeh or ipywidgets.
+"""
+from importlib import import_module
+
+_WHERE = {
+    "trace_heatmap": "figures", "update_trace_heatmap": "figures", "trace_grid": "figures",
+    "lens_figure": "figures", "update_lens_figure": "figures", "lens_comparison": "figures",
+    "edit_comparison": "figures", "update_edit_comparison": "figures",
+    "save_report": "report", "report_html": "report", "build_report": "report",
+    "TracePanel": "panels", "EditPanel": "panels", "LensPanel": "panels", "setup_notebook": "panels",
+    "suggest_layer": "panels", "show": "panels", "export_notebook": "export",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'widgets' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))
