@@ -32,7 +32,7 @@ case "${1:-}" in
   test)
     setup "embedded,test"
     bash .ci/browser-setup.sh
-    python -m pytest -q -ra "${@:2}"
+    python -m pytest -q -ra --durations=30 "${@:2}"
     ;;
   *)
     echo "usage: bash dev.sh demo | bash dev.sh test [pytest args]" >&2
