@@ -99,6 +99,16 @@ def tiny_lm(request):
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random GPT-2 saved as a local model directory, as a user's own model would be."""
+    lm = make_tiny_model("gpt2")
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def embedded():
     """The embedded SmolLM2-135M-Instruct (loaded once per test session)."""
     from tracer.models import load_model

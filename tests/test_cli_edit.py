@@ -15,12 +15,8 @@ from tracer.stats import StatsCache
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    lm = make_tiny_model("gpt2")
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
+def tiny_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def _digest(path):

@@ -8,20 +8,14 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import make_tiny_model
 from tracer.cli import main
 from tracer.models import load_model
 from tracer.trace import trace_all
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny random GPT-2 saved as a local model directory, as a user's own model would be."""
-    lm = make_tiny_model("gpt2")
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
+def tiny_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def test_trace_all_writes_three_results(tiny_dir, tmp_path, capsys):

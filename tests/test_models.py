@@ -39,7 +39,7 @@ def test_cache_entry_is_verified(tmp_path, monkeypatch):
         calls.append(target)
         target.mkdir(parents=True, exist_ok=True)
         (target / "model.safetensors").write_bytes(b"weights")
-        meta = {"format": models._CACHE_FORMAT, "source_sha256": sha, "weights_sha256": models._sha256(target / "model.safetensors")}
+        meta = {"format": models._CACHE_FORMAT, "source_sha256": sha, "weights_sha256": models.file_sha256(target / "model.safetensors")}
         (target / "factscope-manifest.json").write_text(json.dumps(meta))
 
     monkeypatch.setattr(models, "_convert_gguf", fake_convert)
@@ -62,4 +62,4 @@ def test_embedded_model_loads_from_verified_cache(embedded):
     assert embedded.decode(top) == " Rome"
     entry = next((models.cache_dir() / "models").glob("SmolLM2-135M-Instruct*"))
     meta = json.loads((entry / "factscope-manifest.json").read_text())
-    assert meta["weights_sha256"] == models._sha256(entry / "model.safetensors")
+    assert meta["weights_sha256"] == models.file_sha256(entry / "model.safetensors")

@@ -5,7 +5,6 @@ import re
 
 import pytest
 
-from conftest import make_tiny_model
 from test_figures import make_lens, make_trace
 from tracer.cli import main
 from widgets.report import build_report, library_versions, report_html, save_report
@@ -54,15 +53,6 @@ def test_save_report_writes_file(tmp_path):
     path = save_report(tmp_path / "sub" / "r.html", model="m", traces=[make_trace()])
     assert path.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     assert [p.name for p in path.parent.iterdir()] == ["r.html"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    lm = make_tiny_model("gpt2")
-    d = tmp_path_factory.mktemp("tiny-gpt2")
-    lm.model.save_pretrained(d)
-    lm.tokenizer.save_pretrained(d)
-    return d
 
 
 def run_tiny_report(model_dir, out, *extra) -> int:

@@ -153,7 +153,8 @@ def as_model(model: "LanguageModel | str") -> LanguageModel:
     return model if isinstance(model, LanguageModel) else load_model(model)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -163,7 +164,7 @@ def _sha256(path: Path) -> str:
 
 def _cached_gguf_dir(gguf: Path) -> Path:
     """Directory with the GGUF dequantised to safetensors, (re)built when missing or invalid."""
-    source_sha = _sha256(gguf)
+    source_sha = file_sha256(gguf)
     target = cache_dir() / "models" / f"{gguf.stem}-{source_sha[:16]}"
     manifest = target / "factscope-manifest.json"
     if manifest.is_file():
@@ -171,7 +172,7 @@ def _cached_gguf_dir(gguf: Path) -> Path:
             meta = json.loads(manifest.read_text())
             weights = target / "model.safetensors"
             if (meta.get("format") == _CACHE_FORMAT and meta.get("source_sha256") == source_sha
-                    and weights.is_file() and _sha256(weights) == meta.get("weights_sha256")):
+                    and weights.is_file() and file_sha256(weights) == meta.get("weights_sha256")):
                 return target
             log.warning("cached conversion in %s does not verify; converting again", target)
         except (OSError, json.JSONDecodeError):
@@ -203,7 +204,7 @@ def _convert_gguf(gguf: Path, target: Path, source_sha: str) -> None:
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         meta = {"format": _CACHE_FORMAT, "source": str(gguf), "source_sha256": source_sha,
-                "weights_sha256": _sha256(tmp / "model.safetensors")}
+                "weights_sha256": file_sha256(tmp / "model.safetensors")}
         (tmp / "factscope-manifest.json").write_text(json.dumps(meta, indent=1))
         if target.exists():
             shutil.rmtree(target)

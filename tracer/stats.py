@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .errors import StatisticsError
 from .hooks import hooked
-from .models import LanguageModel, as_model
+from .models import LanguageModel, as_model, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Corpus:
             if not path.is_file():
                 raise StatisticsError(f"corpus file {str(path)!r} does not exist; pass corpus= a .jsonl(.gz) file with a "
                                       "'text' field per line, a .txt file, or a list of strings with corpus_name=")
-            return cls(identity=name or f"{path.name}:{path.stat().st_size}:{_file_sha256(path)[:16]}", path=path)
+            return cls(identity=name or f"{path.name}:{path.stat().st_size}:{file_sha256(path)[:16]}", path=path)
         texts = tuple(source)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise StatisticsError("a corpus given as an iterable must yield at least one string")
@@ -94,14 +94,6 @@ class Corpus:
                 for doc in re.split(r"\n\s*\n", f.read()):
                     if doc.strip():
                         yield doc.strip()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------- fingerprint
