@@ -1,0 +1,100 @@
+"""How MEMIT scales with the number of edits on the embedded model (and sequential ROME for contrast).
+
+    OMP_NUM_THREADS=1 python bench/memit_scale.py --sizes 10,100,1000,10000 --eval 500
+    python bench/memit_scale.py --sizes 10,100 --rome 20          # small run on a busy machine
+
+For each size n: MEMIT on the first n cases of counterfact_edit_10k.json as one batch (wall time
+split into statistics / z optimisation / keys+solve, peak resident memory of the process), then
+efficacy, paraphrase and neighbourhood scores (the reduced file's metrics, × 100) before and
+after on up to ``--eval`` of the edited cases. ``--rome N`` applies ROME edits one after another
+(no revert) and reports the same scores on all cases edited so far after 1, 2, 5, 10, ... edits,
+to show where sequential ROME breaks. Times are printed with their ratio to the smallest size;
+``cpu_s`` (process CPU time) is the figure to trust on a shared machine.
+Threads are fixed with ``--threads`` (default 1) and printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tracer.edit.memit import MemitHyperParams, compute_memit, load_statistics, context_templates  # noqa: E402
+from tracer.evaluate import case_scores, load_cases, measure_probabilities, summarize  # noqa: E402
+from tracer.models import load_model  # noqa: E402
+
+
+def scores(lm, cases):
+    rows = [case_scores(measure_probabilities(lm, c)) for c in cases]
+    s = summarize(rows)
+    return {k: round(s[k]["mean"], 1) for k in ("ES", "PS", "NS", "S") if k in s}
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="10,100,1000,10000")
+    ap.add_argument("--eval", type=int, default=200, help="edited cases measured per size")
+    ap.add_argument("--rome", type=int, default=0, help="sequential ROME edits (0: skip)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    lm = load_model("smollm2-135m", device="cpu")
+    cases = load_cases("counterfact-10k", limit=max(sizes + [args.rome]))
+    hp = MemitHyperParams.for_model(lm)
+    t = time.perf_counter()
+    statistics = load_statistics(lm, hp, None)
+    templates = context_templates(lm, hp)
+    print(f"threads {args.threads}; layers {list(hp.layers)}; lambda {hp.mom2_weight}; statistics {time.perf_counter() - t:.1f} s")
+    results = []
+    for n in sizes:
+        ev = cases[:min(n, args.eval)]
+        before = scores(lm, ev)
+        t, cpu = time.perf_counter(), time.process_time()
+        rec = compute_memit(lm, cases[:n], hp, statistics=statistics, templates=templates)
+        wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+        after = scores(lm, ev)
+        rec.revert(lm)
+        row = {"n": n, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "z_s": round(rec.timings["z_s"], 1), "update_s": round(rec.timings["update_s"], 1),
+               "s_per_edit": round(wall / n, 3), "peak_rss_mb": round(peak_mb()), "before": before, "after": after}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    if results:
+        base = results[0]
+        for r in results:
+            print(f"n={r['n']:>6}: {r['wall_s']:>9.1f} s  x{r['wall_s'] / base['wall_s']:.1f} time for x{r['n'] / base['n']:.0f} edits")
+    if args.rome:
+        from tracer.edit import Ledger, ROMEHyperParams, rome_edit
+        from tracer.edit.rome import EditRequest, generate_context_templates, resolve_statistics
+
+        rhp = ROMEHyperParams.for_model(lm)
+        stats = resolve_statistics(lm, rhp, None)
+        tmpl = generate_context_templates(lm, rhp.context_template_lengths, rhp.template_seed)
+        ledger = Ledger(lm)
+        checkpoints = {1, 2, 5, 10, 20, 50, 100, 200, 500, 1000}
+        t = time.perf_counter()
+        for i, c in enumerate(cases[:args.rome], start=1):
+            req = EditRequest(c.prompt, c.subject, " " + c.target_new)
+            ledger.apply(rome_edit(lm, req, rhp, stats, context_templates=tmpl, progress=False), verify=False)
+            if i in checkpoints or i == args.rome:
+                row = {"rome_sequential": i, "wall_s": round(time.perf_counter() - t, 1), "after": scores(lm, cases[:i])}
+                results.append(row)
+                print(json.dumps(row), flush=True)
+        ledger.revert_all()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""MEMIT: the closed-form update, exact revert / re-apply, failure safety, settings round-trip."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from tracer.errors import EditError, HyperParameterError
+from tracer.edit.memit import (MemitHyperParams, MemitRecord, Request, _keys_and_z, compute_memit, compute_zs,
+                               solve_update)
+
+REQS = [Request("Paris", "{} is the capital of", "Germany"), Request("the cat", "I saw {} in", "the garden"),
+        Request("Rome", "The city of {} is in", "Spain")]
+
+
+def _spd(d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, 2 * d, generator=g, dtype=torch.float64)
+    return a @ a.T / (2 * d) + 0.1 * torch.eye(d, dtype=torch.float64)
+
+
+def _weights(lm, layers):
+    return [lm.model.get_submodule(lm.layers.mlp_out_name(l)).weight.detach().clone() for l in layers]
+
+
+def test_solve_update_is_the_least_squares_solution():
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randn(5, 12, generator=g, dtype=torch.float64)  # "n d_k"
+    resid = torch.randn(5, 7, generator=g, dtype=torch.float64)  # "n out"
+    C = _spd(12)
+    lam = 3.0
+    dw = solve_update(keys, resid, C, lam)
+    K, R = keys.T, resid.T
+    want = R @ K.T @ torch.linalg.inv(lam * C + K @ K.T)
+    torch.testing.assert_close(dw, want, rtol=1e-9, atol=1e-10)
+    # it minimises ||ΔW K - R||² + λ tr(ΔW C ΔWᵀ): the gradient vanishes
+    grad = (dw @ K - R) @ K.T + lam * dw @ C
+    assert grad.abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_one_request_one_layer_equals_closed_form(family):
+    lm = make_tiny_model(family)
+    layer = 2
+    hp = MemitHyperParams(layers=(layer,), v_steps=6, mom2_weight=0.5)
+    C = _spd(lm.model.get_submodule(lm.layers.mlp_out_name(layer)).weight.shape[0 if family == "gpt2" else 1])
+    templates = ("{}",)  # the key is then the bare prompt's key, where z is read
+    req = [REQS[0]]
+    z = compute_zs(lm, req, hp, templates, progress=False).z
+    k, h = _keys_and_z(lm, req, templates, layer, layer, batch_rows=8)
+    w0 = _weights(lm, [layer])[0]
+    record = compute_memit(lm, req, hp, statistics={layer: (C, {"kind": "given"})}, templates=templates, progress=False)
+    K, r = k.double().T, (z - h).double().T  # one layer: the whole residual goes here
+    want = r @ K.T @ torch.linalg.inv(0.5 * C + K @ K.T)
+    torch.testing.assert_close(record.deltas[0].double(), want, rtol=1e-4, atol=1e-6)
+    applied = lm.model.get_submodule(lm.layers.mlp_out_name(layer)).weight
+    torch.testing.assert_close((applied - w0).T if family == "gpt2" else applied - w0, want.float(), rtol=1e-3, atol=1e-5)
+    # the edited block output moves toward z by q/(λ+q) of the residual, q = kᵀC⁻¹k (Sherman-Morrison)
+    _, h_new = _keys_and_z(lm, req, templates, layer, layer, batch_rows=8)
+    q = float(K[:, 0] @ torch.linalg.solve(C, K[:, 0]))
+    torch.testing.assert_close((h_new - h).double(), (z - h).double() * q / (0.5 + q), rtol=1e-3, atol=1e-4)
+
+
+def test_revert_and_reapply_are_bit_exact(tmp_path):
+    lm = make_tiny_model("llama")
+    hp = MemitHyperParams(layers=(1, 2), v_steps=4, mom2_weight=1.0)
+    w0 = _weights(lm, hp.layers)
+    first = compute_memit(lm, REQS[:2], hp, stats="identity", progress=False)
+    w1 = _weights(lm, hp.layers)
+    second = compute_memit(lm, REQS[2:], hp, stats="identity", progress=False)
+    assert not all(torch.equal(a, b) for a, b in zip(w1, _weights(lm, hp.layers)))
+    second.revert(lm)
+    assert all(torch.equal(a, b) for a, b in zip(w1, _weights(lm, hp.layers)))
+    first.revert(lm)
+    assert all(torch.equal(a, b) for a, b in zip(w0, _weights(lm, hp.layers)))
+    first.apply(lm)
+    assert all(torch.equal(a, b) for a, b in zip(w1, _weights(lm, hp.layers)))
+    with pytest.raises(EditError):
+        first.apply(lm)
+    first.save(tmp_path / "batch.safetensors")
+    fresh = make_tiny_model("llama")
+    loaded = MemitRecord.load(tmp_path / "batch.safetensors")
+    loaded.apply(fresh)
+    assert all(torch.equal(a, b) for a, b in zip(w1, _weights(fresh, hp.layers)))
+    assert loaded.requests == first.requests and loaded.hparams == first.hparams
+    loaded.revert(fresh)
+    assert all(torch.equal(a, b) for a, b in zip(w0, _weights(fresh, hp.layers)))
+
+
+def test_failure_midway_leaves_weights_untouched():
+    lm = make_tiny_model("gpt2")
+    hp = MemitHyperParams(layers=(1, 2), v_steps=2)
+    w0 = _weights(lm, hp.layers)
+    d_k = lm.model.get_submodule(lm.layers.mlp_out_name(1)).weight.shape[0]
+    bad = {1: (torch.eye(d_k, dtype=torch.float64), {}), 2: (torch.eye(3, dtype=torch.float64), {})}  # wrong shape
+    with pytest.raises(RuntimeError):
+        compute_memit(lm, REQS[:1], hp, statistics=bad, templates=("{}",), progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(w0, _weights(lm, hp.layers)))
+
+
+def test_hyperparams_round_trip_and_validation():
+    hp = MemitHyperParams(layers=(2, 3, 4), mom2_weight=100.0, chunk_requests=8)
+    assert MemitHyperParams.from_dict(json.loads(json.dumps(hp.to_dict()))) == hp
+    with pytest.raises(HyperParameterError):
+        MemitHyperParams(layers=(3, 2))
+    with pytest.raises(HyperParameterError):
+        MemitHyperParams.from_dict({"layers": [1], "lambda": 3})
+    lm = make_tiny_model("gptj")
+    assert MemitHyperParams.for_model(lm).layers[-1] < lm.n_layers
+    with pytest.raises(EditError):
+        Request.coerce({"subject": "x", "prompt": "no subject here", "target_new": "y"})
+
+
+def test_batched_z_equals_one_by_one():
+    lm = make_tiny_model("gpt_neox")
+    hp = MemitHyperParams(layers=(2,), v_steps=5)
+    templates = ("{}", "Once. {}")
+    both = compute_zs(lm, REQS[:2], hp, templates, progress=False).z
+    one = torch.cat([compute_zs(lm, [r], hp, templates, progress=False).z for r in REQS[:2]])
+    torch.testing.assert_close(both, one, rtol=1e-4, atol=1e-5)
+
+
+def test_sequential_batches_report_health_and_revert():
+    from tracer.edit.memit import sequential_memit
+
+    lm = make_tiny_model("llama")
+    hp = MemitHyperParams(layers=(1, 2), v_steps=3, mom2_weight=1.0)
+    w0 = _weights(lm, hp.layers)
+    records, health = sequential_memit(lm, REQS, 2, hp, stats="identity", texts=["The city of Paris is in France."],
+                                       progress=False)
+    assert [h.n_edits for h in health] == [0, 2, 3] and len(records) == 2
+    assert all(v == 1.0 for v in health[0].norm_ratio.values())
+    assert any(v != 1.0 for v in health[-1].norm_ratio.values()) and health[-1].perplexity > 1
+    for r in reversed(records):
+        r.revert(lm)
+    assert all(torch.equal(a, b) for a, b in zip(w0, _weights(lm, hp.layers)))
+
+
+@pytest.mark.slow
+@pytest.mark.embedded
+def test_embedded_memit_small_batch(embedded, shared_data):
+    """Ten CounterFact edits at once (C from 20k tokens per layer to keep it short): the new objects
+    win on the rewrite prompts, neighbourhood prompts keep their answer, revert is exact.
+    Measured with 100k-token C (bench/memit_scale.py): ES 20 -> 80, PS 20 -> 60, NS 70 -> 70."""
+    from tracer.evaluate import case_scores, load_cases, measure_probabilities, summarize
+
+    cases = load_cases("counterfact-10k", limit=10, data_dir=shared_data)
+    hp = MemitHyperParams.for_model(embedded, mom2_n_tokens=20_000)
+    w0 = _weights(embedded, hp.layers)
+    pre = summarize([case_scores(measure_probabilities(embedded, c)) for c in cases])
+    record = compute_memit(embedded, cases, hp, progress=False)
+    try:
+        post = summarize([case_scores(measure_probabilities(embedded, c)) for c in cases])
+    finally:
+        record.revert(embedded)
+    assert all(torch.equal(a, b) for a, b in zip(w0, _weights(embedded, hp.layers)))
+    assert pre["ES"]["mean"] <= 30 and post["ES"]["mean"] >= pre["ES"]["mean"] + 40
+    assert post["NS"]["mean"] >= pre["NS"]["mean"] - 20

@@ -1,0 +1,69 @@
+"""``factscope evaluate``: CounterFact / zsRE metrics of an editing method, as in the papers."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("evaluate", help="CounterFact / zsRE evaluation of none, FT-L, ROME or MEMIT",
+                              description="Edit each case (or batch), measure the papers' metrics, revert; writes "
+                                          "DIR/cases/<id>.json (resumable) and DIR/summary.{json,md,html}.")
+    p.add_argument("--model", default="smollm2-135m", help="model alias, Hugging Face id, directory or .gguf")
+    p.add_argument("--method", required=True, choices=("none", "ft-l", "rome", "memit"))
+    p.add_argument("--dataset", required=True, choices=("counterfact", "counterfact-10k", "zsre"))
+    p.add_argument("--data", type=Path, default=None, help="dataset file (default: the copy in ../shared/data)")
+    p.add_argument("--limit", type=int, default=None, help="first N records only")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="edits per MEMIT batch (default: all --limit records; ROME and FT-L always 1)")
+    p.add_argument("--layer", type=int, default=None, help="ROME / FT-L layer (default: per architecture)")
+    p.add_argument("--layers", type=str, default=None, help="MEMIT layers, e.g. 2-6 or 2,3,4 (default: per architecture)")
+    p.add_argument("--stats", choices=("cache", "identity"), default="cache",
+                   help="key statistics C: cached second moment over Wikipedia (default) or C = I")
+    p.add_argument("--no-generation", action="store_true", help="skip generations (fluency GE, consistency RS)")
+    p.add_argument("--generation-prompts", type=int, default=None, help="generation prompts per case (default: all 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.set_defaults(func=run)
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    from tracer.errors import HyperParameterError
+
+    try:
+        if "-" in text:
+            a, b = text.split("-", 1)
+            return tuple(range(int(a), int(b) + 1))
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise HyperParameterError(f"--layers must look like 2-6 or 2,3,4; got {text!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from tracer.errors import HyperParameterError
+    from tracer.evaluate import run_evaluation
+    from tracer.evaluate.report import summary_markdown
+    from tracer.models import load_model
+
+    if args.limit is not None and args.limit < 1:
+        raise HyperParameterError(f"--limit must be >= 1, got {args.limit}")
+    batch = args.batch_size
+    if batch is not None and (batch < 1 or (args.method in ("rome", "ft-l") and batch != 1)):
+        raise HyperParameterError(f"--batch-size must be >= 1, and 1 for {args.method} (one edit at a time); got {batch}")
+    if batch is None:
+        batch = (args.limit or 10_000) if args.method == "memit" else 1
+    options = {}
+    if args.layer is not None:
+        options["layer"] = args.layer
+    if args.layers:
+        options["layers"] = parse_layers(args.layers)
+    if args.stats == "identity" and args.method in ("rome", "memit"):
+        options["stats"] = "identity"
+    lm = load_model(args.model, device=args.device)
+    summary = run_evaluation(lm, args.method, args.dataset, args.out, limit=args.limit, batch_size=batch,
+                             data_path=args.data, generation=not args.no_generation,
+                             generation_prompts=args.generation_prompts, seed=args.seed, method_options=options)
+    print(summary_markdown([summary]), end="")
+    print(f"per-case JSON in {args.out / 'cases'}; summary in {args.out / 'summary.md'}, .json, .html")
+    return 0

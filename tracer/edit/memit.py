@@ -1,0 +1,623 @@
+"""MEMIT (Meng et al. 2023): many facts written into a range of MLP layers at once.
+
+    hp = MemitHyperParams.for_model(lm)                      # per-architecture defaults
+    record = apply_memit(lm, requests, hp, stats=StatsCache(cache_dir() / "stats"))
+    record.revert(lm)                                        # bit-exact
+    record.apply(lm)                                         # re-apply (also onto a fresh copy)
+
+For a batch of requests (subject, prompt template with ``{}``, new target):
+
+1. z_i at the last edited layer L: ROME's v* optimisation, batched over requests — a vector
+   δ_i is added to the output of block L at the last subject token of every context-template
+   prompt of request i, and optimised (Adam, ``v_steps``) so the new target's tokens become
+   likely, with ROME's KL term on "{subject} is a", weight decay and norm clamp. Each request
+   has its own δ and Adam state, so the batch equals the requests optimised one by one.
+2. For each edited layer l in order: keys K ("d_k n", last subject token, averaged over context
+   templates), the residual R = (z − h_L(current weights)) / (layers left), and
+   ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹ solved in float64 by Cholesky (``torch.linalg.solve`` if C is not
+   positive definite) — never an explicit inverse. C = E[k kᵀ] comes from :mod:`tracer.stats`,
+   read once on the unedited model.
+
+A :class:`MemitRecord` keeps each layer's float32 ΔW plus the exact bit difference of the
+weights, so revert restores the original bits and re-applying gives the same bits again.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import EditError, HyperParameterError
+from ..hooks import hooked, main_tensor
+from ..layers import get_module
+from ..models import LanguageModel, as_model
+
+log = logging.getLogger(__name__)
+
+#: start words of ROME/MEMIT's generated context templates
+TEMPLATE_STARTS = ("The", "Therefore", "Because", "I", "You")
+_FORMAT = 1
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class MemitHyperParams:
+    """MEMIT settings (names follow the MEMIT code's ``MEMITHyperParams``).
+
+    ``mom2_weight`` is λ; ``mom2_n_tokens`` the token count of C. ``chunk_requests`` fixes how
+    many requests share one z-optimisation batch; ``None`` derives it from ``memory_mb``.
+    """
+
+    layers: tuple[int, ...]
+    mom2_weight: float = 15000.0
+    mom2_n_tokens: int = 100_000
+    v_steps: int = 25
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 0.05
+    context_template_length: int = 10
+    context_templates_per_start: int = 1
+    chunk_requests: int | None = None
+    memory_mb: int = 2048
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(int(l) for l in self.layers))
+        if not self.layers or list(self.layers) != sorted(set(self.layers)):
+            raise HyperParameterError(f"layers must be a non-empty increasing list of distinct layers, got {list(self.layers)}")
+        for name in ("mom2_weight", "v_lr", "clamp_norm_factor"):
+            if not getattr(self, name) > 0:
+                raise HyperParameterError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.v_steps < 1 or self.memory_mb < 16 or (self.chunk_requests is not None and self.chunk_requests < 1):
+            raise HyperParameterError("v_steps and chunk_requests must be >= 1 and memory_mb >= 16")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MemitHyperParams":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise HyperParameterError(f"unknown MEMIT settings {sorted(unknown)}; accepted: {sorted(names)}")
+        return cls(**d)
+
+    def rome_hparams(self):
+        """The v* settings as :class:`tracer.edit.rome.ROMEHyperParams` at the last edited layer."""
+        from .rome import ROMEHyperParams
+
+        return ROMEHyperParams(layer=self.layers[-1], v_num_grad_steps=self.v_steps, v_lr=self.v_lr,
+                               v_weight_decay=self.v_weight_decay, clamp_norm_factor=self.clamp_norm_factor,
+                               kl_factor=self.kl_factor, early_stop_loss=self.early_stop_loss, stats_tokens=0)
+
+    @classmethod
+    def for_model(cls, model: "LanguageModel | str", **overrides) -> "MemitHyperParams":
+        """Defaults for ``model``: the papers' for GPT-2 XL and GPT-J, measured ones for the embedded
+        SmolLM2, else the GPT-J range scaled to the depth (layers 11%-29% of the stack)."""
+        lm = as_model(model)
+        n = lm.n_layers
+        family = lm.layers.family
+        if lm.name == "smollm2-135m":
+            base = dict(EMBEDDED_DEFAULTS)
+        elif family == "gpt2" and n == 48:
+            base = {"layers": (13, 14, 15, 16, 17), "mom2_weight": 20000.0}
+        elif family == "gptj" and n == 28:
+            base = {"layers": (3, 4, 5, 6, 7, 8), "mom2_weight": 15000.0}
+        else:
+            lo = max(0, round(0.11 * n))
+            hi = max(lo, min(n - 2, round(0.29 * n)))
+            base = {"layers": tuple(range(lo, hi + 1))}
+        base.update(overrides)
+        return cls(**base)
+
+
+#: the embedded model's defaults (layer range from MLP causal traces, see the README)
+EMBEDDED_DEFAULTS: dict[str, Any] = {"layers": (2, 3, 4, 5, 6), "mom2_weight": 15000.0}
+
+
+@dataclass(frozen=True)
+class Request:
+    """One fact to write: ``prompt`` has ``{}`` where ``subject`` goes; ``target_new`` is the new object."""
+
+    subject: str
+    prompt: str
+    target_new: str
+
+    @classmethod
+    def coerce(cls, r: Any) -> "Request":
+        """From a :class:`Request`, a dict, or any object with ``subject`` / ``prompt`` / ``target_new``
+        (an ``EditRequest`` or an evaluation ``Case``)."""
+        get = (lambda k: r.get(k)) if isinstance(r, dict) else (lambda k: getattr(r, k, None))
+        subject, prompt, target = get("subject"), get("prompt"), get("target_new")
+        if isinstance(target, dict):  # ROME's {"str": ...}
+            target = target.get("str")
+        if not isinstance(subject, str) or not subject.strip():
+            raise EditError(f"request {r!r} has no subject")
+        if not isinstance(prompt, str) or "{}" not in prompt:
+            if isinstance(prompt, str) and subject in prompt:
+                prompt = prompt.replace(subject, "{}", 1)
+            else:
+                raise EditError(f"prompt {prompt!r} must contain '{{}}' (or the subject {subject!r})")
+        if not isinstance(target, str) or not target.strip():
+            raise EditError(f"request for {subject!r} has an empty target_new")
+        return cls(subject=subject, prompt=prompt, target_new=target)
+
+    @property
+    def text(self) -> str:
+        return self.prompt.replace("{}", self.subject, 1)
+
+    def edit_request(self):
+        """As :class:`tracer.edit.rome.EditRequest` (target with ROME's leading space)."""
+        from .rome import EditRequest
+
+        t = self.target_new if self.target_new[:1].isspace() else " " + self.target_new
+        return EditRequest(self.prompt, self.subject, t)
+
+
+# ---------------------------------------------------------------------------- tokens
+
+
+@dataclass
+class _Row:
+    ids: list[int]
+    lookup: int  # last subject token
+
+
+def _row(lm: LanguageModel, template: str, subject: str) -> _Row:
+    """Tokens of ``template`` with the subject filled in; ``lookup`` is the subject's last token."""
+    start = template.index("{}")
+    text = template.replace("{}", subject, 1)
+    enc = lm.tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    end = start + len(subject.rstrip())
+    inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+    if not inside:
+        raise EditError(f"subject {subject!r} maps to no token of {text!r}")
+    return _Row(ids=ids, lookup=inside[-1])
+
+
+def context_templates(model: "LanguageModel | str", hp: MemitHyperParams | None = None) -> tuple[str, ...]:
+    """``"{}"`` plus short texts the model writes itself, each followed by ``". {}"`` (ROME/MEMIT)."""
+    from ..evaluate.generation import generate
+
+    lm = as_model(model)
+    length = hp.context_template_length if hp else 10
+    per = hp.context_templates_per_start if hp else 1
+    seed = hp.seed if hp else 0
+    starts = [s for s in TEMPLATE_STARTS for _ in range(per)]
+    texts = generate(lm, starts, max_length=length, top_k=5, seed=seed)
+    return ("{}",) + tuple(t.replace("{", " ").replace("}", " ") + ". {}" for t in texts)
+
+
+def _pad(rows: Sequence[_Row], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r.ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r.ids)] = torch.tensor(r.ids)
+        mask[i, :len(r.ids)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _pad_id(lm: LanguageModel) -> int:
+    return lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+
+
+# ---------------------------------------------------------------------------- forward helpers
+
+
+class _Stop(Exception):
+    pass
+
+
+def _run_to(lm: LanguageModel, ids, mask, *, outputs=None, inputs=None, stop_after: str | None = None) -> None:
+    """Forward the backbone, stopping once ``stop_after`` has produced its output."""
+    outputs = dict(outputs or {})
+    if stop_after is not None:
+        inner = outputs.get(stop_after)
+
+        def stop(h):
+            if inner is not None:
+                inner(h)
+            raise _Stop
+
+        outputs[stop_after] = stop
+    backbone = get_module(lm.model, lm.layers.backbone)
+    try:
+        with hooked(lm.model, outputs=outputs, inputs=inputs or {}):
+            backbone(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _Stop:
+        pass
+
+
+@torch.no_grad()
+def _keys_and_z(lm: LanguageModel, reqs: Sequence[Request], templates: Sequence[str], layer: int, z_layer: int,
+                batch_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys at ``layer`` ("n d_k", MEMIT's average over template groups) and the block-``z_layer``
+    output at the bare prompt's last subject token ("n hidden"), with the current weights."""
+    T = len(templates)
+    rows = [_row(lm, t.replace("{}", r.prompt, 1) if t != "{}" else r.prompt, r.subject) for r in reqs for t in templates]
+    keys_out, z_out = [], []
+    key_mod, z_mod = lm.layers.mlp_out_name(layer), lm.layers.block_name(z_layer)
+    for s in range(0, len(rows), batch_rows):
+        chunk = rows[s:s + batch_rows]
+        ids, mask = _pad(chunk, _pad_id(lm), lm.device)
+        at = (torch.arange(len(chunk), device=lm.device), torch.tensor([r.lookup for r in chunk], device=lm.device))
+        got: dict[str, torch.Tensor] = {}
+        _run_to(lm, ids, mask, inputs={key_mod: lambda x: got.__setitem__("k", x[at])},
+                outputs={z_mod: lambda h: got.__setitem__("z", main_tensor(h)[at])}, stop_after=lm.layers.block_name(max(layer, z_layer)))
+        keys_out.append(got["k"])
+        z_out.append(got["z"])
+    k = torch.cat(keys_out).reshape(len(reqs), T, -1)
+    # MEMIT averages within each template group ("{}" alone, then the generated ones), then across groups
+    keys = (k[:, 0] + k[:, 1:].mean(1)) / 2 if T > 1 else k[:, 0]
+    z = torch.cat(z_out).reshape(len(reqs), T, -1)[:, 0]
+    return keys, z
+
+
+# ---------------------------------------------------------------------------- z optimisation
+
+
+@dataclass(frozen=True)
+class ZResult:
+    """Target hidden vectors ("n hidden") at block ``layer`` and each request's loss curve."""
+
+    layer: int
+    z: torch.Tensor
+    losses: list[list[float]]
+    seconds: float
+
+
+def compute_zs(model: "LanguageModel | str", requests: Sequence[Any], hp: MemitHyperParams,
+               templates: Sequence[str] | None = None, *, progress: bool = True) -> ZResult:
+    """z_i = h_L + δ_i at block L = ``hp.layers[-1]``: ROME's v* optimisation
+    (:func:`tracer.edit.rome.compute_v` with ``reference="hidden"``, MEMIT's clamp), batched over
+    requests in chunks of ``hp.chunk_requests`` (or as many as fit ``hp.memory_mb``)."""
+    from .rome import compute_v
+
+    lm = as_model(model)
+    reqs = [Request.coerce(r) for r in requests]
+    templates = tuple(templates) if templates is not None else context_templates(lm, hp)
+    chunk = hp.chunk_requests or _auto_chunk(lm, hp, len(templates))
+    rhp = hp.rome_hparams()
+    started = time.perf_counter()
+    zs, losses = [], []
+    bar = tqdm(total=len(reqs), desc=f"MEMIT z (layer {hp.layers[-1]})", unit="req", disable=not progress, leave=False)
+    try:
+        for s in range(0, len(reqs), chunk):
+            part = reqs[s:s + chunk]
+            vres = compute_v(lm, hp.layers[-1], [r.edit_request() for r in part], templates, rhp, reference="hidden")
+            zs.append((vres.hidden_init + vres.delta).detach())
+            curve = vres.loss.T.tolist()  # "request step"
+            losses += [c[:_steps_taken(c, hp.early_stop_loss)] for c in curve]
+            bar.update(len(part))
+            if progress:
+                done = s + len(part)
+                rate = done / (time.perf_counter() - started)
+                bar.set_postfix_str(f"{rate:.2f} req/s, ETA {(len(reqs) - done) / rate:.0f} s")
+    finally:
+        bar.close()
+    return ZResult(layer=hp.layers[-1], z=torch.cat(zs), losses=losses, seconds=time.perf_counter() - started)
+
+
+def _steps_taken(curve: list[float], stop: float) -> int:
+    for i, v in enumerate(curve):
+        if v < stop:
+            return i + 1
+    return len(curve)
+
+
+def _auto_chunk(lm: LanguageModel, hp: MemitHyperParams, n_templates: int) -> int:
+    """Requests per z batch so that the activations kept for the backward pass fit ``hp.memory_mb``.
+
+    Per token and layer above L a block keeps about 10·hidden + 4·mlp floats; the prefix-cached
+    v* engine feeds ~12 tokens per row (the last subject token on), ``n_templates + 1`` rows per
+    request, and unembeds ~2 positions per row.
+    """
+    cfg = lm.model.config
+    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * lm.hidden_size
+    vocab = int(lm.model.get_output_embeddings().weight.shape[0])
+    layers_after = lm.n_layers - hp.layers[-1]
+    rows = n_templates + 1
+    per_request = 4 * rows * (12 * layers_after * (10 * lm.hidden_size + 4 * inter) + 2 * 3 * vocab)
+    return max(1, int(hp.memory_mb * 2**20 // per_request))
+
+
+# ---------------------------------------------------------------------------- the update
+
+
+def solve_update(keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor | None, mom2_weight: float) -> torch.Tensor:
+    """ΔW ("out d_k") = R Kᵀ (λC + K Kᵀ)⁻¹ in float64, for K = ``keys.T`` ("d_k n") and
+    R = ``resid.T`` ("out n"); C = I when ``mom2`` is None. Cholesky, or LU solve if not PD."""
+    K = keys.double().T
+    Rm = resid.double().T
+    C = torch.eye(K.shape[0], dtype=torch.float64, device=K.device) if mom2 is None else mom2.to(K.device, torch.float64)
+    A = mom2_weight * C + K @ K.T
+    chol, info = torch.linalg.cholesky_ex(A)
+    adj = torch.cholesky_solve(K, chol) if int(info) == 0 else torch.linalg.solve(A, K)  # "d_k n" = A⁻¹K
+    return Rm @ adj.T
+
+
+# ---------------------------------------------------------------------------- record
+
+
+@dataclass(eq=False)
+class MemitRecord:
+    """One applied MEMIT batch: per-layer ΔW ("out d_k", float32) and the exact weight bit changes.
+
+    ``revert`` restores the bits the weights had before ``apply`` (in reverse order of batches for
+    bit-exactness when several records are stacked); ``apply`` adds ΔW to the current weights.
+    """
+
+    requests: list[Request]
+    hparams: MemitHyperParams
+    modules: list[str]
+    deltas: list[torch.Tensor]
+    templates: tuple[str, ...]
+    stats: list[dict]
+    z_losses: list[list[float]]
+    timings: dict[str, float]
+    bitdiff: list[torch.Tensor] | None = None
+    applied: bool = False
+
+    def _weights(self, lm: LanguageModel) -> list[torch.nn.Parameter]:
+        return [get_module(lm.model, name).weight for name in self.modules]
+
+    def _stored(self, lm: LanguageModel, delta: torch.Tensor) -> torch.Tensor:
+        return delta.T if lm.layers.mlp_out_transposed else delta
+
+    @torch.no_grad()
+    def apply(self, model: "LanguageModel | str") -> "MemitRecord":
+        lm = as_model(model)
+        if self.applied:
+            raise EditError("this MEMIT batch is already applied; revert it first")
+        ws = self._weights(lm)
+        diffs = []
+        for w, dw in zip(ws, self.deltas):
+            before = w.data.clone()
+            w.data.add_(self._stored(lm, dw).to(w.device, w.dtype))
+            diffs.append(_bits(w.data) - _bits(before))
+        self.bitdiff = diffs
+        self.applied = True
+        return self
+
+    @torch.no_grad()
+    def revert(self, model: "LanguageModel | str") -> "MemitRecord":
+        lm = as_model(model)
+        if not self.applied or self.bitdiff is None:
+            raise EditError("this MEMIT batch is not applied; nothing to revert")
+        for w, diff in zip(self._weights(lm), self.bitdiff):
+            w.data.copy_(_from_bits(_bits(w.data) - diff.to(w.device), w.dtype))
+        self.applied = False
+        return self
+
+    def to_dict(self) -> dict:
+        return {"format": _FORMAT, "method": "MEMIT", "requests": [asdict(r) for r in self.requests],
+                "hparams": self.hparams.to_dict(), "modules": self.modules, "templates": list(self.templates),
+                "stats": self.stats, "z_losses": self.z_losses, "timings": self.timings}
+
+    def save(self, path: str | Path) -> Path:
+        """``path`` (.safetensors with the ΔW) and ``path`` + ``.json`` (everything else)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({f"delta.{i}": d.contiguous().cpu() for i, d in enumerate(self.deltas)}, str(path))
+        Path(str(path) + ".json").write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MemitRecord":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta = json.loads(Path(str(path) + ".json").read_text())
+        if meta.get("format") != _FORMAT or meta.get("method") != "MEMIT":
+            raise EditError(f"{path} is not a MEMIT record of format {_FORMAT}")
+        tensors = load_file(str(path))
+        deltas = [tensors[f"delta.{i}"] for i in range(len(meta["modules"]))]
+        return cls(requests=[Request(**r) for r in meta["requests"]], hparams=MemitHyperParams.from_dict(meta["hparams"]),
+                   modules=meta["modules"], deltas=deltas, templates=tuple(meta["templates"]), stats=meta["stats"],
+                   z_losses=meta["z_losses"], timings=meta["timings"])
+
+
+def _from_bits(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.float32:
+        return bits.to(torch.int32).view(dtype)
+    if dtype in (torch.float16, torch.bfloat16):
+        return bits.to(torch.int16).view(dtype)
+    return bits.view(dtype)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype == torch.float32:
+        return t.view(torch.int32).to(torch.int64)
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return t.view(torch.int16).to(torch.int64)
+    return t.view(torch.int64)
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+StatsSource = Callable[[LanguageModel, int], "torch.Tensor | None"]
+
+
+def load_statistics(model: "LanguageModel | str", hp: MemitHyperParams, stats: Any = None, *,
+                    progress: bool = True) -> dict[int, tuple[torch.Tensor | None, dict]]:
+    """C per edited layer, read on the current (unedited) model: ``{layer: (mom2 or None, info)}``.
+
+    ``stats`` is a :class:`tracer.stats.StatsCache` (``hp.mom2_n_tokens`` tokens of the default
+    Wikipedia corpus), ``"identity"`` (C = I, labelled so), a callable ``(lm, layer) -> C``, or a
+    dict ``{layer: C}``. ``None`` uses a ``StatsCache`` under the factscope cache directory.
+    """
+    from ..models import cache_dir
+    from ..stats import KeyStatistics, StatsCache
+
+    lm = as_model(model)
+    out = {}
+    for layer in hp.layers:
+        if isinstance(stats, str) and stats == "identity":
+            out[layer] = (None, KeyStatistics.identity(lm, layer).to_dict())
+        elif isinstance(stats, dict):
+            out[layer] = (stats[layer], {"kind": "given"})
+        elif callable(stats) and not hasattr(stats, "get"):
+            out[layer] = (stats(lm, layer), {"kind": "given"})
+        else:
+            cache = stats if stats is not None else StatsCache(cache_dir() / "stats")
+            ks = cache.get(lm, layer, hp.mom2_n_tokens, progress=progress)
+            out[layer] = (ks.mom2, ks.to_dict())
+    return out
+
+
+# ---------------------------------------------------------------------------- entry points
+
+
+def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: MemitHyperParams | None = None, *,
+                  stats: Any = None, templates: Sequence[str] | None = None, progress: bool = True,
+                  statistics: dict | None = None) -> MemitRecord:
+    """Compute and apply one MEMIT batch; returns its record (already applied).
+
+    ``statistics`` (from :func:`load_statistics`) lets sequential batches reuse C computed on the
+    unedited model. If anything fails midway, the weights are restored before the error propagates.
+    """
+    lm = as_model(model)
+    reqs = [Request.coerce(r) for r in requests]
+    if not reqs:
+        raise EditError("no requests to edit")
+    hp = hp or MemitHyperParams.for_model(lm)
+    if hp.layers[-1] >= lm.n_layers:
+        raise HyperParameterError(f"layers must be < {lm.n_layers} for {lm.name}, got {list(hp.layers)}")
+    t0 = time.perf_counter()
+    statistics = statistics if statistics is not None else load_statistics(lm, hp, stats, progress=progress)
+    t_stats = time.perf_counter() - t0
+    templates = tuple(templates) if templates is not None else context_templates(lm, hp)
+    zres = compute_zs(lm, reqs, hp, templates, progress=progress)
+    modules = [lm.layers.mlp_out_name(l) for l in hp.layers]
+    weights = [get_module(lm.model, n).weight for n in modules]
+    originals = [w.data.clone() for w in weights]
+    deltas: list[torch.Tensor] = []
+    batch_rows = max(8, hp.chunk_requests * len(templates) if hp.chunk_requests else 256)
+    t1 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            for i, layer in enumerate(hp.layers):
+                keys, cur = _keys_and_z(lm, reqs, templates, layer, hp.layers[-1], batch_rows)
+                resid = (zres.z - cur) / (len(hp.layers) - i)  # "n hidden"
+                dw = solve_update(keys, resid, statistics[layer][0], hp.mom2_weight).float()  # "hidden d_k"
+                w = weights[i]
+                w.data.add_(dw.T.to(w.dtype) if lm.layers.mlp_out_transposed else dw.to(w.dtype))
+                deltas.append(dw.cpu())
+    except BaseException:
+        with torch.no_grad():
+            for w, o in zip(weights, originals):
+                w.data.copy_(o)
+        raise
+    # the record re-applies ΔW from the original weights so its bit difference is exact
+    with torch.no_grad():
+        for w, o in zip(weights, originals):
+            w.data.copy_(o)
+    record = MemitRecord(requests=reqs, hparams=hp, modules=modules, deltas=deltas, templates=templates,
+                         stats=[statistics[l][1] for l in hp.layers], z_losses=zres.losses,
+                         timings={"statistics_s": t_stats, "z_s": zres.seconds, "update_s": time.perf_counter() - t1})
+    return record.apply(lm)
+
+
+def apply_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: MemitHyperParams | None = None,
+                **kwargs) -> MemitRecord:
+    """Alias of :func:`compute_memit` (compute and apply)."""
+    return compute_memit(model, requests, hp, **kwargs)
+
+
+# ---------------------------------------------------------------------------- sequential editing
+
+
+def heldout_texts(n: int = 16, chars: int = 2000, path: str | Path | None = None) -> list[str]:
+    """The last ``n`` articles of the shared Wikipedia file (truncated to ``chars``): text the key
+    statistics, read from the start of the file, do not use for any reasonable token count."""
+    import gzip
+
+    from ..stats import DEFAULT_CORPUS
+
+    path = Path(path) if path is not None else DEFAULT_CORPUS
+    with gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    return [json.loads(line)["text"][:chars] for line in lines[-n:] if line.strip()]
+
+
+@torch.no_grad()
+def perplexity(model: "LanguageModel | str", texts: Sequence[str], max_tokens: int = 256) -> float:
+    """exp(mean token NLL) over ``texts``, each cut to ``max_tokens`` tokens."""
+    lm = as_model(model)
+    total, count = 0.0, 0
+    for text in texts:
+        ids = lm.tokenizer(text, add_special_tokens=True)["input_ids"][:max_tokens]
+        if len(ids) < 2:
+            continue
+        x = torch.tensor([ids], device=lm.device)
+        logits = lm.model(input_ids=x, use_cache=False).logits[0, :-1].float()
+        total += float(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum"))
+        count += len(ids) - 1
+    return math.exp(total / count)
+
+
+@dataclass(frozen=True)
+class Health:
+    """After a batch: Frobenius norm of each edited matrix relative to the original, perplexity."""
+
+    batch: int
+    n_edits: int
+    norm_ratio: dict[str, float]
+    perplexity: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sequential_memit(model: "LanguageModel | str", requests: Sequence[Any], batch_size: int,
+                     hp: MemitHyperParams | None = None, *, stats: Any = None, texts: Sequence[str] | None = None,
+                     progress: bool = True, on_batch: Callable[[MemitRecord, Health], None] | None = None
+                     ) -> tuple[list[MemitRecord], list[Health]]:
+    """MEMIT in consecutive batches of ``batch_size`` (each on the model edited by the ones before),
+    with a :class:`Health` read-out before the first and after every batch. C is read once, on the
+    unedited model. Revert with ``for r in reversed(records): r.revert(lm)`` (bit-exact)."""
+    lm = as_model(model)
+    if batch_size < 1:
+        raise HyperParameterError(f"batch_size must be >= 1, got {batch_size}")
+    hp = hp or MemitHyperParams.for_model(lm)
+    statistics = load_statistics(lm, hp, stats, progress=progress)
+    templates = context_templates(lm, hp)
+    texts = list(texts) if texts is not None else heldout_texts()
+    modules = [lm.layers.mlp_out_name(l) for l in hp.layers]
+    norms0 = {m: float(get_module(lm.model, m).weight.double().norm()) for m in modules}
+
+    def health(batch: int, n: int, seconds: float) -> Health:
+        ratio = {m: float(get_module(lm.model, m).weight.double().norm()) / norms0[m] for m in modules}
+        return Health(batch=batch, n_edits=n, norm_ratio=ratio, perplexity=perplexity(lm, texts), seconds=seconds)
+
+    records, report = [], [health(0, 0, 0.0)]
+    for b, s in enumerate(range(0, len(requests), batch_size), start=1):
+        t = time.perf_counter()
+        rec = compute_memit(lm, requests[s:s + batch_size], hp, statistics=statistics, templates=templates,
+                            progress=progress)
+        records.append(rec)
+        report.append(health(b, s + len(requests[s:s + batch_size]), time.perf_counter() - t))
+        log.info("batch %d: %d edits, norm ratios %s, perplexity %.2f", b, report[-1].n_edits,
+                 {k.split(".")[-3]: round(v, 4) for k, v in report[-1].norm_ratio.items()}, report[-1].perplexity)
+        if on_batch is not None:
+            on_batch(rec, report[-1])
+    return records, report

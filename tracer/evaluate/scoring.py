@@ -1,0 +1,115 @@
+"""Teacher-forced probabilities of whole targets after prompts, many pairs per forward pass.
+
+    scores = score_targets(lm, [("The Eiffel Tower is in", "Paris"), ("The Eiffel Tower is in", "Rome")])
+    scores[0].nll          # mean negative log-probability per target token (ROME's ``test_batch_prediction``)
+    scores[0].prob         # exp(-nll): the per-token geometric mean probability of the whole target
+    scores[0].accuracy     # fraction of target tokens that are the arg-max (MEMIT's zsRE metric)
+
+The target is tokenised *in context*: the text ``prompt + " " + target`` is tokenised once, the
+tokens that end inside the prompt form the prefix, the rest is the target. Only the positions
+that predict a target token go through the unembedding.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..errors import PromptError
+from ..layers import get_module
+from ..models import LanguageModel
+
+
+@dataclass(frozen=True)
+class TargetScore:
+    """Log-probabilities of one target's tokens after one prompt (teacher forced)."""
+
+    logprobs: tuple[float, ...]
+    correct: tuple[bool, ...]  # token is the arg-max at its position
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.logprobs)
+
+    @property
+    def nll(self) -> float:
+        return -sum(self.logprobs) / len(self.logprobs)
+
+    @property
+    def prob(self) -> float:
+        return math.exp(-self.nll)
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / len(self.correct)
+
+    def to_dict(self) -> dict:
+        return {"logprobs": list(self.logprobs), "correct": list(self.correct)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TargetScore":
+        return cls(tuple(d["logprobs"]), tuple(bool(c) for c in d["correct"]))
+
+
+def split_prompt_target(tokenizer, prompt: str, target: str) -> tuple[list[int], int]:
+    """Token ids of ``prompt + " " + target`` and the number of prefix tokens.
+
+    A target without a leading space gets one (CounterFact and zsRE store bare strings).
+    """
+    if not target.strip():
+        raise PromptError(f"empty target after prompt {prompt!r}")
+    text_target = target if target[:1].isspace() else " " + target
+    text = prompt + text_target
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    cut = len(prompt)
+    n_prefix = 0
+    for i, (a, b) in enumerate(offsets):
+        if b > a and b > cut:
+            break
+        n_prefix = i + 1
+    if n_prefix == 0 or n_prefix >= len(ids):
+        raise PromptError(f"cannot separate prompt {prompt!r} from target {target!r} after tokenisation")
+    return ids, n_prefix
+
+
+@torch.no_grad()
+def score_targets(lm: LanguageModel, pairs: Sequence[tuple[str, str]], *, batch_size: int = 64) -> list[TargetScore]:
+    """Teacher-forced scores of ``(prompt, target)`` pairs; one forward per ``batch_size`` pairs.
+
+    Right padding with an attention mask; the backbone runs on "batch pos", the unembedding only on
+    the rows that predict a target token.
+    """
+    encoded = [split_prompt_target(lm.tokenizer, p, t) for p, t in pairs]
+    backbone = get_module(lm.model, lm.layers.backbone)
+    unembed = get_module(lm.model, lm.layers.unembed)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    out: list[TargetScore] = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        rows, cols, gold = [], [], []
+        for b, (seq, n_prefix) in enumerate(chunk):
+            ids[b, :len(seq)] = torch.tensor(seq)
+            mask[b, :len(seq)] = 1
+            for pos in range(n_prefix, len(seq)):
+                rows.append(b)
+                cols.append(pos - 1)
+                gold.append(seq[pos])
+        device = lm.device
+        hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state  # "batch pos hidden"
+        logits = unembed(hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]).float()
+        logp = torch.log_softmax(logits, dim=-1)
+        gold_t = torch.tensor(gold, device=device)
+        lp = logp.gather(1, gold_t[:, None])[:, 0].cpu().tolist()
+        hit = (logits.argmax(-1) == gold_t).cpu().tolist()
+        k = 0
+        for seq, n_prefix in chunk:
+            n = len(seq) - n_prefix
+            out.append(TargetScore(tuple(lp[k:k + n]), tuple(bool(h) for h in hit[k:k + n])))
+            k += n
+    return out
