@@ -154,3 +154,16 @@ def test_default_corpus_streams_wikipedia():
     corpus = Corpus.from_source()
     first = next(corpus.texts())
     assert corpus.identity.startswith("enwiki_2015_3220_articles.jsonl.gz:") and len(first) > 1000
+
+
+def test_default_corpus_follows_environment(tmp_path, monkeypatch):
+    from tracer.stats import Corpus
+
+    text = tmp_path / "notes.txt"
+    text.write_text("First document.\n\nSecond document.")
+    monkeypatch.setenv("FACTSCOPE_CORPUS", str(text))
+    corpus = Corpus.from_source(None)
+    assert corpus.path == text and list(corpus.texts()) == ["First document.", "Second document."]
+    monkeypatch.setenv("FACTSCOPE_CORPUS", str(tmp_path / "missing.jsonl.gz"))
+    with pytest.raises(StatisticsError, match="FACTSCOPE_CORPUS"):
+        Corpus.from_source(None)

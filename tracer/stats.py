@@ -39,8 +39,14 @@ from .models import LanguageModel, as_model, file_sha256
 log = logging.getLogger(__name__)
 
 _FORMAT = 1
-#: The Wikipedia sample shipped next to the project (``../shared/data``), the default corpus.
-DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikipedia" / "enwiki_2015_3220_articles.jsonl.gz"
+#: The default corpus: ``$FACTSCOPE_CORPUS`` if set, else the Wikipedia sample next to a checkout
+#: (``../shared/data``). Read when used, so setting the variable later still counts.
+_SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikipedia" / "enwiki_2015_3220_articles.jsonl.gz"
+
+
+def default_corpus() -> Path:
+    return Path(os.environ.get("FACTSCOPE_CORPUS", _SHARED_CORPUS))
+
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -65,10 +71,11 @@ class Corpus:
         if isinstance(source, Corpus):
             return source
         if source is None or isinstance(source, (str, os.PathLike)):
-            path = Path(source) if source is not None else DEFAULT_CORPUS
+            path = Path(source) if source is not None else default_corpus()
             if not path.is_file():
-                raise StatisticsError(f"corpus file {str(path)!r} does not exist; pass corpus= a .jsonl(.gz) file with a "
-                                      "'text' field per line, a .txt file, or a list of strings with corpus_name=")
+                raise StatisticsError(f"corpus file {str(path)!r} does not exist; pass corpus= (or set FACTSCOPE_CORPUS to) "
+                                      "a .jsonl(.gz) file with a 'text' field per line, a .txt file, or a list of strings "
+                                      "with corpus_name=")
             return cls(identity=name or f"{path.name}:{path.stat().st_size}:{file_sha256(path)[:16]}", path=path)
         texts = tuple(source)
         if not texts or not all(isinstance(t, str) for t in texts):

@@ -550,9 +550,9 @@ def heldout_texts(n: int = 16, chars: int = 2000, path: str | Path | None = None
     statistics, read from the start of the file, do not use for any reasonable token count."""
     import gzip
 
-    from ..stats import DEFAULT_CORPUS
+    from ..stats import default_corpus
 
-    path = Path(path) if path is not None else DEFAULT_CORPUS
+    path = Path(path) if path is not None else default_corpus()
     with gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8") as f:
         lines = f.readlines()
     return [json.loads(line)["text"][:chars] for line in lines[-n:] if line.strip()]
