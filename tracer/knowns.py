@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .errors import DatasetError
 from .layers import get_module
-from .models import LanguageModel, as_model
+from .models import LanguageModel, as_model, right_pad
 
 log = logging.getLogger(__name__)
 
@@ -150,13 +150,8 @@ def greedy_next(lm: LanguageModel, prompts: list[str], batch_size: int = 32,
     bar = tqdm(total=len(prompts), desc="greedy answers", unit="fact", disable=not progress)
     for start in range(0, len(prompts), batch_size):
         encoded = [lm.encode(p) for p in prompts[start:start + batch_size]]
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, e in enumerate(encoded):
-            ids[row, :len(e)] = torch.tensor(e)
-            mask[row, :len(e)] = 1
-        hidden = backbone(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device))[0]  # "batch pos hidden"
+        ids, mask = right_pad(encoded, pad, lm.device)
+        hidden = backbone(input_ids=ids, attention_mask=mask)[0]  # "batch pos hidden"
         last = torch.tensor([len(e) - 1 for e in encoded], device=hidden.device)
         final = unembed(hidden[torch.arange(len(encoded), device=hidden.device), last]).float()  # "batch vocab"
         probs = torch.softmax(final, dim=-1)

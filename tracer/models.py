@@ -70,6 +70,17 @@ class LanguageModel:
         return self.tokenizer.decode([int(token_id)])
 
 
+def right_pad(rows: "list[list[int]]", pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists padded on the right to one width: ids and attention mask, ``"batch pos"``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
 def cache_dir() -> Path:
     """Root of factscope's caches: ``$FACTSCOPE_CACHE`` or ``~/.cache/factscope``."""
     return Path(os.environ.get("FACTSCOPE_CACHE", Path.home() / ".cache" / "factscope"))

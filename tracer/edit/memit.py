@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ..errors import EditError, HyperParameterError
 from ..hooks import hooked, main_tensor
 from ..layers import get_module
-from ..models import LanguageModel, as_model
+from ..models import LanguageModel, as_model, right_pad
 
 log = logging.getLogger(__name__)
 
@@ -202,16 +202,6 @@ def context_templates(model: "LanguageModel | str", hp: MemitHyperParams | None 
     return ("{}",) + tuple(t.replace("{", " ").replace("}", " ") + ". {}" for t in texts)
 
 
-def _pad(rows: Sequence[_Row], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r.ids) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r.ids)] = torch.tensor(r.ids)
-        mask[i, :len(r.ids)] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _pad_id(lm: LanguageModel) -> int:
     return lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
 
@@ -254,7 +244,7 @@ def _keys_and_z(lm: LanguageModel, reqs: Sequence[Request], templates: Sequence[
     key_mod, z_mod = lm.layers.mlp_out_name(layer), lm.layers.block_name(z_layer)
     for s in range(0, len(rows), batch_rows):
         chunk = rows[s:s + batch_rows]
-        ids, mask = _pad(chunk, _pad_id(lm), lm.device)
+        ids, mask = right_pad([r.ids for r in chunk], _pad_id(lm), lm.device)
         at = (torch.arange(len(chunk), device=lm.device), torch.tensor([r.lookup for r in chunk], device=lm.device))
         got: dict[str, torch.Tensor] = {}
         _run_to(lm, ids, mask, inputs={key_mod: lambda x: got.__setitem__("k", x[at])},

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..errors import EditError, HyperParameterError, StatisticsError, SubjectNotFoundError
 from ..hooks import hooked
-from ..models import LanguageModel, as_model, cache_dir
+from ..models import LanguageModel, as_model, cache_dir, right_pad
 from ..stats import KeyStatistics, StatsCache, key_fingerprint
 from ..subject import tokenize_prompt
 from .ledger import EditRecord, edited
@@ -255,17 +255,6 @@ def _target_ids(lm: LanguageModel, target: str) -> list[int]:
     return ids
 
 
-def _pad(rows: Sequence[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and attention mask, "batch pos"."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
-    return ids.to(device), mask.to(device)
-
-
 class _Stop(Exception):
     pass
 
@@ -288,7 +277,7 @@ def compute_keys(model: "LanguageModel | str", layer: int, requests: Sequence[Ed
             ids, last = _place(lm, template, req.prompt, req.subject)
             rows.append(ids)
             lookups.append(last)
-    ids, mask = _pad(rows, _pad_id(lm), lm.device)
+    ids, mask = right_pad(rows, _pad_id(lm), lm.device)
     captured = []
 
     def grab(x):
@@ -380,7 +369,7 @@ class _Reference:
 
     def __init__(self, lm: LanguageModel, layer: int, rows: _Rows):
         self.lm, self.rows = lm, rows
-        self.ids, self.mask = _pad(rows.ids, _pad_id(lm), lm.device)
+        self.ids, self.mask = right_pad(rows.ids, _pad_id(lm), lm.device)
         self.mlp, self.block = lm.layers.name("mlp", layer), lm.layers.block_name(layer)
         self.row_idx = torch.arange(len(rows.ids), device=lm.device)
         self.look = torch.tensor(rows.lookup, device=lm.device)

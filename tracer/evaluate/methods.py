@@ -22,7 +22,7 @@ import torch
 
 from ..errors import HyperParameterError
 from ..layers import get_module
-from ..models import LanguageModel
+from ..models import LanguageModel, right_pad
 from .records import Case
 
 METHODS = ("none", "ft-l", "rome", "memit")
@@ -80,13 +80,9 @@ class FineTuneL:
         original = weight.detach().clone()
         rows = [split_prompt_target(lm.tokenizer, c.rewrite_prompt, c.target_new) for c in cases]
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-        width = max(len(ids) for ids, _ in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
+        ids, mask = right_pad([seq for seq, _ in rows], pad, "cpu")
         labels = torch.full_like(ids, -100)
         for i, (seq, n_prefix) in enumerate(rows):
-            ids[i, :len(seq)] = torch.tensor(seq)
-            mask[i, :len(seq)] = 1
             labels[i, n_prefix:len(seq)] = torch.tensor(seq[n_prefix:])
         ids, mask, labels = ids.to(lm.device), mask.to(lm.device), labels.to(lm.device)
         n_tok = (labels != -100).sum(1).clamp(min=1)

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import PromptError
 from ..layers import get_module
-from ..models import LanguageModel
+from ..models import LanguageModel, right_pad
 
 
 @dataclass(frozen=True)
@@ -89,13 +89,9 @@ def score_targets(lm: LanguageModel, pairs: Sequence[tuple[str, str]], *, batch_
     out: list[TargetScore] = []
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        ids, mask = right_pad([seq for seq, _ in chunk], pad, "cpu")
         rows, cols, gold = [], [], []
         for b, (seq, n_prefix) in enumerate(chunk):
-            ids[b, :len(seq)] = torch.tensor(seq)
-            mask[b, :len(seq)] = 1
             for pos in range(n_prefix, len(seq)):
                 rows.append(b)
                 cols.append(pos - 1)
