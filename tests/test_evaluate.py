@@ -271,3 +271,26 @@ def test_cli_rejects_bad_batch_size_before_loading(tmp_path, capsys):
     assert parse_layers("2-6") == (2, 3, 4, 5, 6) and parse_layers("1,3") == (1, 3)
     with pytest.raises(HyperParameterError):
         parse_layers("two")
+
+
+def test_cli_hparam_overrides_parsed_and_checked(tmp_path, capsys):
+    from tracer.cli import main
+    from tracer.commands.evaluate import parse_hparams
+    from tracer.evaluate.methods import FTLHyperParams, check_overrides, make_method
+
+    assert parse_hparams(["norm_constraint=5e-3", "layers=[2,3]", "name=abc"]) == {
+        "norm_constraint": 5e-3, "layers": (2, 3), "name": "abc"}
+    with pytest.raises(HyperParameterError, match="KEY=VALUE"):
+        parse_hparams(["norm_constraint"])
+    with pytest.raises(HyperParameterError, match="accepted: .*norm_constraint"):
+        check_overrides("ft-l", {"epsilon": 1e-3})
+    with pytest.raises(HyperParameterError, match="accepted: none"):
+        check_overrides("none", {"lr": 1.0})
+    # a typo is named before the model is loaded
+    assert main(["evaluate", "--method", "memit", "--dataset", "counterfact", "--hparam", "lambda=5",
+                 "--out", str(tmp_path)]) == 2
+    assert "mom2_weight" in capsys.readouterr().err
+    from conftest import make_tiny_model
+
+    editor = make_method("ft-l", make_tiny_model("llama"), layer=1, norm_constraint=5e-3, lr=5e-3)
+    assert editor.hp == FTLHyperParams(layer=1, lr=5e-3, norm_constraint=5e-3)

@@ -185,3 +185,101 @@ def test_export_merged_model(records, tmp_path):
     for k, v in reloaded.state_dict().items():
         assert torch.equal(v, state[k]), k
     assert json.loads((out / "factscope-edits.json").read_text())[0]["id"] == record.id
+
+
+# ---------------------------------------------------------------------------- MEMIT batches in the ledger
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    """A tiny Llama, two ROME edits and one MEMIT batch, all computed on the unedited model."""
+    from tracer.edit.memit import MemitHyperParams, Request, compute_memit
+
+    lm = make_tiny_model("llama")
+    hp = _hp(lm)
+    romes = [rome_edit(lm, r, hp, stats="identity", progress=False) for r in REQUESTS[:2]]
+    before = _state(lm)
+    batch = compute_memit(lm, [Request("Paris", "{} is the capital of", "Germany"),
+                               Request("Rome", "The city of {} is in", "Spain")],
+                          MemitHyperParams(layers=(hp.layer - 1, hp.layer), v_steps=3), stats="identity",
+                          templates=("{}", "Hello. {}"), progress=False, apply=False)
+    assert _same(lm, before)  # apply=False leaves the model as it was
+    return lm, romes, batch
+
+
+def test_memit_batch_and_rome_edits_revert_in_any_order(mixed, tmp_path):
+    lm, (a, b), batch = mixed
+    original = _state(lm)
+    assert batch.modules[-1] == a.module  # both methods write the same matrix
+    alone = Ledger(lm)
+    alone.apply(batch)
+    only_batch = _state(lm)
+    assert not _same(lm, original)
+    alone.revert(batch)
+    assert _same(lm, original)
+    ledger = Ledger(lm)
+    ledger.apply(a)
+    ledger.apply(batch)  # a edits the batch's top matrix itself, which the keys there do not depend on
+    with pytest.raises(EditError, match="other weights"):
+        ledger.apply(b)  # b was computed before the batch changed the layer below b's
+    ledger.apply(b, verify=False)
+    everything = _state(lm)
+    ledger.revert(a)
+    ledger.revert(b)
+    assert _same(lm, only_batch)  # the batch's bits do not depend on what came and went
+    ledger.apply(b, verify=False)
+    ledger.apply(a, verify=False)
+    assert _same(lm, everything)
+    path = ledger.save(tmp_path / "mixed.safetensors")
+    ledger.revert(batch)
+    ledger.revert_all()
+    assert _same(lm, original)
+    loaded = Ledger.load(path)
+    assert [(type(r).__name__, r.id) for r in loaded] == [("MemitRecord", batch.id), ("EditRecord", b.id), ("EditRecord", a.id)]
+    assert loaded[0].requests == batch.requests and not loaded[0].applied
+    fresh = make_tiny_model("llama")
+    Ledger(fresh).apply_all(loaded, verify=False)
+    assert _same(fresh, everything)
+    with edited(lm, [batch]):
+        assert _same(lm, only_batch)
+    assert _same(lm, original)
+
+
+def test_memit_batch_guards(mixed, tmp_path):
+    from tracer.edit.memit import MemitRecord
+
+    lm, (a, _), batch = mixed
+    original = _state(lm)
+    ledger = Ledger(lm)
+    with pytest.raises(EditError, match="other weights"):  # keys of the upper layer moved
+        w = lm.model.get_submodule(lm.layers.mlp_out_name(batch.layers[0])).weight
+        kept = w.detach().clone()
+        with torch.no_grad():
+            w.add_(0.5)
+        try:
+            ledger.apply(batch)
+        finally:
+            with torch.no_grad():
+                w.copy_(kept)
+    assert _same(lm, original)
+    batch.apply(lm)  # applied directly, outside any ledger
+    try:
+        with pytest.raises(EditError, match="already applied outside a ledger"):
+            ledger.apply(batch)
+    finally:
+        batch.revert(lm)
+    assert _same(lm, original)
+    bad = MemitRecord(**{**{f: getattr(batch, f) for f in ("requests", "hparams", "modules", "templates", "stats",
+                                                              "z_losses", "timings")},
+                         "deltas": [batch.deltas[0], batch.deltas[1].clone().fill_(float("nan"))]})
+    ledger.apply(a)
+    with pytest.raises(EditError, match="non-finite"):
+        ledger.apply(bad, verify=False)
+    assert ledger.records == (a,)  # nothing of the bad batch was written, a is still in place
+    ledger.revert(a)
+    assert _same(lm, original)
+    path = ledger.save(tmp_path / "empty.safetensors")
+    assert Ledger.load(path) == []
+    d = batch.to_dict()
+    with pytest.raises(EditError, match="does not verify"):
+        MemitRecord.from_dict(d, [batch.deltas[0] * 2, batch.deltas[1]])

@@ -129,3 +129,24 @@ def test_lens_panel_compares_before_edits(edit_panel, lm):
         assert len(edit_panel.ledger.records) == 1  # re-applied after the comparison
     finally:
         edit_panel.ledger.revert_all()
+
+
+def test_ledger_view_lists_a_memit_batch_and_undo_reverts_it(lm, tmp_path, monkeypatch):
+    import torch
+
+    from tracer.edit import Ledger
+    from tracer.edit.memit import MemitHyperParams, Request, compute_memit
+    from widgets.panels import EditPanel
+
+    monkeypatch.setenv("FACTSCOPE_CACHE", str(tmp_path / "cache"))
+    batch = compute_memit(lm, [Request("The Eiffel Tower", "{} is in", "Rome"), Request("The Louvre", "{} is in", "Berlin")],
+                          MemitHyperParams(layers=(0, 1), v_steps=2), stats="identity", templates=("{}",),
+                          progress=False, apply=False)
+    ledger = Ledger(lm)
+    original = {m: lm.model.get_submodule(m).weight.detach().clone() for m in batch.modules}
+    ledger.apply(batch)
+    panel = EditPanel(lm, ledger=ledger)
+    assert batch.id in panel.ledger_view.value and "MEMIT: The Eiffel Tower is in (+1 more)" in panel.ledger_view.value
+    assert "0\u20131" in panel.ledger_view.value  # its layer range
+    panel.undo()
+    assert all(torch.equal(lm.model.get_submodule(m).weight, w) for m, w in original.items())

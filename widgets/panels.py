@@ -425,13 +425,23 @@ class EditPanel(_Panel):
         if not records:
             self.ledger_view.value = "<i>ledger: no edits applied</i>"
             return
-        rows = "".join(
-            f"<tr><td>{html.escape(r.id)}</td><td>{html.escape(r.request.text)}</td>"
-            f"<td>{html.escape(r.target_true)} \u2192 {html.escape(r.request.target_new)}</td><td>{r.layer}</td>"
-            f"<td>{r.after.get('p_new', float('nan')):.2f}</td></tr>" for r in records)
+        rows = "".join(_ledger_row(r) for r in records)
         self.ledger_view.value = ("<b>ledger</b><table style='border-collapse:collapse' border=1 cellpadding=3>"
                                   "<tr><th>id</th><th>prompt</th><th>edit</th><th>layer</th><th>p new after</th></tr>"
                                   f"{rows}</table>")
+
+
+def _ledger_row(r) -> str:
+    """One table row of the ledger view: a ROME edit, or a MEMIT batch (its first request shown)."""
+    if hasattr(r, "requests"):  # MEMIT batch
+        first = r.requests[0]
+        more = f" (+{len(r.requests) - 1} more)" if len(r.requests) > 1 else ""
+        layers = f"{r.layers[0]}\u2013{r.layers[-1]}" if len(r.layers) > 1 else str(r.layers[0])
+        return (f"<tr><td>{html.escape(r.id)}</td><td>MEMIT: {html.escape(first.text)}{html.escape(more)}</td>"
+                f"<td>\u2192 {html.escape(first.target_new)}</td><td>{layers}</td><td>\u2013</td></tr>")
+    return (f"<tr><td>{html.escape(r.id)}</td><td>{html.escape(r.request.text)}</td>"
+            f"<td>{html.escape(r.target_true)} \u2192 {html.escape(r.request.target_new)}</td><td>{r.layer}</td>"
+            f"<td>{r.after.get('p_new', float('nan')):.2f}</td></tr>")
 
 
 def show(obj) -> None:

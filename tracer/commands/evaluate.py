@@ -18,6 +18,9 @@ def register(subparsers) -> None:
                    help="edits per MEMIT batch (default: all --limit records; ROME and FT-L always 1)")
     p.add_argument("--layer", type=int, default=None, help="ROME / FT-L layer (default: per architecture)")
     p.add_argument("--layers", type=str, default=None, help="MEMIT layers, e.g. 2-6 or 2,3,4 (default: per architecture)")
+    p.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one hyper-parameter of the method (repeatable), e.g. norm_constraint=5e-3 "
+                        "for ft-l, mom2_weight=5000 for memit; VALUE is read as JSON, else as a string")
     p.add_argument("--stats", choices=("cache", "identity"), default="cache",
                    help="key statistics C: cached second moment over Wikipedia (default) or C = I")
     p.add_argument("--no-generation", action="store_true", help="skip generations (fluency GE, consistency RS)")
@@ -40,6 +43,25 @@ def parse_layers(text: str) -> tuple[int, ...]:
         raise HyperParameterError(f"--layers must look like 2-6 or 2,3,4; got {text!r}") from None
 
 
+def parse_hparams(items: list[str]) -> dict:
+    """``["lr=0.01", "layers=[2,3]"]`` -> ``{"lr": 0.01, "layers": (2, 3)}`` (JSON values, lists as tuples)."""
+    import json
+
+    from tracer.errors import HyperParameterError
+
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise HyperParameterError(f"--hparam must look like KEY=VALUE (e.g. norm_constraint=5e-3); got {item!r}")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        out[key.strip()] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from tracer.errors import HyperParameterError
     from tracer.evaluate import run_evaluation
@@ -53,7 +75,10 @@ def run(args: argparse.Namespace) -> int:
         raise HyperParameterError(f"--batch-size must be >= 1, and 1 for {args.method} (one edit at a time); got {batch}")
     if batch is None:
         batch = (args.limit or 10_000) if args.method == "memit" else 1
-    options = {}
+    options = parse_hparams(args.hparam)
+    from tracer.evaluate.methods import check_overrides
+
+    check_overrides(args.method, options)
     if args.layer is not None:
         options["layer"] = args.layer
     if args.layers:

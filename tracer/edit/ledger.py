@@ -1,15 +1,18 @@
 """Edit records and the ledger that applies and reverts them exactly.
 
     ledger = Ledger(lm)
-    ledger.apply(record)              # W <- W0 + Σ v uᵀ over the applied records
+    ledger.apply(record)              # W <- W0 + Σ ΔW over the applied records
     ledger.revert(record)             # bit-exact: the weights depend only on the *set* applied
+    ledger.apply(compute_memit(lm, requests, apply=False))   # a MEMIT batch is one record too
     ledger.save("edits.safetensors"); Ledger(fresh_lm).apply_all(Ledger.load("edits.safetensors"))
     with edited(lm, [request]) as records: ...   # restored on exit, also on exceptions
 
-The ledger snapshots each module's weight before its first edit. Applying or reverting recomputes
-``W = float(W0 + Σ_r v_r u_rᵀ)`` in float64 with the records in a canonical order (by id), so
-the result is a function of the set of applied records: any order of apply/revert gives the same
-bits, and reverting everything copies the snapshot back. Every check runs before the weight is
+Records are ROME's :class:`EditRecord` (ΔW = v uᵀ at one module) and MEMIT's
+:class:`~tracer.edit.memit.MemitRecord` (a dense ΔW at each of several modules). The ledger
+snapshots each module's weight before its first edit. Applying or reverting recomputes
+``W = float(W0 + Σ_r ΔW_r)`` in float64 with the records in a canonical order (by id), so the
+result is a function of the set of applied records: any order of apply/revert gives the same
+bits, and reverting everything copies the snapshot back. Every check runs before any weight is
 written, so an edit that fails leaves the model untouched.
 """
 from __future__ import annotations
@@ -22,7 +25,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
@@ -30,9 +33,13 @@ from ..errors import EditError, UnknownLayerError
 from ..models import LanguageModel, as_model
 from ..stats import key_fingerprint
 
+if TYPE_CHECKING:
+    from .memit import MemitRecord
+    from .rome import EditRequest, ROMEHyperParams
+
 log = logging.getLogger(__name__)
 
-_LEDGER_FORMAT = 1
+_LEDGER_FORMAT = 2          # 2: ROME and MEMIT records; 1 (ROME only) is still read
 _TENSORS = ("u", "v", "k_star", "v_star")
 
 
@@ -78,6 +85,19 @@ class EditRecord:
         """ΔW = v uᵀ, float64, shape "d_out d_k" (the ``nn.Linear`` layout)."""
         return torch.outer(self.v.double(), self.u.double())
 
+    @property
+    def modules(self) -> list[str]:
+        return [self.module]
+
+    @property
+    def fingerprints(self) -> dict[int, str]:
+        """``{layer: key fingerprint of the model the edit was computed on}``."""
+        return {self.layer: self.fingerprint}
+
+    def module_deltas(self) -> dict[str, torch.Tensor]:
+        """``{module: ΔW}`` (see :meth:`delta`)."""
+        return {self.module: self.delta()}
+
     def to_dict(self, tensors: bool = False) -> dict:
         d = {"id": self.id, "method": self.method, "request": self.request.to_dict(), "hparams": self.hparams.to_dict(),
              "model": self.model, "family": self.family, "fingerprint": self.fingerprint, "layer": self.layer,
@@ -111,7 +131,8 @@ class EditRecord:
 
 
 class Ledger:
-    """Applies and reverts :class:`EditRecord` s on one model, exactly; saves and loads them.
+    """Applies and reverts ROME :class:`EditRecord` s and MEMIT batches
+    (:class:`~tracer.edit.memit.MemitRecord`) on one model, exactly, in any order; saves and loads them.
 
     Use one ledger per model for all its edits: the ledger refuses to write a module whose
     weight was changed behind its back (:class:`EditError`).
@@ -119,12 +140,12 @@ class Ledger:
 
     def __init__(self, model: "LanguageModel | str"):
         self.lm = as_model(model)
-        self._applied: list[EditRecord] = []
+        self._applied: list = []  # EditRecord and MemitRecord
         self._original: dict[str, torch.Tensor] = {}
         self._written: dict[str, torch.Tensor] = {}
 
     @property
-    def records(self) -> tuple[EditRecord, ...]:
+    def records(self) -> tuple:
         """The applied records, in the order they were applied."""
         return tuple(self._applied)
 
@@ -136,38 +157,50 @@ class Ledger:
 
     # ------------------------------------------------------------------ apply / revert
 
-    def apply(self, record: EditRecord, *, verify: bool = True) -> None:
-        """Add ``record``'s ΔW. ``verify`` also checks the model's key fingerprint at the layer."""
-        if not isinstance(record, EditRecord):
-            raise EditError(f"expected an EditRecord, got {type(record).__name__}")
+    def apply(self, record: "EditRecord | MemitRecord", *, verify: bool = True) -> None:
+        """Add ``record``'s ΔW (a ROME edit, or a MEMIT batch computed with ``apply=False``).
+        ``verify`` also checks the model's key fingerprint at each edited layer."""
+        _check_record(record)
+        if getattr(record, "applied", False):
+            raise EditError(f"MEMIT batch {record.id} is already applied outside a ledger (compute_memit applies by "
+                            "default); call record.revert(model) first, or compute it with apply=False")
         if any(r.id == record.id for r in self._applied):
             raise EditError(f"edit {record.id} is already applied to this model")
-        weight = self._weight(record)
+        deltas = record.module_deltas()
+        weights = {name: self._weight(record, name, d) for name, d in deltas.items()}
         if verify:
-            fp = key_fingerprint(self.lm, record.layer)
-            if fp != record.fingerprint:
-                raise EditError(f"edit {record.id} was computed for other weights (fingerprint {record.fingerprint}, this model "
-                                f"{fp} at layer {record.layer}); apply ledgers to the model they were made on, in their "
-                                "order, or pass verify=False")
-        self._check_untouched(record.module, weight)
-        new = self._compose(record.module, weight, [r for r in self._applied if r.module == record.module] + [record])
-        self._write(record.module, weight, new)
+            for layer, expected in record.fingerprints.items():
+                fp = key_fingerprint(self.lm, layer)
+                if fp != expected:
+                    raise EditError(f"edit {record.id} was computed for other weights (fingerprint {expected}, this model "
+                                    f"{fp} at layer {layer}); apply ledgers to the model they were made on, in their "
+                                    "order, or pass verify=False")
+        for name, weight in weights.items():
+            self._check_untouched(name, weight)
+        new = {name: self._compose(name, weight, self._touching(name) + [record]) for name, weight in weights.items()}
+        for name, weight in weights.items():
+            self._write(name, weight, new[name])
         self._applied.append(record)
 
-    def revert(self, record: EditRecord) -> None:
+    def revert(self, record: "EditRecord | MemitRecord") -> None:
         """Remove ``record``'s ΔW; the weights equal those of the remaining set, bit for bit."""
         if not any(r.id == record.id for r in self._applied):
             raise EditError(f"edit {record.id} is not applied by this ledger; applied: {[r.id for r in self._applied]}")
-        weight = self._weight(record)
-        self._check_untouched(record.module, weight)
+        weights = {name: self.lm.model.get_submodule(name).weight for name in record.modules}
+        for name, weight in weights.items():
+            self._check_untouched(name, weight)
         rest = [r for r in self._applied if r.id != record.id]
-        same = [r for r in rest if r.module == record.module]
-        if same:
-            self._write(record.module, weight, self._compose(record.module, weight, same))
-        else:
-            with torch.no_grad():
-                weight.copy_(self._original.pop(record.module))
-            self._written.pop(record.module)
+        new = {}
+        for name, weight in weights.items():
+            same = [r for r in rest if name in r.modules]
+            new[name] = self._compose(name, weight, same) if same else None
+        for name, weight in weights.items():
+            if new[name] is not None:
+                self._write(name, weight, new[name])
+            else:
+                with torch.no_grad():
+                    weight.copy_(self._original.pop(name))
+                self._written.pop(name)
         self._applied = rest
 
     def revert_all(self) -> None:
@@ -175,7 +208,7 @@ class Ledger:
         for record in reversed(list(self._applied)):
             self.revert(record)
 
-    def apply_all(self, records: Sequence[EditRecord], *, verify: bool = True) -> None:
+    def apply_all(self, records: Sequence["EditRecord | MemitRecord"], *, verify: bool = True) -> None:
         """Apply ``records`` in order; if one fails, those applied by this call are reverted."""
         done = []
         try:
@@ -187,29 +220,34 @@ class Ledger:
                 self.revert(record)
             raise
 
-    def _weight(self, record: EditRecord) -> torch.nn.Parameter:
+    def _touching(self, name: str) -> list:
+        return [r for r in self._applied if name in r.modules]
+
+    def _weight(self, record, name: str, delta: torch.Tensor) -> torch.nn.Parameter:
         try:
-            module = self.lm.model.get_submodule(record.module)
+            module = self.lm.model.get_submodule(name)
         except AttributeError:
-            raise UnknownLayerError(f"edit {record.id} targets {record.module!r}, which this model does not have") from None
+            raise UnknownLayerError(f"edit {record.id} targets {name!r}, which this model does not have") from None
         weight = module.weight
         d_out, d_k = (weight.shape[1], weight.shape[0]) if self.lm.layers.mlp_out_transposed else weight.shape
-        if tuple(record.u.shape) != (d_k,) or tuple(record.v.shape) != (d_out,):
-            raise EditError(f"edit {record.id} has factors u {tuple(record.u.shape)}, v {tuple(record.v.shape)}; "
-                            f"{record.module} needs u ({d_k},) and v ({d_out},)")
-        if not (torch.isfinite(record.u).all() and torch.isfinite(record.v).all()):
-            raise EditError(f"edit {record.id} has non-finite factors; it was not applied")
+        if tuple(delta.shape) != (d_out, d_k):
+            factors = (f" (factors u {tuple(record.u.shape)}, v {tuple(record.v.shape)}; needs u ({d_k},), v ({d_out},))"
+                       if isinstance(record, EditRecord) else "")
+            raise EditError(f"edit {record.id} has ΔW of shape {tuple(delta.shape)} for {name}, which needs "
+                            f"({d_out}, {d_k}) (d_out, d_k){factors}")
+        if not torch.isfinite(delta).all():
+            raise EditError(f"edit {record.id} has non-finite values; it was not applied")
         return weight
 
     def _check_untouched(self, name: str, weight: torch.Tensor) -> None:
         if name in self._written and not torch.equal(weight.detach(), self._written[name]):
             raise EditError(f"{name} was changed outside this ledger since its last edit; use one ledger per model")
 
-    def _compose(self, name: str, weight: torch.Tensor, records: list[EditRecord]) -> torch.Tensor:
+    def _compose(self, name: str, weight: torch.Tensor, records: list) -> torch.Tensor:
         original = self._original.get(name, weight.detach())
         total = original.double().clone()
         for r in sorted(records, key=lambda r: r.id):
-            d = r.delta().to(total.device)
+            d = r.module_deltas()[name].to(total.device)
             total += d.T if self.lm.layers.mlp_out_transposed else d
         new = total.to(weight.dtype)
         if not torch.isfinite(new).all():
@@ -231,8 +269,8 @@ class Ledger:
         return save_records(self._applied, path)
 
     @staticmethod
-    def load(path: str | os.PathLike) -> list[EditRecord]:
-        """Records of a ledger file, in their order (verified against their ids)."""
+    def load(path: str | os.PathLike) -> list:
+        """Records of a ledger file (ROME and MEMIT), in their order (verified against their ids)."""
         return load_records(path)
 
     def export(self, directory: str | os.PathLike) -> Path:
@@ -247,13 +285,37 @@ class Ledger:
         return target
 
 
-def save_records(records: Sequence[EditRecord], path: str | os.PathLike) -> Path:
+def _memit_record_type():
+    from .memit import MemitRecord
+
+    return MemitRecord
+
+
+def _is_record(item) -> bool:
+    return isinstance(item, (EditRecord, _memit_record_type()))
+
+
+def _check_record(record) -> None:
+    if not _is_record(record):
+        raise EditError(f"expected an EditRecord (ROME) or a MemitRecord (MEMIT batch), got {type(record).__name__}")
+
+
+def _record_tensors(i: int, record) -> dict[str, torch.Tensor]:
+    if isinstance(record, EditRecord):
+        return {f"{i}.{name}": getattr(record, name).double().contiguous().cpu() for name in _TENSORS}
+    return {f"{i}.delta.{j}": d.contiguous().cpu() for j, d in enumerate(record.deltas)}
+
+
+def save_records(records: Sequence, path: str | os.PathLike) -> Path:
+    """Write ROME and MEMIT records to one safetensors file (tensors; the rest as JSON metadata), atomically."""
     from safetensors.torch import save_file
 
     path = Path(path)
     if not path.parent.is_dir():
         raise EditError(f"cannot write the ledger to {str(path)!r}: directory {str(path.parent)!r} does not exist")
-    tensors = {f"{i}.{name}": getattr(r, name).double().contiguous().cpu() for i, r in enumerate(records) for name in _TENSORS}
+    for r in records:
+        _check_record(r)
+    tensors = {k: v for i, r in enumerate(records) for k, v in _record_tensors(i, r).items()}
     meta = {"format": _LEDGER_FORMAT, "records": [r.to_dict() for r in records]}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
     os.close(fd)
@@ -267,7 +329,9 @@ def save_records(records: Sequence[EditRecord], path: str | os.PathLike) -> Path
     return path
 
 
-def load_records(path: str | os.PathLike) -> list[EditRecord]:
+def load_records(path: str | os.PathLike) -> list:
+    """The records of a ledger file (ROME :class:`EditRecord` s and MEMIT batches), in their order,
+    each verified against its id; MEMIT batches come back unapplied."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -279,15 +343,17 @@ def load_records(path: str | os.PathLike) -> list[EditRecord]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise EditError(f"{str(path)!r} is not a factscope ledger ({type(e).__name__}: {str(e)[:80]})") from None
-    if meta.get("format") != _LEDGER_FORMAT:
-        raise EditError(f"{str(path)!r} has ledger format {meta.get('format')!r}; this version reads {_LEDGER_FORMAT}")
+    if meta.get("format") not in (1, _LEDGER_FORMAT):
+        raise EditError(f"{str(path)!r} has ledger format {meta.get('format')!r}; this version reads 1 and {_LEDGER_FORMAT}")
     records = []
     for i, d in enumerate(meta["records"]):
         try:
-            parts = {name: tensors[f"{i}.{name}"] for name in _TENSORS}
+            if d.get("method") == "MEMIT":
+                records.append(_memit_record_type().from_dict(d, [tensors[f"{i}.delta.{j}"] for j in range(len(d["modules"]))]))
+            else:
+                records.append(EditRecord.from_dict(d, {name: tensors[f"{i}.{name}"] for name in _TENSORS}))
         except KeyError as e:
             raise EditError(f"{str(path)!r} lacks tensor {e.args[0]}; the file is corrupted") from None
-        records.append(EditRecord.from_dict(d, parts))
     return records
 
 
@@ -297,7 +363,8 @@ def edited(model: "LanguageModel | str", requests: Sequence, hparams=None, stats
 
     ``requests`` holds :class:`~tracer.edit.rome.EditRequest` s (computed with
     :func:`~tracer.edit.rome.rome_edit` one after another, each on the model with the previous
-    ones applied, as ROME does) or ready :class:`EditRecord` s. Yields the records.
+    ones applied, as ROME does) or ready records (:class:`EditRecord`, or unapplied
+    :class:`~tracer.edit.memit.MemitRecord` batches). Yields the records.
     """
     from .rome import ROMEHyperParams, generate_context_templates, rome_edit
 
@@ -305,12 +372,12 @@ def edited(model: "LanguageModel | str", requests: Sequence, hparams=None, stats
     ledger = Ledger(lm)
     try:
         records = []
-        pending = [item for item in requests if not isinstance(item, EditRecord)]
+        pending = [item for item in requests if not _is_record(item)]
         if len(pending) > 1 and kwargs.get("context_templates") is None:  # ROME generates them once per model
             hp = hparams or ROMEHyperParams.for_model(lm)
             kwargs["context_templates"] = generate_context_templates(lm, hp.context_template_lengths, hp.template_seed)
         for item in requests:
-            record = item if isinstance(item, EditRecord) else rome_edit(lm, item, hparams, stats, **kwargs)
+            record = item if _is_record(item) else rome_edit(lm, item, hparams, stats, **kwargs)
             ledger.apply(record)
             records.append(record)
         yield records

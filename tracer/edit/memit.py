@@ -23,6 +23,7 @@ weights, so revert restores the original bits and re-applying gives the same bit
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -38,6 +39,7 @@ from ..errors import EditError, HyperParameterError
 from ..hooks import hooked, main_tensor
 from ..layers import get_module
 from ..models import LanguageModel, as_model, right_pad
+from ..stats import key_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -362,6 +364,26 @@ class MemitRecord:
     timings: dict[str, float]
     bitdiff: list[torch.Tensor] | None = None
     applied: bool = False
+    fingerprints: dict[int, str] = field(default_factory=dict)
+    method: str = "MEMIT"
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(self.hparams.layers)
+
+    @property
+    def id(self) -> str:
+        """16 hex digits of SHA-256 over the modules, the requests and the ΔW bytes."""
+        h = hashlib.sha256(json.dumps({"modules": self.modules, "requests": [asdict(r) for r in self.requests]},
+                                      sort_keys=True).encode())
+        for d in self.deltas:
+            h.update(d.detach().float().contiguous().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def module_deltas(self) -> dict[str, torch.Tensor]:
+        """``{module: ΔW}``, float64, shape "d_out d_k" (the ``nn.Linear`` layout) — what a
+        :class:`tracer.edit.Ledger` adds when it applies this batch."""
+        return {name: d.double() for name, d in zip(self.modules, self.deltas)}
 
     def _weights(self, lm: LanguageModel) -> list[torch.nn.Parameter]:
         return [get_module(lm.model, name).weight for name in self.modules]
@@ -395,9 +417,25 @@ class MemitRecord:
         return self
 
     def to_dict(self) -> dict:
-        return {"format": _FORMAT, "method": "MEMIT", "requests": [asdict(r) for r in self.requests],
+        return {"format": _FORMAT, "method": "MEMIT", "id": self.id, "requests": [asdict(r) for r in self.requests],
                 "hparams": self.hparams.to_dict(), "modules": self.modules, "templates": list(self.templates),
-                "stats": self.stats, "z_losses": self.z_losses, "timings": self.timings}
+                "stats": self.stats, "z_losses": self.z_losses, "timings": self.timings,
+                "fingerprints": {str(k): v for k, v in self.fingerprints.items()}}
+
+    @classmethod
+    def from_dict(cls, meta: dict, deltas: Sequence[torch.Tensor]) -> "MemitRecord":
+        """The (unapplied) record from :meth:`to_dict` and its ΔW tensors; checked against ``meta["id"]``."""
+        if meta.get("format") != _FORMAT or meta.get("method") != "MEMIT":
+            raise EditError(f"not a MEMIT record of format {_FORMAT} (format {meta.get('format')!r}, method {meta.get('method')!r})")
+        if len(deltas) != len(meta["modules"]):
+            raise EditError(f"the MEMIT record names {len(meta['modules'])} modules but has {len(deltas)} ΔW tensors")
+        record = cls(requests=[Request(**r) for r in meta["requests"]], hparams=MemitHyperParams.from_dict(meta["hparams"]),
+                     modules=list(meta["modules"]), deltas=list(deltas), templates=tuple(meta["templates"]),
+                     stats=meta["stats"], z_losses=meta["z_losses"], timings=meta["timings"],
+                     fingerprints={int(k): v for k, v in meta.get("fingerprints", {}).items()})
+        if "id" in meta and meta["id"] != record.id:
+            raise EditError(f"MEMIT record {meta['id']} does not verify (its ΔW hash to {record.id}); the file is corrupted")
+        return record
 
     def save(self, path: str | Path) -> Path:
         """``path`` (.safetensors with the ΔW) and ``path`` + ``.json`` (everything else)."""
@@ -418,10 +456,11 @@ class MemitRecord:
         if meta.get("format") != _FORMAT or meta.get("method") != "MEMIT":
             raise EditError(f"{path} is not a MEMIT record of format {_FORMAT}")
         tensors = load_file(str(path))
-        deltas = [tensors[f"delta.{i}"] for i in range(len(meta["modules"]))]
-        return cls(requests=[Request(**r) for r in meta["requests"]], hparams=MemitHyperParams.from_dict(meta["hparams"]),
-                   modules=meta["modules"], deltas=deltas, templates=tuple(meta["templates"]), stats=meta["stats"],
-                   z_losses=meta["z_losses"], timings=meta["timings"])
+        try:
+            deltas = [tensors[f"delta.{i}"] for i in range(len(meta["modules"]))]
+        except KeyError as e:
+            raise EditError(f"{path} lacks tensor {e.args[0]}; the file is corrupted") from None
+        return cls.from_dict(meta, deltas)
 
 
 def _from_bits(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -478,8 +517,11 @@ def load_statistics(model: "LanguageModel | str", hp: MemitHyperParams, stats: A
 
 def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: MemitHyperParams | None = None, *,
                   stats: Any = None, templates: Sequence[str] | None = None, progress: bool = True,
-                  statistics: dict | None = None) -> MemitRecord:
+                  statistics: dict | None = None, apply: bool = True) -> MemitRecord:
     """Compute and apply one MEMIT batch; returns its record (already applied).
+
+    ``apply=False`` returns the record with the model unchanged, e.g. to hand it to a
+    :class:`tracer.edit.Ledger` (which then reverts batches and ROME edits in any order).
 
     ``statistics`` (from :func:`load_statistics`) lets sequential batches reuse C computed on the
     unedited model. If anything fails midway, the weights are restored before the error propagates.
@@ -496,6 +538,7 @@ def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: Mem
     t_stats = time.perf_counter() - t0
     templates = tuple(templates) if templates is not None else context_templates(lm, hp)
     zres = compute_zs(lm, reqs, hp, templates, progress=progress)
+    fingerprints = {layer: key_fingerprint(lm, layer) for layer in hp.layers}  # the model the batch is computed on
     modules = [lm.layers.mlp_out_name(l) for l in hp.layers]
     weights = [get_module(lm.model, n).weight for n in modules]
     originals = [w.data.clone() for w in weights]
@@ -522,8 +565,9 @@ def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: Mem
             w.data.copy_(o)
     record = MemitRecord(requests=reqs, hparams=hp, modules=modules, deltas=deltas, templates=templates,
                          stats=[statistics[l][1] for l in hp.layers], z_losses=zres.losses,
-                         timings={"statistics_s": t_stats, "z_s": zres.seconds, "update_s": time.perf_counter() - t1})
-    return record.apply(lm)
+                         timings={"statistics_s": t_stats, "z_s": zres.seconds, "update_s": time.perf_counter() - t1},
+                         fingerprints=fingerprints)
+    return record.apply(lm) if apply else record
 
 
 def apply_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: MemitHyperParams | None = None,

@@ -178,10 +178,39 @@ class MemitMethod:
         handle.revert(lm)
 
 
+def hyperparameter_class(name: str) -> type | None:
+    """The hyper-parameter dataclass of method ``name`` (None for ``none``)."""
+    if name == "ft-l":
+        return FTLHyperParams
+    if name == "rome":
+        from ..edit.rome import ROMEHyperParams
+
+        return ROMEHyperParams
+    if name == "memit":
+        from ..edit.memit import MemitHyperParams
+
+        return MemitHyperParams
+    if name == "none":
+        return None
+    raise HyperParameterError(f"unknown method {name!r}; accepted: {', '.join(METHODS)}")
+
+
+def check_overrides(name: str, overrides: dict) -> None:
+    """Raise :class:`HyperParameterError` naming the accepted fields when ``overrides`` has a key
+    that method ``name``'s hyper-parameters do not have."""
+    cls = hyperparameter_class(name)
+    accepted = sorted(f.name for f in fields(cls)) if cls is not None else []
+    unknown = sorted(set(overrides) - set(accepted))
+    if unknown:
+        raise HyperParameterError(
+            f"{name} has no hyper-parameter {', '.join(unknown)}; accepted: {', '.join(accepted) or 'none'}")
+
+
 def make_method(name: str, lm: LanguageModel, *, layer: int | None = None, layers: Sequence[int] | None = None,
                 stats: Any = None, progress: bool = False, **overrides):
     """The method called ``name`` with its defaults for ``lm`` (``layer``: ROME / FT-L layer;
     ``layers``: MEMIT's range; ``overrides``: hyper-parameter fields)."""
+    check_overrides(name, overrides)
     if name == "none":
         return NoEdit()
     if name == "ft-l":
