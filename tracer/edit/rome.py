@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass, replace
 from typing import Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import EditError, HyperParameterError, StatisticsError, SubjectNotFoundError
 from ..hooks import hooked
