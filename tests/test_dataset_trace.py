@@ -139,6 +139,16 @@ def test_cli_end_to_end(tiny, tmp_path, capsys):
     assert "Average causal effects" in (tmp_path / "avg.html").read_text()
     assert main(["trace-dataset", "--facts", str(tmp_path / "none.json"), "--out", str(out),
                  "--model", str(model_dir), "--device", "cpu"]) == 2
+    # `factscope averages` re-reads the finished facts (here: of a finished run) with the same numbers
+    code = main(["averages", str(out), "--n-boot", "20", "--json", str(tmp_path / "again.json"), "--markdown", "last_subject"])
+    text = capsys.readouterr().out
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert code == 0 and again["hidden"]["indirect"] == averages["hidden"]["indirect"]
+    row = next(line for line in text.splitlines() if line.startswith("| hidden |"))
+    peak = int(np.nanargmax(averages["hidden"]["indirect"][2]))
+    assert row.split(" | ")[1 + peak].startswith("**") and row.endswith(f"| {peak} | 2 |")
+    assert main(["averages", str(tmp_path)]) == 2  # not a trace-dataset directory
+    assert "no facts/ folder" in capsys.readouterr().err
 
 
 def test_sigkilled_process_resumes_to_identical_files(tiny, tmp_path):

@@ -388,3 +388,20 @@ def aggregate_all(grouped: dict[str, Sequence[TraceResult]], **settings) -> dict
     """:func:`aggregate` for each label of ``grouped`` (e.g. from :func:`tracer.dataset_trace.load_traces`)."""
     return {label: aggregate(traces, **settings) for label, traces in grouped.items() if traces}
 
+
+
+def layer_table(averages: dict[str, EffectAverages], bucket: str = "last_subject", digits: int = 3) -> str:
+    """Markdown: one row per kind, one column per layer, the average indirect effect in ``bucket``
+    (the peak in bold), then the number of facts."""
+    if not averages:
+        return ""
+    n_layers = max(a.n_layers for a in averages.values())
+    head = "| kind | " + " | ".join(f"L{i}" for i in range(n_layers)) + " | peak | facts |"
+    rows = [head, "|" + "---|" * (n_layers + 3)]
+    for label, a in averages.items():
+        row = a.bucket(bucket)
+        peak, _ = a.peak(bucket)
+        cells = ["–" if np.isnan(v) else (f"**{v:.{digits}f}**" if i == peak else f"{v:.{digits}f}") for i, v in enumerate(row)]
+        cells += [""] * (n_layers - len(cells))
+        rows.append(f"| {label} | " + " | ".join(cells) + f" | {peak} | {a.n_facts} |")
+    return "\n".join(rows)

@@ -39,8 +39,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tracer.aggregate import aggregate_all
-    from tracer.dataset_trace import load_failures, load_traces, trace_dataset, write_json_atomic
+    from tracer.dataset_trace import load_failures, trace_dataset
     from tracer.errors import HyperParameterError
     from tracer.models import load_model
 
@@ -55,19 +54,7 @@ def run(args: argparse.Namespace) -> int:
           f"of {summary.selected} facts in {summary.seconds:.0f} s -> {args.out}")
     for rec in load_failures(args.out)[:5]:
         print(f"  failed: {rec['fact']['known_id']}: {rec['error']}")
-    averages = aggregate_all(load_traces(args.out), n_boot=args.n_boot)
-    if not averages:
-        print("no finished traces to average")
-        return 1 if summary.failed else 0
-    write_json_atomic(args.out / "averages.json", {k: v.to_dict() for k, v in averages.items()})
-    for label, avg in averages.items():
-        layer, value = avg.peak("last_subject")
-        late, late_value = avg.peak("last")
-        print(f"{label:<20} {avg.n_facts} facts  ATE {avg.total_effect:.3f}  AIE peak at last subject token: "
-              f"layer {layer} ({value:.3f}); at last token: layer {late} ({late_value:.3f})")
-    if args.html is not None:
-        from widgets.aggregate_figures import write_html
+    from tracer.commands.averages import report
 
-        write_html(averages, args.html, title=f"Average causal effects: {lm.name}")
-        print(f"figures -> {args.html}")
-    return 0
+    status = report(args.out, n_boot=args.n_boot, html=args.html, title=f"Average causal effects: {lm.name}")
+    return 1 if status and summary.failed else 0

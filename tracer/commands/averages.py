@@ -1,0 +1,58 @@
+"""``factscope averages``: bucketed average effects of the facts a dataset trace has finished so far."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "averages", help="average effects over the finished facts of a trace-dataset directory",
+        description="Read DIR/facts/*.json of a `factscope trace-dataset` run (finished or still running), average "
+                    "the effects per token bucket and layer with bootstrap CIs, print a summary and write "
+                    "DIR/averages.json (or --json).")
+    p.add_argument("traces", type=Path, help="the --out directory of `factscope trace-dataset`")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
+    p.add_argument("--json", type=Path, default=None, help="where to write the averages (default DIR/averages.json)")
+    p.add_argument("--html", type=Path, default=None, help="also write the average-effect figures as HTML")
+    p.add_argument("--markdown", choices=("last_subject", "last", "first_subject", "middle_subject",
+                                          "first_subsequent", "further"), default=None,
+                   help="also print a markdown table of the average indirect effect per layer in this bucket")
+    p.set_defaults(func=run)
+
+
+def report(out_dir: Path, *, n_boot: int, json_path: Path | None = None, html: Path | None = None,
+           title: str | None = None, markdown: str | None = None) -> int:
+    """Aggregate, write JSON (and HTML), print one line per kind; 1 when nothing is finished yet."""
+    from tracer.aggregate import aggregate_all, layer_table
+    from tracer.dataset_trace import load_traces, write_json_atomic
+
+    averages = aggregate_all(load_traces(out_dir), n_boot=n_boot)
+    if not averages:
+        print(f"no finished traces to average in {out_dir}")
+        return 1
+    write_json_atomic(json_path or out_dir / "averages.json", {k: v.to_dict() for k, v in averages.items()})
+    for label, avg in averages.items():
+        layer, value = avg.peak("last_subject")
+        late, late_value = avg.peak("last")
+        print(f"{label:<20} {avg.n_facts} facts  ATE {avg.total_effect:.3f}  AIE peak at last subject token: "
+              f"layer {layer} ({value:.3f}); at last token: layer {late} ({late_value:.3f})")
+    if markdown:
+        print(layer_table(averages, markdown))
+    if html is not None:
+        from widgets.aggregate_figures import write_html
+
+        model = next(iter(averages.values())).model
+        write_html(averages, html, title=title or f"Average causal effects: {model}")
+        print(f"figures -> {html}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from tracer.errors import DatasetError, HyperParameterError
+
+    if args.n_boot < 1:
+        raise HyperParameterError(f"--n-boot must be >= 1, got {args.n_boot}")
+    if not (args.traces / "facts").is_dir():
+        raise DatasetError(f"{args.traces} is not a `factscope trace-dataset` directory (it has no facts/ folder)")
+    return report(args.traces, n_boot=args.n_boot, json_path=args.json, html=args.html, markdown=args.markdown)
