@@ -283,3 +283,25 @@ def test_memit_batch_guards(mixed, tmp_path):
     d = batch.to_dict()
     with pytest.raises(EditError, match="does not verify"):
         MemitRecord.from_dict(d, [batch.deltas[0] * 2, batch.deltas[1]])
+
+
+def test_format_1_ledger_files_still_load(tiny_lm, records, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    a = records[0]
+    ledger = Ledger(tiny_lm)
+    ledger.apply(a)
+    new = ledger.save(tmp_path / "v2.safetensors")
+    ledger.revert_all()
+    with safe_open(str(new), framework="pt") as f:
+        meta = json.loads(f.metadata()["factscope_ledger"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["format"] == 2
+    meta["format"] = 1  # what the first release wrote for ROME edits: the same layout
+    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata={"factscope_ledger": json.dumps(meta)})
+    assert [r.id for r in load_records(tmp_path / "v1.safetensors")] == [a.id]
+    meta["format"] = 3
+    save_file(tensors, str(tmp_path / "v3.safetensors"), metadata={"factscope_ledger": json.dumps(meta)})
+    with pytest.raises(EditError, match="format 3"):
+        load_records(tmp_path / "v3.safetensors")
