@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--rome", type=int, default=0, help="sequential ROME edits (0: skip)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="keep each z chunk here so an interrupted run resumes (times then count only new work)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -62,11 +64,11 @@ def main() -> None:
         ev = cases[:min(n, args.eval)]
         before = scores(lm, ev)
         t, cpu = time.perf_counter(), time.process_time()
-        rec = compute_memit(lm, cases[:n], hp, statistics=statistics, templates=templates)
+        rec = compute_memit(lm, cases[:n], hp, statistics=statistics, templates=templates, checkpoint_dir=args.checkpoint)
         wall, cpu = time.perf_counter() - t, time.process_time() - cpu
         after = scores(lm, ev)
         rec.revert(lm)
-        row = {"n": n, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "z_s": round(rec.timings["z_s"], 1), "update_s": round(rec.timings["update_s"], 1),
+        row = {"n": n, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "z_s": round(rec.timings["z_s"], 1), "update_s": round(rec.timings["update_s"], 1), "z_reused": rec.timings["z_reused"],
                "s_per_edit": round(wall / n, 3), "peak_rss_mb": round(peak_mb()), "before": before, "after": after}
         results.append(row)
         print(json.dumps(row), flush=True)

@@ -158,3 +158,40 @@ def test_embedded_memit_small_batch(embedded, shared_data):
     assert all(torch.equal(a, b) for a, b in zip(w0, _weights(embedded, hp.layers)))
     assert pre["ES"]["mean"] <= 30 and post["ES"]["mean"] >= pre["ES"]["mean"] + 40
     assert post["NS"]["mean"] >= pre["NS"]["mean"] - 20
+
+
+def test_z_checkpoints_resume_an_interrupted_batch(tmp_path, monkeypatch):
+    import tracer.edit.rome as rome
+
+    lm = make_tiny_model("llama")
+    hp = MemitHyperParams(layers=(1, 2), v_steps=4, chunk_requests=2)
+    whole = compute_zs(lm, REQS, hp, ("{}",), progress=False)
+    ckpt = tmp_path / "z"
+    real, calls = rome.compute_v, []
+
+    def failing_second_chunk(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the user stops the run during the second chunk
+        return real(*a, **k)
+
+    monkeypatch.setattr(rome, "compute_v", failing_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        compute_zs(lm, REQS, hp, ("{}",), progress=False, checkpoint_dir=ckpt)
+    monkeypatch.setattr(rome, "compute_v", real)
+    assert len(list(ckpt.glob("z-*.safetensors"))) == 1
+    resumed = compute_zs(lm, REQS, hp, ("{}",), progress=False, checkpoint_dir=ckpt)
+    assert resumed.reused == 2 and torch.equal(resumed.z, whole.z) and resumed.losses == whole.losses
+    again = compute_zs(lm, REQS[::-1], hp, ("{}",), progress=False, checkpoint_dir=ckpt)  # any order, all cached
+    assert again.reused == 3 and torch.equal(again.z, whole.z.flip(0))
+    # other v* settings, templates or weights: nothing is reused
+    assert compute_zs(lm, REQS[:1], MemitHyperParams(layers=(1, 2), v_steps=3), ("{}",), progress=False,
+                      checkpoint_dir=ckpt).reused == 0
+    assert compute_zs(lm, REQS[:1], hp, ("{}", "Hi. {}"), progress=False, checkpoint_dir=ckpt).reused == 0
+    record = compute_memit(lm, REQS[:1], hp, stats="identity", templates=("{}",), progress=False)
+    assert compute_zs(lm, REQS[:1], hp, ("{}",), progress=False, checkpoint_dir=ckpt).reused == 0
+    record.revert(lm)
+    # a torn file is skipped and its requests recomputed
+    for f in ckpt.glob("z-*.safetensors"):
+        f.write_bytes(b"torn")
+    assert compute_zs(lm, REQS, hp, ("{}",), progress=False, checkpoint_dir=ckpt).reused == 0

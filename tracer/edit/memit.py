@@ -271,13 +271,20 @@ class ZResult:
     z: torch.Tensor
     losses: list[list[float]]
     seconds: float
+    reused: int = 0  # requests whose z came from a checkpoint
 
 
 def compute_zs(model: "LanguageModel | str", requests: Sequence[Any], hp: MemitHyperParams,
-               templates: Sequence[str] | None = None, *, progress: bool = True) -> ZResult:
+               templates: Sequence[str] | None = None, *, progress: bool = True,
+               checkpoint_dir: str | Path | None = None) -> ZResult:
     """z_i = h_L + δ_i at block L = ``hp.layers[-1]``: ROME's v* optimisation
     (:func:`tracer.edit.rome.compute_v` with ``reference="hidden"``, MEMIT's clamp), batched over
-    requests in chunks of ``hp.chunk_requests`` (or as many as fit ``hp.memory_mb``)."""
+    requests in chunks of ``hp.chunk_requests`` (or as many as fit ``hp.memory_mb``).
+
+    With ``checkpoint_dir`` every finished chunk is written there (atomically) and requests whose
+    z is already there — for the same weights, layer, v* settings and templates — are not
+    optimised again, so a long run (10,000 edits) that is interrupted resumes where it stopped.
+    """
     from .rome import compute_v
 
     lm = as_model(model)
@@ -286,23 +293,101 @@ def compute_zs(model: "LanguageModel | str", requests: Sequence[Any], hp: MemitH
     chunk = hp.chunk_requests or _auto_chunk(lm, hp, len(templates))
     rhp = hp.rome_hparams()
     started = time.perf_counter()
-    zs, losses = [], []
-    bar = tqdm(total=len(reqs), desc=f"MEMIT z (layer {hp.layers[-1]})", unit="req", disable=not progress, leave=False)
+    found: dict[str, tuple[torch.Tensor, list[float]]] = {}
+    keys: list[str] = []
+    if checkpoint_dir is not None:
+        checkpoint_dir = Path(checkpoint_dir)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        prefix = _z_key_prefix(lm, hp, templates)
+        keys = [_request_key(prefix, r) for r in reqs]
+        found = _read_z_checkpoints(checkpoint_dir, set(keys))
+    todo = [i for i, k in enumerate(keys) if k not in found] if keys else list(range(len(reqs)))
+    z_of: dict[int, torch.Tensor] = {}
+    loss_of: dict[int, list[float]] = {}
+    for i, k in enumerate(keys):
+        if k in found:
+            z_of[i], loss_of[i] = found[k][0].to(lm.device), found[k][1]
+    bar = tqdm(total=len(todo), desc=f"MEMIT z (layer {hp.layers[-1]})", unit="req", disable=not progress, leave=False)
+    if progress and len(todo) < len(reqs):
+        log.info("MEMIT z: %d of %d requests read from %s", len(reqs) - len(todo), len(reqs), checkpoint_dir)
     try:
-        for s in range(0, len(reqs), chunk):
-            part = reqs[s:s + chunk]
-            vres = compute_v(lm, hp.layers[-1], [r.edit_request() for r in part], templates, rhp, reference="hidden")
-            zs.append((vres.hidden_init + vres.delta).detach())
+        for s in range(0, len(todo), chunk):
+            part = todo[s:s + chunk]
+            vres = compute_v(lm, hp.layers[-1], [reqs[i].edit_request() for i in part], templates, rhp, reference="hidden")
+            z = (vres.hidden_init + vres.delta).detach()
             curve = vres.loss.T.tolist()  # "request step"
-            losses += [c[:_steps_taken(c, hp.early_stop_loss)] for c in curve]
+            part_losses = [c[:_steps_taken(c, hp.early_stop_loss)] for c in curve]
+            for j, i in enumerate(part):
+                z_of[i], loss_of[i] = z[j], part_losses[j]
+            if checkpoint_dir is not None:
+                _write_z_checkpoint(checkpoint_dir, [keys[i] for i in part], z, part_losses)
             bar.update(len(part))
             if progress:
                 done = s + len(part)
                 rate = done / (time.perf_counter() - started)
-                bar.set_postfix_str(f"{rate:.2f} req/s, ETA {(len(reqs) - done) / rate:.0f} s")
+                bar.set_postfix_str(f"{rate:.2f} req/s, ETA {(len(todo) - done) / rate:.0f} s")
     finally:
         bar.close()
-    return ZResult(layer=hp.layers[-1], z=torch.cat(zs), losses=losses, seconds=time.perf_counter() - started)
+    return ZResult(layer=hp.layers[-1], z=torch.stack([z_of[i] for i in range(len(reqs))]),
+                   losses=[loss_of[i] for i in range(len(reqs))], seconds=time.perf_counter() - started,
+                   reused=len(reqs) - len(todo))
+
+
+def weights_fingerprint(lm: LanguageModel) -> str:
+    """SHA-256 (16 hex digits) of every parameter of the model (names, shapes, dtypes, bytes)."""
+    h = hashlib.sha256()
+    for name, p in lm.model.named_parameters():
+        t = p.detach().contiguous().cpu()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def _z_key_prefix(lm: LanguageModel, hp: MemitHyperParams, templates: Sequence[str]) -> str:
+    """What z depends on besides the request: all weights, layer L, the v* settings, the templates."""
+    return json.dumps({"weights": weights_fingerprint(lm), "layer": hp.layers[-1], "v": hp.rome_hparams().to_dict(),
+                       "templates": list(templates)}, sort_keys=True)
+
+
+def _request_key(prefix: str, request: Request) -> str:
+    return hashlib.sha256((prefix + json.dumps(asdict(request), sort_keys=True)).encode()).hexdigest()[:32]
+
+
+def _read_z_checkpoints(directory: Path, wanted: set[str]) -> dict[str, tuple[torch.Tensor, list[float]]]:
+    """``{request key: (z, loss curve)}`` from the chunk files in ``directory`` (unreadable ones skipped)."""
+    from safetensors import safe_open
+
+    out = {}
+    for path in sorted(directory.glob("z-*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads(f.metadata()["factscope_z"])
+                z = f.get_tensor("z")
+        except Exception as e:  # a torn or foreign file: recompute those requests
+            log.warning("skipping unreadable z checkpoint %s (%s)", path, type(e).__name__)
+            continue
+        for j, key in enumerate(meta["keys"]):
+            if key in wanted:
+                out[key] = (z[j], meta["losses"][j])
+    return out
+
+
+def _write_z_checkpoint(directory: Path, keys: list[str], z: torch.Tensor, losses: list[list[float]]) -> None:
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    name = "z-" + hashlib.sha256("".join(keys).encode()).hexdigest()[:16] + ".safetensors"
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file({"z": z.detach().float().contiguous().cpu()}, tmp,
+                  metadata={"factscope_z": json.dumps({"keys": keys, "losses": losses})})
+        os.replace(tmp, directory / name)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _steps_taken(curve: list[float], stop: float) -> int:
@@ -517,11 +602,13 @@ def load_statistics(model: "LanguageModel | str", hp: MemitHyperParams, stats: A
 
 def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: MemitHyperParams | None = None, *,
                   stats: Any = None, templates: Sequence[str] | None = None, progress: bool = True,
-                  statistics: dict | None = None, apply: bool = True) -> MemitRecord:
+                  statistics: dict | None = None, apply: bool = True,
+                  checkpoint_dir: str | Path | None = None) -> MemitRecord:
     """Compute and apply one MEMIT batch; returns its record (already applied).
 
     ``apply=False`` returns the record with the model unchanged, e.g. to hand it to a
     :class:`tracer.edit.Ledger` (which then reverts batches and ROME edits in any order).
+    ``checkpoint_dir`` keeps each chunk's z there, so an interrupted batch resumes (see :func:`compute_zs`).
 
     ``statistics`` (from :func:`load_statistics`) lets sequential batches reuse C computed on the
     unedited model. If anything fails midway, the weights are restored before the error propagates.
@@ -537,7 +624,7 @@ def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: Mem
     statistics = statistics if statistics is not None else load_statistics(lm, hp, stats, progress=progress)
     t_stats = time.perf_counter() - t0
     templates = tuple(templates) if templates is not None else context_templates(lm, hp)
-    zres = compute_zs(lm, reqs, hp, templates, progress=progress)
+    zres = compute_zs(lm, reqs, hp, templates, progress=progress, checkpoint_dir=checkpoint_dir)
     fingerprints = {layer: key_fingerprint(lm, layer) for layer in hp.layers}  # the model the batch is computed on
     modules = [lm.layers.mlp_out_name(l) for l in hp.layers]
     weights = [get_module(lm.model, n).weight for n in modules]
@@ -565,7 +652,8 @@ def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: Mem
             w.data.copy_(o)
     record = MemitRecord(requests=reqs, hparams=hp, modules=modules, deltas=deltas, templates=templates,
                          stats=[statistics[l][1] for l in hp.layers], z_losses=zres.losses,
-                         timings={"statistics_s": t_stats, "z_s": zres.seconds, "update_s": time.perf_counter() - t1},
+                         timings={"statistics_s": t_stats, "z_s": zres.seconds, "z_reused": zres.reused,
+                                  "update_s": time.perf_counter() - t1},
                          fingerprints=fingerprints)
     return record.apply(lm) if apply else record
 

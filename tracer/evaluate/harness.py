@@ -122,6 +122,8 @@ def run_evaluation(
             raise FactscopeError(f"{out} holds a run with other settings ({old.get('settings', {}).get('method')!r}, key "
                                  f"{old.get('key')}); pass a new --out directory or delete it")
     _write_json(settings_file, {"key": settings.key(), "settings": settings.to_dict()})
+    if hasattr(editor, "checkpoint_dir"):
+        editor.checkpoint_dir = out / "z"
     if gen and tfidf is None and any(c.attribute_prompts for c in cases):
         tfidf = Tfidf.cached(WIKIPEDIA, cache_dir() / "tfidf")
     todo = [c for c in cases if not (case_dir / f"{c.case_id}.json").is_file()]

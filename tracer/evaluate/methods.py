@@ -164,6 +164,7 @@ class MemitMethod:
         self.statistics = load_statistics(lm, self.hp, stats, progress=progress)
         self.templates = context_templates(lm, self.hp)
         self.progress = progress
+        self.checkpoint_dir = None  # the harness sets <out>/z: z of finished chunks survive an interruption
 
     def settings(self) -> dict:
         return {**self.hp.to_dict(), "statistics": [info for _, info in self.statistics.values()]}
@@ -172,7 +173,7 @@ class MemitMethod:
         from ..edit.memit import compute_memit
 
         return compute_memit(lm, cases, self.hp, statistics=self.statistics, templates=self.templates,
-                             progress=self.progress)
+                             progress=self.progress, checkpoint_dir=self.checkpoint_dir)
 
     def revert(self, lm: LanguageModel, handle: Any) -> None:
         handle.revert(lm)
