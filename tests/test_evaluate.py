@@ -294,3 +294,20 @@ def test_cli_hparam_overrides_parsed_and_checked(tmp_path, capsys):
 
     editor = make_method("ft-l", make_tiny_model("llama"), layer=1, norm_constraint=5e-3, lr=5e-3)
     assert editor.hp == FTLHyperParams(layer=1, lr=5e-3, norm_constraint=5e-3)
+
+
+def test_ftl_defaults_per_model():
+    from conftest import make_tiny_model
+    from tracer.evaluate.methods import FTL_MODEL_DEFAULTS, FTLHyperParams
+
+    tiny = make_tiny_model("gpt2")
+    assert FTLHyperParams.for_model(tiny) == FTLHyperParams(layer=make_method_layer(tiny), lr=5e-4, norm_constraint=5e-4)
+    tiny.name = "smollm2-135m"  # the embedded model's measured ε, still overridable
+    assert FTLHyperParams.for_model(tiny).norm_constraint == FTL_MODEL_DEFAULTS["smollm2-135m"]["norm_constraint"] == 1e-2
+    assert FTLHyperParams.for_model(tiny, norm_constraint=2e-3).norm_constraint == 2e-3
+
+
+def make_method_layer(lm):
+    from tracer.edit import ROMEHyperParams
+
+    return ROMEHyperParams.for_model(lm).layer
