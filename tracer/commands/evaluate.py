@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if batch is not None and (batch < 1 or (args.method in ("rome", "ft-l") and batch != 1)):
         raise HyperParameterError(f"--batch-size must be >= 1, and 1 for {args.method} (one edit at a time); got {batch}")
     if batch is None:
-        batch = (args.limit or 10_000) if args.method == "memit" else 1
+        batch = None if args.method == "memit" else 1  # MEMIT: every selected case in one batch
     options = parse_hparams(args.hparam)
     from tracer.evaluate.methods import check_overrides
 

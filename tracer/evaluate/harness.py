@@ -86,7 +86,7 @@ def run_evaluation(
     out_dir: str | os.PathLike,
     *,
     limit: int | None = None,
-    batch_size: int = 1,
+    batch_size: int | None = 1,
     data_path: str | os.PathLike | None = None,
     generation: bool = True,
     generation_prompts: int | None = None,
@@ -98,16 +98,18 @@ def run_evaluation(
 ) -> dict:
     """Evaluate ``method`` on ``dataset`` and write per-case JSON and the summary; returns the summary.
 
-    ``batch_size`` is how many cases one edit holds (MEMIT: the batch; ROME and FT-L use 1, as in
+    ``batch_size`` is how many cases one edit holds (MEMIT: the batch, ``None`` = all cases; ROME and FT-L use 1, as in
     the papers; ``none`` ignores it). Generations (fluency, consistency) need the dataset's
     generation prompts (full CounterFact only); ``generation_prompts`` caps how many per case.
     """
     lm = as_model(model)
+    cases = load_cases(dataset, data_path, limit=limit)
+    if batch_size is None:  # MEMIT: all cases in one batch
+        batch_size = max(1, len(cases)) if method == "memit" else 1
     if batch_size < 1:
         raise HyperParameterError(f"batch_size must be >= 1, got {batch_size}")
     if method in ("rome", "ft-l") and batch_size != 1:
         raise HyperParameterError(f"{method} edits one fact at a time; use --batch-size 1 (MEMIT takes batches)")
-    cases = load_cases(dataset, data_path, limit=limit)
     editor = make_method(method, lm, progress=progress, **(method_options or {}))
     gen = generation and any(c.generation_prompts for c in cases)
     settings = EvalSettings(model=lm.name, method=method, dataset=dataset, batch_size=batch_size,
