@@ -29,6 +29,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -459,9 +460,9 @@ class MemitRecord:
     def layers(self) -> tuple[int, ...]:
         return tuple(self.hparams.layers)
 
-    @property
+    @cached_property
     def id(self) -> str:
-        """16 hex digits of SHA-256 over the modules, the requests and the ΔW bytes."""
+        """16 hex digits of SHA-256 over the modules, the requests and the ΔW bytes (computed once)."""
         h = hashlib.sha256(json.dumps({"modules": self.modules, "requests": [asdict(r) for r in self.requests]},
                                       sort_keys=True).encode())
         for d in self.deltas:
