@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -77,13 +80,35 @@ def test_killed_run_resumes_to_identical_files(tiny, uninterrupted, tmp_path, mo
     monkeypatch.setattr(dt, "_trace_fact", real)
     assert sorted(p.name for p in (out / "facts").iterdir()) == ["10.json", "11.json"]
     # a kill during a write leaves only the temporary file, never half of a fact file
-    (out / "facts" / ".13.json.999.tmp").write_text('{"half": ')
+    (out / "facts" / ".13.json.4194305.tmp").write_text('{"half": ')  # a pid above Linux's pid_max: dead
     summary = dt.trace_dataset(tiny, FACTS, out, **SETTINGS)
     assert (summary.already_done, summary.traced, summary.failed) == (2, 2, 1)
     assert snapshot(out) == snapshot(whole)
     # a third start finds nothing to do
     again = dt.trace_dataset(tiny, FACTS, out, **SETTINGS)
     assert (again.already_done, again.traced, again.failed) == (5, 0, 0)
+
+
+def test_shards_fill_one_directory_like_one_process(tiny, uninterrupted, tmp_path):
+    whole, _ = uninterrupted
+    out = tmp_path / "sharded"
+    first = dt.trace_dataset(tiny, FACTS, out, shard=(0, 2), **SETTINGS)
+    assert (first.selected, first.traced, first.failed) == (3, 2, 1)  # indices 0, 2 (fails), 4
+    (out / "facts" / f".11.json.{os.getpid() + 0}.tmp").write_text("{")  # our own: stray
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (out / "facts" / f".13.json.{live.pid}.tmp").write_text("{")  # another shard still writing it
+        second = dt.trace_dataset(tiny, FACTS, out, shard="1/2", **SETTINGS)
+        assert (out / "facts" / f".13.json.{live.pid}.tmp").exists()  # left alone
+    finally:
+        live.kill()
+        live.wait()
+    (out / "facts" / f".13.json.{live.pid}.tmp").unlink()
+    assert (second.selected, second.traced) == (2, 2)
+    assert not list((out / "facts").glob(".*.tmp")) and snapshot(out) == snapshot(whole)
+    for bad in ("2/2", "a/b", "1"):
+        with pytest.raises(HyperParameterError, match="K/N"):
+            dt.parse_shard(bad)
 
 
 def test_limit_then_extend(tiny, uninterrupted, tmp_path):

@@ -116,11 +116,42 @@ def _check_kinds(kinds: Iterable[str], severed: Iterable[str]) -> tuple[tuple[st
     return tuple(dict.fromkeys(kinds)), tuple(dict.fromkeys(severed))
 
 
+def _writer_alive(tmp: Path) -> bool:
+    """Whether the process that is writing ``.<name>.<pid>.tmp`` still runs."""
+    try:
+        pid = int(tmp.name.rsplit(".", 2)[-2])
+    except (ValueError, IndexError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"1/4"`` -> ``(1, 4)``: this process traces the facts whose index % 4 == 1."""
+    if text is None:
+        return None
+    try:
+        k, n = (int(x) for x in str(text).split("/"))
+    except ValueError:
+        raise HyperParameterError(f"shard must look like K/N (e.g. 0/2), got {text!r}") from None
+    if not (n >= 1 and 0 <= k < n):
+        raise HyperParameterError(f"shard K/N needs N >= 1 and 0 <= K < N, got {text!r}")
+    return k, n
+
+
 def _prepare_dir(out_dir: Path, settings: DatasetTraceSettings) -> None:
     for sub in ("facts", "failed"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
-        for stray in (out_dir / sub).glob(".*.tmp"):  # left by a killed run
-            stray.unlink()
+        for stray in (out_dir / sub).glob(".*.tmp"):  # left by a killed run (not by a live shard)
+            if not _writer_alive(stray):
+                stray.unlink(missing_ok=True)
     run_file = out_dir / "run.json"
     if run_file.is_file():
         try:
@@ -163,13 +194,16 @@ def trace_dataset(
     seed: int = 1,
     limit: int | None = None,
     retry_failed: bool = False,
+    shard: "tuple[int, int] | str | None" = None,
     progress: bool = True,
 ) -> DatasetRunSummary:
     """Trace the first ``limit`` facts (all when None) into ``out_dir``, skipping finished ones.
 
     ``kinds`` are traced with :func:`tracer.trace.trace_all`; each entry of ``severed`` adds a
     hidden-state trace with that path severed (``"mlp"``/``"attn"``, the paper's Figure 7).
-    ``retry_failed`` traces facts recorded under ``failed/`` again.
+    ``retry_failed`` traces facts recorded under ``failed/`` again. ``shard=(k, n)`` (or ``"k/n"``)
+    traces only the facts whose index in the file is k modulo n, so n processes (one per core or
+    machine) can fill one directory together; the files are the same as from one process.
     """
     lm = as_model(model)
     kinds, severed = _check_kinds(kinds, severed)
@@ -187,14 +221,18 @@ def trace_dataset(
     out_dir = Path(out_dir)
     _prepare_dir(out_dir, settings)
 
-    selected = list(enumerate(facts))[:limit]
+    shard = parse_shard(shard) if isinstance(shard, str) else shard
+    if shard is not None:
+        parse_shard(f"{shard[0]}/{shard[1]}")
+    selected = [(i, f) for i, f in list(enumerate(facts))[:limit] if shard is None or i % shard[1] == shard[0]]
     finished = {p.stem for p in (out_dir / "facts").glob("*.json")}
     failed_before = {p.stem for p in (out_dir / "failed").glob("*.json")}
     skip = finished if retry_failed else finished | failed_before
     todo = [(i, f) for i, f in selected if fact_file_name(f["known_id"]) not in skip]
     started = time.perf_counter()
     n_ok = n_failed = 0
-    bar = tqdm(total=len(todo), desc=f"tracing {len(todo)} of {len(selected)} facts", unit="fact",
+    where = f" (shard {shard[0]}/{shard[1]})" if shard else ""
+    bar = tqdm(total=len(todo), desc=f"tracing {len(todo)} of {len(selected)} facts{where}", unit="fact",
                disable=not progress, dynamic_ncols=True)
     with open(out_dir / "log.jsonl", "a") as log_file:
         for index, fact in todo:

@@ -32,6 +32,8 @@ def register(subparsers) -> None:
     p.add_argument("--window", type=int, default=10)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--retry-failed", action="store_true", help="trace facts recorded as failed again")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="trace only facts whose index %% N == K; run N such processes (one per core) on one --out")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the averages' CIs (default 1000)")
     p.add_argument("--html", type=Path, default=None, help="also write the average-effect figures as HTML")
     p.add_argument("--device", default=None)
@@ -39,17 +41,19 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tracer.dataset_trace import load_failures, trace_dataset
+    from tracer.dataset_trace import load_failures, parse_shard, trace_dataset
     from tracer.errors import HyperParameterError
     from tracer.models import load_model
 
     if args.limit is not None and args.limit < 1:
         raise HyperParameterError(f"--limit must be >= 1, got {args.limit}")
+    parse_shard(args.shard)  # before the model loads
     severed = tuple(s.strip() for s in args.severed.split(",") if s.strip())
     lm = load_model(args.model, device=args.device)
     summary = trace_dataset(lm, args.facts, args.out, kinds=_kinds(args.kind), severed=severed,
                             samples=args.samples, noise=args.noise, noise_mode=args.noise_mode, window=args.window,
-                            seed=args.seed, limit=args.limit, retry_failed=args.retry_failed)
+                            seed=args.seed, limit=args.limit, retry_failed=args.retry_failed,
+                            shard=parse_shard(args.shard))
     print(f"{summary.traced} traced, {summary.failed} failed, {summary.already_done} already done "
           f"of {summary.selected} facts in {summary.seconds:.0f} s -> {args.out}")
     for rec in load_failures(args.out)[:5]:
