@@ -312,3 +312,23 @@ def make_method_layer(lm):
     from tracer.edit import ROMEHyperParams
 
     return ROMEHyperParams.for_model(lm).layer
+
+
+def test_eval_table_combines_runs(tmp_path, capsys):
+    from conftest import make_tiny_model
+    from tracer.cli import main
+
+    lm = make_tiny_model("llama")
+    data = _tiny_counterfact(tmp_path / "cf.json")
+    opts = {"layer": 1, "steps": 3, "lr": 1e-2, "norm_constraint": 1e-2}
+    none = run_evaluation(lm, "none", "counterfact", tmp_path / "none", data_path=data, generation=False, progress=False)
+    ftl = run_evaluation(lm, "ft-l", "counterfact", tmp_path / "ftl", data_path=data, generation=False,
+                         method_options=opts, progress=False)
+    html_path = tmp_path / "table.html"
+    assert main(["eval-table", str(tmp_path / "none"), str(tmp_path / "ftl"), "--html", str(html_path)]) == 0
+    text = capsys.readouterr().out
+    assert f"| unedited | 2 | {none['post']['S']['mean']:.1f} |" in text
+    assert f"| ft-l | 2 | {ftl['post']['S']['mean']:.1f} |" in text
+    assert html_path.read_text().startswith("<!DOCTYPE") and "<script" not in html_path.read_text()
+    assert main(["eval-table", str(tmp_path)]) == 2  # not an evaluation directory
+    assert "settings.json" in capsys.readouterr().err

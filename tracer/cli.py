@@ -14,7 +14,7 @@ import sys
 from .errors import FactscopeError
 
 #: command modules, in the order ``factscope --help`` lists them
-COMMANDS = ("trace", "edit", "report", "export", "knowns", "trace_dataset", "averages", "evaluate")
+COMMANDS = ("trace", "edit", "report", "export", "knowns", "trace_dataset", "averages", "evaluate", "eval_table")
 
 
 def build_parser() -> argparse.ArgumentParser:

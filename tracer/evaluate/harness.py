@@ -188,21 +188,31 @@ def summarize_results(results: Sequence[dict]) -> dict:
     return out
 
 
-def write_summary(out_dir: str | os.PathLike, *, settings: EvalSettings | None = None, cases: Sequence[Case] | None = None) -> dict:
-    """(Re)write ``summary.json`` / ``.md`` / ``.html`` from the case files in ``out_dir``."""
+def build_summary(out_dir: str | os.PathLike, *, settings: EvalSettings | None = None,
+                  cases: Sequence[Case] | None = None) -> dict:
+    """The summary of the case files in ``out_dir`` so far (a finished or a running evaluation)."""
     out = Path(out_dir)
     if settings is None:
-        s = json.loads((out / "settings.json").read_text())["settings"]
-        settings = EvalSettings(**s)
+        settings_file = out / "settings.json"
+        if not settings_file.is_file():
+            raise FactscopeError(f"{out} is not a `factscope evaluate` directory (no settings.json)")
+        settings = EvalSettings(**json.loads(settings_file.read_text())["settings"])
     results = load_case_results(out, [c.case_id for c in cases] if cases is not None else None)
-    summary = {
+    return {
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "settings": settings.to_dict(),
         "torch_threads": torch.get_num_threads(),
         "n_cases": len(results),
         **summarize_results(results),
     }
+
+
+def write_summary(out_dir: str | os.PathLike, *, settings: EvalSettings | None = None, cases: Sequence[Case] | None = None) -> dict:
+    """(Re)write ``summary.json`` / ``.md`` / ``.html`` from the case files in ``out_dir``."""
+    out = Path(out_dir)
+    summary = build_summary(out, settings=settings, cases=cases)
     _write_json(out / "summary.json", summary)
+    method, dataset = summary["settings"]["method"], summary["settings"]["dataset"]
     (out / "summary.md").write_text(summary_markdown([summary]))
-    (out / "summary.html").write_text(summary_html([summary], title=f"factscope evaluation: {settings.method} on {settings.dataset}"))
+    (out / "summary.html").write_text(summary_html([summary], title=f"factscope evaluation: {method} on {dataset}"))
     return summary
