@@ -140,13 +140,13 @@ def test_sequential_batches_report_health_and_revert():
 
 @pytest.mark.slow
 @pytest.mark.embedded
-def test_embedded_memit_small_batch(embedded, shared_data):
-    """Ten CounterFact edits at once (C from 20k tokens per layer to keep it short): the new objects
-    win on the rewrite prompts, neighbourhood prompts keep their answer, revert is exact.
-    Measured with 100k-token C (bench/memit_scale.py): ES 20 -> 80, PS 20 -> 60, NS 70 -> 70."""
+def test_embedded_memit_hundred_requests(embedded, shared_data):
+    """100 CounterFact edits in one batch (C from 20k tokens per layer to keep it short): efficacy
+    rises far above the unedited model's, neighbourhood prompts keep their answers, revert is exact.
+    Measured with 100k-token C (bench/memit_scale.py, λ 1,500): ES 37 -> 97, PS 36 -> 84, NS 66 -> 65."""
     from tracer.evaluate import case_scores, load_cases, measure_probabilities, summarize
 
-    cases = load_cases("counterfact-10k", limit=10, data_dir=shared_data)
+    cases = load_cases("counterfact-10k", limit=100, data_dir=shared_data)
     hp = MemitHyperParams.for_model(embedded, mom2_n_tokens=20_000)
     w0 = _weights(embedded, hp.layers)
     pre = summarize([case_scores(measure_probabilities(embedded, c)) for c in cases])
@@ -156,8 +156,9 @@ def test_embedded_memit_small_batch(embedded, shared_data):
     finally:
         record.revert(embedded)
     assert all(torch.equal(a, b) for a, b in zip(w0, _weights(embedded, hp.layers)))
-    assert pre["ES"]["mean"] <= 30 and post["ES"]["mean"] >= pre["ES"]["mean"] + 40
-    assert post["NS"]["mean"] >= pre["NS"]["mean"] - 20
+    assert pre["ES"]["mean"] <= 45 and post["ES"]["mean"] >= 85
+    assert post["PS"]["mean"] >= pre["PS"]["mean"] + 30
+    assert post["NS"]["mean"] >= pre["NS"]["mean"] - 8
 
 
 def test_z_checkpoints_resume_an_interrupted_batch(tmp_path, monkeypatch):
