@@ -115,7 +115,15 @@ def key_fingerprint(lm: LanguageModel, layer: int) -> str:
     """
     lmap = lm.layers
     above = [lmap.block_name(i) + "." for i in range(layer + 1, lm.n_layers)]
-    excluded = above + [lmap.mlp_out_name(layer) + ".", lmap.final_norm + ".", lmap.unembed + "."]
+    return _parameters_fingerprint(lm, above + [lmap.mlp_out_name(layer) + ".", lmap.final_norm + ".", lmap.unembed + "."])
+
+
+def weights_fingerprint(lm: LanguageModel) -> str:
+    """SHA-256 (16 hex digits) of every parameter of the model (names, shapes, dtypes, bytes)."""
+    return _parameters_fingerprint(lm, [])
+
+
+def _parameters_fingerprint(lm: LanguageModel, excluded: list[str]) -> str:
     h = hashlib.sha256()
     for name, p in lm.model.named_parameters():  # tied parameters appear once, under the first name
         if any(name.startswith(prefix) for prefix in excluded):

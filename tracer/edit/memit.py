@@ -40,7 +40,7 @@ from ..errors import EditError, HyperParameterError
 from ..hooks import hooked, main_tensor
 from ..layers import get_module
 from ..models import LanguageModel, as_model, right_pad
-from ..stats import key_fingerprint
+from ..stats import key_fingerprint, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -335,16 +335,6 @@ def compute_zs(model: "LanguageModel | str", requests: Sequence[Any], hp: MemitH
     return ZResult(layer=hp.layers[-1], z=torch.stack([z_of[i] for i in range(len(reqs))]),
                    losses=[loss_of[i] for i in range(len(reqs))], seconds=time.perf_counter() - started,
                    reused=len(reqs) - len(todo))
-
-
-def weights_fingerprint(lm: LanguageModel) -> str:
-    """SHA-256 (16 hex digits) of every parameter of the model (names, shapes, dtypes, bytes)."""
-    h = hashlib.sha256()
-    for name, p in lm.model.named_parameters():
-        t = p.detach().contiguous().cpu()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
 
 
 def _z_key_prefix(lm: LanguageModel, hp: MemitHyperParams, templates: Sequence[str]) -> str:
