@@ -94,9 +94,9 @@ class EditRecord:
         """``{layer: key fingerprint of the model the edit was computed on}``."""
         return {self.layer: self.fingerprint}
 
-    def module_deltas(self) -> dict[str, torch.Tensor]:
-        """``{module: ΔW}`` (see :meth:`delta`)."""
-        return {self.module: self.delta()}
+    def module_delta(self, name: str) -> torch.Tensor:
+        """ΔW at module ``name`` (see :meth:`delta`); a record's modules are :attr:`modules`."""
+        return self.delta()
 
     def to_dict(self, tensors: bool = False) -> dict:
         d = {"id": self.id, "method": self.method, "request": self.request.to_dict(), "hparams": self.hparams.to_dict(),
@@ -166,8 +166,7 @@ class Ledger:
                             "default); call record.revert(model) first, or compute it with apply=False")
         if any(r.id == record.id for r in self._applied):
             raise EditError(f"edit {record.id} is already applied to this model")
-        deltas = record.module_deltas()
-        weights = {name: self._weight(record, name, d) for name, d in deltas.items()}
+        weights = {name: self._weight(record, name, record.module_delta(name)) for name in record.modules}
         if verify:
             for layer, expected in record.fingerprints.items():
                 fp = key_fingerprint(self.lm, layer)
@@ -247,7 +246,7 @@ class Ledger:
         original = self._original.get(name, weight.detach())
         total = original.double().clone()
         for r in sorted(records, key=lambda r: r.id):
-            d = r.module_deltas()[name].to(total.device)
+            d = r.module_delta(name).to(total.device)
             total += d.T if self.lm.layers.mlp_out_transposed else d
         new = total.to(weight.dtype)
         if not torch.isfinite(new).all():

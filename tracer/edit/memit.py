@@ -459,10 +459,10 @@ class MemitRecord:
             h.update(d.detach().float().contiguous().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
-    def module_deltas(self) -> dict[str, torch.Tensor]:
-        """``{module: ΔW}``, float64, shape "d_out d_k" (the ``nn.Linear`` layout) — what a
-        :class:`tracer.edit.Ledger` adds when it applies this batch."""
-        return {name: d.double() for name, d in zip(self.modules, self.deltas)}
+    def module_delta(self, name: str) -> torch.Tensor:
+        """ΔW at module ``name``, float64, shape "d_out d_k" (the ``nn.Linear`` layout) — what a
+        :class:`tracer.edit.Ledger` adds there when it applies this batch."""
+        return self.deltas[self.modules.index(name)].double()
 
     def _weights(self, lm: LanguageModel) -> list[torch.nn.Parameter]:
         return [get_module(lm.model, name).weight for name in self.modules]
