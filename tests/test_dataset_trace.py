@@ -106,9 +106,10 @@ def test_shards_fill_one_directory_like_one_process(tiny, uninterrupted, tmp_pat
     (out / "facts" / f".13.json.{live.pid}.tmp").unlink()
     assert (second.selected, second.traced) == (2, 2)
     assert not list((out / "facts").glob(".*.tmp")) and snapshot(out) == snapshot(whole)
-    for bad in ("2/2", "a/b", "1"):
+    for bad in ("2/2", "a/b", "1", (3, 2), (1,)):
         with pytest.raises(HyperParameterError, match="K/N"):
             dt.parse_shard(bad)
+    assert dt.parse_shard((1, 2)) == dt.parse_shard("1/2") == (1, 2)
 
 
 def test_limit_then_extend(tiny, uninterrupted, tmp_path):

@@ -133,16 +133,16 @@ def _writer_alive(tmp: Path) -> bool:
     return True
 
 
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """``"1/4"`` -> ``(1, 4)``: this process traces the facts whose index % 4 == 1."""
-    if text is None:
+def parse_shard(value: "str | tuple[int, int] | None") -> tuple[int, int] | None:
+    """``"1/4"`` or ``(1, 4)`` -> ``(1, 4)``: this process traces the facts whose index % 4 == 1."""
+    if value is None:
         return None
     try:
-        k, n = (int(x) for x in str(text).split("/"))
-    except ValueError:
-        raise HyperParameterError(f"shard must look like K/N (e.g. 0/2), got {text!r}") from None
+        k, n = (int(x) for x in (value.split("/") if isinstance(value, str) else value))
+    except (ValueError, TypeError):
+        raise HyperParameterError(f"shard must look like K/N (e.g. 0/2), got {value!r}") from None
     if not (n >= 1 and 0 <= k < n):
-        raise HyperParameterError(f"shard K/N needs N >= 1 and 0 <= K < N, got {text!r}")
+        raise HyperParameterError(f"shard K/N needs N >= 1 and 0 <= K < N, got {value!r}")
     return k, n
 
 
@@ -221,9 +221,7 @@ def trace_dataset(
     out_dir = Path(out_dir)
     _prepare_dir(out_dir, settings)
 
-    shard = parse_shard(shard) if isinstance(shard, str) else shard
-    if shard is not None:
-        parse_shard(f"{shard[0]}/{shard[1]}")
+    shard = parse_shard(shard)
     selected = [(i, f) for i, f in list(enumerate(facts))[:limit] if shard is None or i % shard[1] == shard[0]]
     finished = {p.stem for p in (out_dir / "facts").glob("*.json")}
     failed_before = {p.stem for p in (out_dir / "failed").glob("*.json")}
