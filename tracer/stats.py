@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Literal
@@ -33,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import StatisticsError
+from .files import save_safetensors_atomic
 from .hooks import hooked
 from .models import LanguageModel, as_model, file_sha256
 
@@ -384,26 +384,14 @@ class StatsCache:
 
     def save(self, stats: KeyStatistics) -> Path:
         """Write ``stats`` atomically; returns the path."""
-        from safetensors.torch import save_file
-
         if stats.is_identity:
             raise StatisticsError("C = I is not cached; there is nothing to store")
         key = stats.cache_key()
         path = self.path_for(key)
         self.directory.mkdir(parents=True, exist_ok=True)
         mom2 = stats.mom2.double().contiguous().cpu()
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        try:
-            save_file({"mom2": mom2}, tmp, metadata={"key": json.dumps(key, sort_keys=True), "sha256": _tensor_sha256(mom2)})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; caches are shared like other outputs
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return save_safetensors_atomic(path, {"mom2": mom2}, {"key": json.dumps(key, sort_keys=True),
+                                                              "sha256": _tensor_sha256(mom2)}, fsync=True)
 
 
 def _tensor_sha256(t: torch.Tensor) -> str:

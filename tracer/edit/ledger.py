@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import torch
 
 from ..errors import EditError, UnknownLayerError
+from ..files import save_safetensors_atomic
 from ..models import LanguageModel, as_model
 from ..stats import key_fingerprint
 
@@ -307,7 +307,6 @@ def _record_tensors(i: int, record) -> dict[str, torch.Tensor]:
 
 def save_records(records: Sequence, path: str | os.PathLike) -> Path:
     """Write ROME and MEMIT records to one safetensors file (tensors; the rest as JSON metadata), atomically."""
-    from safetensors.torch import save_file
 
     path = Path(path)
     if not path.parent.is_dir():
@@ -316,16 +315,7 @@ def save_records(records: Sequence, path: str | os.PathLike) -> Path:
         _check_record(r)
     tensors = {k: v for i, r in enumerate(records) for k, v in _record_tensors(i, r).items()}
     meta = {"format": _LEDGER_FORMAT, "records": [r.to_dict() for r in records]}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"factscope_ledger": json.dumps(meta)})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return save_safetensors_atomic(path, tensors, {"factscope_ledger": json.dumps(meta)})
 
 
 def load_records(path: str | os.PathLike) -> list:

@@ -367,21 +367,11 @@ def _read_z_checkpoints(directory: Path, wanted: set[str]) -> dict[str, tuple[to
 
 
 def _write_z_checkpoint(directory: Path, keys: list[str], z: torch.Tensor, losses: list[list[float]]) -> None:
-    import os
-    import tempfile
-
-    from safetensors.torch import save_file
+    from ..files import save_safetensors_atomic
 
     name = "z-" + hashlib.sha256("".join(keys).encode()).hexdigest()[:16] + ".safetensors"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file({"z": z.detach().float().contiguous().cpu()}, tmp,
-                  metadata={"factscope_z": json.dumps({"keys": keys, "losses": losses})})
-        os.replace(tmp, directory / name)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_safetensors_atomic(directory / name, {"z": z.detach().float().contiguous().cpu()},
+                            {"factscope_z": json.dumps({"keys": keys, "losses": losses})})
 
 
 def _steps_taken(curve: list[float], stop: float) -> int:
