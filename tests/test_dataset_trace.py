@@ -175,6 +175,10 @@ def test_cli_end_to_end(tiny, tmp_path, capsys):
     assert row.split(" | ")[1 + peak].startswith("**") and row.endswith(f"| {peak} | 2 |")
     assert main(["averages", str(tmp_path)]) == 2  # not a trace-dataset directory
     assert "no facts/ folder" in capsys.readouterr().err
+    assert main(["averages", str(out), "--n-boot", "0"]) == 2
+    assert "--n-boot must be >= 1" in capsys.readouterr().err
+    assert main(["trace-dataset", "--facts", str(facts), "--out", str(out), "--shard", "2/2"]) == 2  # before loading
+    assert "0 <= K < N" in capsys.readouterr().err
 
 
 def test_sigkilled_process_resumes_to_identical_files(tiny, tmp_path):

@@ -332,3 +332,9 @@ def test_eval_table_combines_runs(tmp_path, capsys):
     assert html_path.read_text().startswith("<!DOCTYPE") and "<script" not in html_path.read_text()
     assert main(["eval-table", str(tmp_path)]) == 2  # not an evaluation directory
     assert "settings.json" in capsys.readouterr().err
+    settings = json.loads((tmp_path / "ftl" / "settings.json").read_text())
+    settings["settings"]["dataset"] = "zsre"
+    (tmp_path / "zs").mkdir()
+    (tmp_path / "zs" / "settings.json").write_text(json.dumps(settings))
+    assert main(["eval-table", str(tmp_path / "none"), str(tmp_path / "zs")]) == 2
+    assert "different datasets" in capsys.readouterr().err
