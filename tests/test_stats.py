@@ -57,7 +57,7 @@ def test_cache_writes_once_and_reloads_identical(tiny_lm, tmp_path):
     cache = StatsCache(tmp_path)
     first = cache.get(lm, 1, n, TEXTS, corpus_name="three", chunk_tokens=64, progress=False)
     files = list(tmp_path.glob("*.safetensors"))
-    assert len(files) == 1 and not list(tmp_path.glob(".tmp-*"))
+    assert len(files) == 1 and not list(tmp_path.glob(".*.tmp"))
     mtime = files[0].stat().st_mtime_ns
     second = cache.get(lm, 1, n, TEXTS, corpus_name="three", chunk_tokens=64, progress=False)
     assert files[0].stat().st_mtime_ns == mtime

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -31,6 +30,7 @@ from typing import Iterable
 from tqdm.auto import tqdm
 
 from .errors import DatasetError, HyperParameterError
+from .files import stray_writer_dead, write_json_atomic
 from .knowns import load_facts, normalize_facts
 from .models import LanguageModel, as_model
 from .noise import resolve_noise
@@ -93,14 +93,9 @@ def fact_file_name(known_id) -> str:
     return key if _SAFE_ID.match(key) else "id-" + hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
-def write_json_atomic(path: Path, data) -> None:
-    """Write ``data`` as JSON to ``path`` via a temporary file and a rename (never half a file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _save(path: Path, data) -> None:
+    """Per-fact and run files: sorted keys (same bytes on every run), flushed to disk before the rename."""
+    write_json_atomic(path, data, sort_keys=True, fsync=True)
 
 
 def _check_kinds(kinds: Iterable[str], severed: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -114,23 +109,6 @@ def _check_kinds(kinds: Iterable[str], severed: Iterable[str]) -> tuple[tuple[st
     if not kinds and not severed:
         raise HyperParameterError("nothing to trace: pass at least one kind or severed path")
     return tuple(dict.fromkeys(kinds)), tuple(dict.fromkeys(severed))
-
-
-def _writer_alive(tmp: Path) -> bool:
-    """Whether the process that is writing ``.<name>.<pid>.tmp`` still runs."""
-    try:
-        pid = int(tmp.name.rsplit(".", 2)[-2])
-    except (ValueError, IndexError):
-        return False
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def parse_shard(value: "str | tuple[int, int] | None") -> tuple[int, int] | None:
@@ -150,7 +128,7 @@ def _prepare_dir(out_dir: Path, settings: DatasetTraceSettings) -> None:
     for sub in ("facts", "failed"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
         for stray in (out_dir / sub).glob(".*.tmp"):  # left by a killed run (not by a live shard)
-            if not _writer_alive(stray):
+            if stray_writer_dead(stray):
                 stray.unlink(missing_ok=True)
     run_file = out_dir / "run.json"
     if run_file.is_file():
@@ -163,7 +141,7 @@ def _prepare_dir(out_dir: Path, settings: DatasetTraceSettings) -> None:
             raise DatasetError(f"{out_dir} holds a run with different settings ({', '.join(diff)}); "
                                "resume with the same settings or use a new --out directory")
     else:
-        write_json_atomic(run_file, settings.to_dict())
+        _save(run_file, settings.to_dict())
 
 
 def _trace_fact(lm: LanguageModel, fact: dict, s: DatasetTraceSettings) -> dict[str, dict]:
@@ -241,12 +219,12 @@ def trace_dataset(
             except Exception as e:  # recorded, not fatal; KeyboardInterrupt still stops the run
                 n_failed += 1
                 log.warning("fact %s failed: %s: %s", fact["known_id"], type(e).__name__, e)
-                write_json_atomic(out_dir / "failed" / f"{name}.json",
-                                  {"index": index, "fact": fact, "error": f"{type(e).__name__}: {e}"})
+                _save(out_dir / "failed" / f"{name}.json",
+                      {"index": index, "fact": fact, "error": f"{type(e).__name__}: {e}"})
                 status = "failed"
             else:
                 n_ok += 1
-                write_json_atomic(out_dir / "facts" / f"{name}.json", {"index": index, "fact": fact, "traces": traces})
+                _save(out_dir / "facts" / f"{name}.json", {"index": index, "fact": fact, "traces": traces})
                 (out_dir / "failed" / f"{name}.json").unlink(missing_ok=True)
                 status = "ok"
             log_file.write(json.dumps({"id": fact["known_id"], "status": status,

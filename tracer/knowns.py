@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import DatasetError
+from .files import write_json_atomic
 from .layers import get_module
 from .models import LanguageModel, as_model, right_pad
 
@@ -112,11 +113,7 @@ class KnownFacts:
                    n_checked=int(f["n_checked"]), facts=list(d["facts"]))
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)
+        write_json_atomic(path, self.to_dict(), indent=1)
 
     @classmethod
     def load(cls, path: str | Path) -> "KnownFacts":

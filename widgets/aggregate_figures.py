@@ -25,6 +25,7 @@ from bokeh.plotting import figure
 from bokeh.resources import INLINE
 
 from tracer.aggregate import BUCKET_LABELS, BUCKETS, EffectAverages
+from tracer.files import write_text_atomic
 
 from .figures import TABLE_CSS
 from .report import build_report
@@ -162,9 +163,4 @@ def averages_html(averages: Mapping[str, EffectAverages], **kw) -> str:
 
 def write_html(averages: Mapping[str, EffectAverages], path: str | Path, **kw) -> Path:
     """Write :func:`averages_html` to ``path`` atomically; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(averages_html(averages, **kw), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, averages_html(averages, **kw))

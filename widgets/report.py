@@ -22,6 +22,7 @@ from bokeh.models import Div
 from bokeh.resources import INLINE
 
 from tracer.lens import LensResult
+from tracer.files import write_text_atomic
 from tracer.trace_result import TraceResult
 
 from .figures import TABLE_CSS, edit_comparison, lens_comparison, lens_figure, trace_grid
@@ -95,10 +96,4 @@ def report_html(**kwargs) -> str:
 
 def save_report(path: str | Path, **kwargs) -> Path:
     """Write the report (see :func:`build_report` for the arguments) to ``path``; returns it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = report_html(**kwargs)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, report_html(**kwargs))

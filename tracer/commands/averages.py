@@ -25,13 +25,14 @@ def report(out_dir: Path, *, n_boot: int, json_path: Path | None = None, html: P
            title: str | None = None, markdown: str | None = None) -> int:
     """Aggregate, write JSON (and HTML), print one line per kind; 1 when nothing is finished yet."""
     from tracer.aggregate import aggregate_all, layer_table
-    from tracer.dataset_trace import load_traces, write_json_atomic
+    from tracer.dataset_trace import load_traces
+    from tracer.files import write_json_atomic
 
     averages = aggregate_all(load_traces(out_dir), n_boot=n_boot)
     if not averages:
         print(f"no finished traces to average in {out_dir}")
         return 1
-    write_json_atomic(json_path or out_dir / "averages.json", {k: v.to_dict() for k, v in averages.items()})
+    write_json_atomic(json_path or out_dir / "averages.json", {k: v.to_dict() for k, v in averages.items()}, sort_keys=True)
     for label, avg in averages.items():
         layer, value = avg.peak("last_subject")
         late, late_value = avg.peak("last")

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import FactscopeError, HyperParameterError
+from ..files import write_json_atomic
 from ..models import LanguageModel, as_model, cache_dir
 from .generation import generate
 from .metrics import case_scores, measure_probabilities, reference_text, summarize
@@ -60,11 +60,7 @@ class EvalSettings:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, indent=1, default=str)
 
 
 def _generation_metrics(lm: LanguageModel, case: Case, tfidf: Tfidf | None, n_prompts: int | None, length: int,
