@@ -11,6 +11,15 @@ after on up to ``--eval`` of the edited cases. ``--rome N`` applies ROME edits o
 to show where sequential ROME breaks. Times are printed with their ratio to the smallest size;
 ``cpu_s`` (process CPU time) is the figure to trust on a shared machine.
 Threads are fixed with ``--threads`` (default 1) and printed.
+
+The 10,000-edit run is ~13 CPU-hours of z optimisation on the embedded model (one core); it can be
+done ahead, in pieces and in parallel, into the checkpoint directory the measured run then reads::
+
+    python bench/memit_scale.py --sizes 10000 --checkpoint out/bench_z --z-only --shard 0/2 &
+    python bench/memit_scale.py --sizes 10000 --checkpoint out/bench_z --z-only --shard 1/2
+    python bench/memit_scale.py --sizes 10,100,1000,10000 --checkpoint out/bench_z --eval 500
+
+(a measured run with reused z reports ``z_reused``, and its ``z_s`` covers only new work).
 """
 from __future__ import annotations
 
@@ -25,7 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tracer.edit.memit import MemitHyperParams, compute_memit, load_statistics, context_templates  # noqa: E402
+from tracer.dataset_trace import parse_shard  # noqa: E402
+from tracer.edit.memit import MemitHyperParams, compute_memit, compute_zs, context_templates, load_statistics  # noqa: E402
 from tracer.evaluate import case_scores, load_cases, measure_probabilities, summarize  # noqa: E402
 from tracer.models import load_model  # noqa: E402
 
@@ -49,15 +59,36 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--checkpoint", type=Path, default=None,
                     help="keep each z chunk here so an interrupted run resumes (times then count only new work)")
+    ap.add_argument("--z-only", action="store_true",
+                    help="only optimise (and checkpoint) z for the first max(--sizes) cases, then stop")
+    ap.add_argument("--shard", default=None, help="with --z-only: K/N, this process takes cases K, K+N, K+2N, ...")
     args = ap.parse_args()
+    if args.z_only and args.checkpoint is None:
+        ap.error("--z-only needs --checkpoint (that is where the z go)")
+    if args.shard is not None and not args.z_only:
+        ap.error("--shard splits the z work only; add --z-only")
+    try:
+        shard = parse_shard(args.shard) or (0, 1)
+    except ValueError as e:
+        ap.error(str(e))
     torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
     lm = load_model("smollm2-135m", device="cpu")
     cases = load_cases("counterfact-10k", limit=max(sizes + [args.rome]))
     hp = MemitHyperParams.for_model(lm)
+    templates = context_templates(lm, hp)
+    if args.z_only:
+        part = cases[:max(sizes)][shard[0]::shard[1]]
+        t, cpu = time.perf_counter(), time.process_time()
+        z = compute_zs(lm, part, hp, templates, checkpoint_dir=args.checkpoint)
+        new = len(part) - z.reused
+        wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+        print(json.dumps({"z_only": len(part), "shard": f"{shard[0]}/{shard[1]}", "reused": z.reused, "new": new,
+                          "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+                          "cpu_s_per_new_z": round(cpu / new, 2) if new else None}), flush=True)
+        return
     t = time.perf_counter()
     statistics = load_statistics(lm, hp, None)
-    templates = context_templates(lm, hp)
     print(f"threads {args.threads}; layers {list(hp.layers)}; lambda {hp.mom2_weight}; statistics {time.perf_counter() - t:.1f} s")
     results = []
     for n in sizes:
