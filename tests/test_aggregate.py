@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tracer.aggregate import (BUCKETS, EffectAverages, RaggedTraces, aggregate, bucket_effects, bucket_masks,
-                              trace_label)
+                              layer_table, trace_label)
 from tracer.errors import DatasetError
 from tracer.trace_result import NoiseSpec, TraceResult
 
@@ -104,6 +104,8 @@ def ragged_inputs(draw):
     # magnitudes over six decades, so that a different summation order would change the bits
     scores = rng.standard_normal((total, n_layers)) * 10.0 ** rng.uniform(-3, 3, (total, n_layers))
     low, high = rng.random(n_facts) * 0.1, rng.random(n_facts)
+    if draw(st.booleans()):  # some rows not traced (NaN), as with tokens="last_subject"
+        scores[rng.random(total) < 0.4] = np.nan
     return ragged_from(facts, n_layers, scores, low, high), seed
 
 
@@ -188,3 +190,30 @@ def test_labels_and_bad_input():
         ragged_from([(3, 2, 4)])
     with pytest.raises(DatasetError, match="layer counts"):
         aggregate(random_traces(2, n_layers=3) + random_traces(2, n_layers=4))
+
+
+def test_untraced_rows_count_in_no_bucket():
+    """A trace of the last subject token only gives that bucket's numbers of the full trace (and
+    the same total effect); every other bucket is empty (NaN), not zero."""
+    full = random_traces(12, seed=3)
+    last_only = []
+    for t in full:
+        scores = np.full_like(t.scores, np.nan)
+        scores[t.subject_span[1] - 1] = t.scores[t.subject_span[1] - 1]
+        last_only.append(make_trace(scores, t.subject_span, t.low_score, t.high_score, severed="mlp"))
+    for backend in ("numba", "numpy"):
+        a = aggregate(full, n_boot=30, backend=backend)
+        b = aggregate(last_only, n_boot=30, backend=backend)
+        i = BUCKETS.index("last_subject")
+        assert np.array_equal(a.indirect[i], b.indirect[i]) and np.array_equal(a.indirect_ci[:, i], b.indirect_ci[:, i])
+        assert b.cells[i] == 12 and b.facts[i] == 12
+        # the last subject token is also the first one for a one-token subject, and the last token
+        # when the subject ends the prompt; nothing else is traced
+        one_token = sum(t.subject_span[1] - t.subject_span[0] == 1 for t in full)
+        at_end = sum(t.subject_span[1] == len(t.tokens) for t in full)
+        assert b.cells.tolist() == [one_token, 0, 12, 0, 0, at_end]
+        assert np.isnan(b.indirect[b.cells == 0]).all() and 0 < one_token < 12
+        assert b.total_effect == pytest.approx(np.mean([t.high_score - t.low_score for t in full]), abs=1e-12)
+        assert b.total_effect == pytest.approx(a.total_effect, abs=1e-12)
+        assert b.peak_text("last") == "not traced" and b.peak_text("last_subject").startswith("layer ")
+        assert "| – |" in layer_table({"x": b}, "last")

@@ -62,4 +62,4 @@ def test_standalone_html(averages):
     rows = summary_rows(averages)
     assert [r["kind"] for r in rows] == ["hidden", "mlp", "attn", "hidden-severed-mlp"]
     layer, value = averages["mlp"].peak("last_subject")
-    assert rows[1]["AIE peak, last subject token"] == f"layer {layer}: {value:.3f}"
+    assert rows[1]["AIE peak, last subject token"] == f"layer {layer} ({value:.3f})"

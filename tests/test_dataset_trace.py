@@ -219,3 +219,25 @@ def test_sigkilled_process_resumes_to_identical_files(tiny, tmp_path):
     assert proc.returncode == -signal.SIGKILL and 1 <= done < len(facts), "the kill must land mid-run"
     assert cli(killed).wait(timeout=600) == 0
     assert snapshot(killed) == snapshot(whole)
+
+
+def test_severed_traces_at_the_last_subject_token_and_older_runs(tiny, tmp_path):
+    out = tmp_path / "sev"
+    dt.trace_dataset(tiny, FACTS[:2], out, severed=("mlp",), **SETTINGS)
+    grouped = dt.load_traces(out)
+    for plain, sev in zip(grouped["hidden"], grouped["hidden-severed-mlp"]):
+        e = plain.subject_span[1]
+        assert sev.traced_tokens == [e - 1] and sev.severed == "mlp"
+    avg = aggregate_all(grouped, n_boot=10)["hidden-severed-mlp"]
+    assert avg.cells.tolist() == [0, 0, 2, 0, 0, 0] and avg.total_effect == pytest.approx(
+        aggregate_all(grouped, n_boot=10)["hidden"].total_effect)
+    # a run.json written before severed_tokens existed traced every token: resuming it with the
+    # new default is refused by name; asking for "all" resumes it
+    run = json.loads((out / "run.json").read_text())
+    del run["severed_tokens"]
+    (out / "run.json").write_text(json.dumps(run))
+    with pytest.raises(DatasetError, match="severed_tokens"):
+        dt.trace_dataset(tiny, FACTS[:2], out, severed=("mlp",), **SETTINGS)
+    assert dt.trace_dataset(tiny, FACTS[:2], out, severed=("mlp",), severed_tokens="all", **SETTINGS).already_done == 2
+    with pytest.raises(HyperParameterError, match="severed_tokens must be"):
+        dt.trace_dataset(tiny, FACTS[:2], out, severed=("mlp",), severed_tokens="first", **SETTINGS)

@@ -57,6 +57,32 @@ def test_first_and_last_cells_have_exact_meaning():
     assert r.answer == lm.decode(r.answer_id)
 
 
+@pytest.mark.parametrize("severed", [None, "mlp"])
+def test_selected_token_rows_equal_the_full_trace_bit_for_bit(severed):
+    lm = make_tiny_model("llama")
+    common = dict(noise=0.5, samples=3, severed=severed, progress=False)
+    full = trace(lm, PROMPT, SUBJECT, "hidden", **common)
+    last = trace(lm, PROMPT, SUBJECT, "hidden", tokens="last_subject", **common)
+    b, e = full.subject_span
+    assert last.traced_tokens == [e - 1]
+    assert np.array_equal(last.scores[e - 1], full.scores[e - 1])  # same batches, same bits
+    assert np.isnan(np.delete(last.scores, e - 1, axis=0)).all()
+    assert (last.low_score, last.high_score) == (full.low_score, full.high_score)
+    assert last.n_forward < full.n_forward
+    # a before-subject row is the corrupted score without a forward pass; positions are de-duplicated
+    some = trace(lm, PROMPT, SUBJECT, "hidden", tokens=[e, 0, e], **common)
+    assert some.traced_tokens == [0, e] and np.all(some.scores[0] == full.low_score)
+    assert np.array_equal(some.scores[e], full.scores[e])
+    # NaN rows: JSON has null there and reads back; strongest() ignores them
+    back = TraceResult.from_dict(json.loads(json.dumps(last.to_dict(), allow_nan=False)))
+    assert np.array_equal(back.scores, last.scores, equal_nan=True)
+    assert all(t == e - 1 for t, _, _ in last.strongest(50)) and len(last.strongest(50)) == lm.n_layers
+    with pytest.raises(HyperParameterError, match="'all', 'last_subject' or a list"):
+        trace(lm, PROMPT, SUBJECT, "hidden", tokens="first", **common)
+    with pytest.raises(HyperParameterError, match=r"0\.\.\d+ for this prompt"):
+        trace(lm, PROMPT, SUBJECT, "hidden", tokens=[99], **common)
+
+
 def test_plan_batches_covers_units_once_and_respects_budget():
     units = [(3, layer, (layer,)) for layer in range(30)]
     batches = _plan_batches(units, tokens_per_unit=50, n_layers=30, budget=400, overhead=100)

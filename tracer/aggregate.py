@@ -15,6 +15,8 @@ Figure 2/3 rows, ROME's ``average_causal_effects.ipynb``)::
     last            token n-1                 (can also be last_subject or first_after)
 
 Tokens before the subject belong to no bucket. A token in two buckets counts in both, as in ROME.
+Rows that were not traced (NaN, e.g. ``tokens="last_subject"``) count in no bucket; a bucket with
+no traced cell averages to NaN.
 Within a bucket every (fact, token) cell has equal weight (ROME pools middle and further tokens
 the same way). Per cell the indirect effect is ``score - low_score`` of its fact and the total
 effect ``high_score - low_score``; the bucket averages are means over cells. (ROME subtracts the
@@ -156,6 +158,8 @@ def _fact_sums_numba(scores, offsets, starts, ends, low, high):
         n = offsets[f + 1] - o
         te = high[f] - low[f]
         for t in range(starts[f], n):
+            if np.isnan(scores[o + t, 0]):  # a row that was not traced
+                continue
             k = _buckets_of(t, starts[f], ends[f], n, which)
             for j in range(k):
                 b = which[j]
@@ -186,13 +190,13 @@ def _resample_numba(sums, counts, idx):
 
 
 def bucket_masks(r: RaggedTraces) -> tuple[np.ndarray, np.ndarray]:
-    """``(fact_of_row [rows], masks [bucket, rows])``: which flat rows fall in which bucket."""
+    """``(fact_of_row [rows], masks [bucket, rows])``: which flat (traced) rows fall in which bucket."""
     lengths = np.diff(r.offsets)
     fact = np.repeat(np.arange(r.n_facts), lengths)
     t = np.arange(len(r.scores)) - r.offsets[fact]
     s, e, n = r.subject_start[fact], r.subject_end[fact], lengths[fact]
     masks = np.stack([t == s, (t > s) & (t < e - 1), t == e - 1, t == e, (t > e) & (t < n - 1), t == n - 1])
-    return fact, masks
+    return fact, masks & ~np.isnan(r.scores[:, 0])  # untraced (NaN) rows are in no bucket
 
 
 def _fact_sums_numpy(r: RaggedTraces) -> tuple[np.ndarray, np.ndarray]:
@@ -283,10 +287,29 @@ class EffectAverages:
         layer = int(np.nanargmax(row))
         return layer, float(row[layer])
 
+    def peak_text(self, name: str) -> str:
+        """``"layer L (0.123)"`` for :meth:`peak`, or ``"not traced"`` when the bucket has no cells."""
+        if np.isnan(self.bucket(name)).all():
+            return "not traced"
+        layer, value = self.peak(name)
+        return f"layer {layer} ({value:.3f})"
+
+    def _total_bucket(self) -> int:
+        """The one-cell-per-fact bucket the total effect is read from: ``"last"``, or
+        ``"last_subject"`` when only that token was traced."""
+        last = self._index("last")
+        return self._index("last_subject") if np.isnan(self.total[last]) else last
+
     @property
     def total_effect(self) -> float:
         """Average total effect over facts, ``mean(high - low)``."""
-        return float(self.total[self._index("last")])
+        return float(self.total[self._total_bucket()])
+
+    @property
+    def total_effect_ci(self) -> tuple[float, float]:
+        """Bootstrap bounds of :attr:`total_effect`."""
+        i = self._total_bucket()
+        return float(self.total_ci[0, i]), float(self.total_ci[1, i])
 
     def _index(self, name: str) -> int:
         if name not in self.buckets:
@@ -400,7 +423,7 @@ def layer_table(averages: dict[str, EffectAverages], bucket: str = "last_subject
     rows = [head, "|" + "---|" * (n_layers + 3)]
     for label, a in averages.items():
         row = a.bucket(bucket)
-        peak, _ = a.peak(bucket)
+        peak = a.peak(bucket)[0] if not np.isnan(row).all() else "–"
         cells = ["–" if np.isnan(v) else (f"**{v:.{digits}f}**" if i == peak else f"{v:.{digits}f}") for i, v in enumerate(row)]
         cells += [""] * (n_layers - len(cells))
         rows.append(f"| {label} | " + " | ".join(cells) + f" | {peak} | {a.n_facts} |")

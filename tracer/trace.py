@@ -26,6 +26,7 @@ import inspect
 import math
 import time
 from dataclasses import dataclass
+from typing import Literal, Sequence, Union
 
 import torch
 from einops import repeat
@@ -38,6 +39,9 @@ from .models import LanguageModel, as_model
 from .noise import corrupt, draw_noise, resolve_noise
 from .subject import tokenize_with_subject
 from .trace_result import KINDS, NoiseSpec, TraceKind, TraceResult
+
+#: which token rows a trace computes: every one, the last subject token, or given positions
+TokenSelection = Union[Literal["all", "last_subject"], Sequence[int]]
 
 #: tokens (rows x positions) per batch of the batched engine; bounds activation memory
 DEFAULT_BATCH_TOKENS = {"cpu": 6144, "cuda": 131072}
@@ -65,6 +69,7 @@ def trace_all(
     seed: int = 1,
     naive: bool = False,
     severed: TraceKind | None = None,
+    tokens: TokenSelection = "all",
     batch_tokens: int | None = None,
     progress: bool = True,
 ) -> dict[str, TraceResult]:
@@ -76,6 +81,8 @@ def trace_all(
     - ``window``: consecutive MLP/attention layers restored together (``mlp``/``attn`` kinds).
     - ``severed``: with ``kind="hidden"``, hold the ``"mlp"`` or ``"attn"`` outputs of all layers
       above the restored one at their corrupted values at the restored token (paper, Fig. 7).
+    - ``tokens``: the token rows to trace: ``"all"``, ``"last_subject"`` (the paper's Fig. 7 and
+      its per-fact bar charts) or a list of positions; rows not traced are NaN.
     - ``batch_tokens``: rows x positions per forward pass of the batched engine.
     """
     lm = as_model(model)
@@ -83,13 +90,15 @@ def trace_all(
     started = time.perf_counter()
     spec = resolve_noise(lm, noise, noise_mode, "uniform" if uniform_noise else "gaussian", replace)
     run = _prepare(lm, prompt, subject, spec, samples, seed, kinds, severed)
+    rows = _token_rows(tokens, len(run.ids), run.span)
     prep_seconds = time.perf_counter() - started
     budget = batch_tokens or DEFAULT_BATCH_TOKENS.get(lm.device.type, DEFAULT_BATCH_TOKENS["cpu"])
     results = {}
     for kind in kinds:
         t0 = time.perf_counter()
-        units = _units(lm.n_layers, len(run.ids), run.span[0] if not naive else 0, kind, window)
-        scores = torch.full((len(run.ids), lm.n_layers), run.low_score, dtype=torch.float64)
+        units = _units(lm.n_layers, [t for t in rows if naive or t >= run.span[0]], kind, window)
+        scores = torch.full((len(run.ids), lm.n_layers), math.nan, dtype=torch.float64)
+        scores[rows] = run.low_score  # tokens before the subject see no noise: restoring them changes nothing
         if naive:
             n_forward = _run_naive(run, kind, units, severed, scores, progress)
         else:
@@ -212,10 +221,29 @@ def _prepare(lm, prompt, subject, spec, samples, seed, kinds, severed) -> _Run:
     return run
 
 
-def _units(n_layers: int, n_tokens: int, first_token: int, kind: TraceKind, window: int) -> list[tuple[int, int, tuple[int, ...]]]:
-    """(token, layer, restored layers) for every heatmap cell from ``first_token`` on, ROME's windows."""
+def _token_rows(tokens: TokenSelection, n_tokens: int, span: tuple[int, int]) -> list[int]:
+    """Positions to trace for ``tokens`` (validated: a user's choice)."""
+    if isinstance(tokens, str):
+        if tokens == "all":
+            return list(range(n_tokens))
+        if tokens == "last_subject":
+            return [span[1] - 1]
+        raise HyperParameterError(f"tokens must be 'all', 'last_subject' or a list of positions, got {tokens!r}")
+    try:
+        rows = sorted({int(t) for t in tokens})
+    except (TypeError, ValueError):
+        raise HyperParameterError(f"tokens must be 'all', 'last_subject' or a list of positions, got {tokens!r}") from None
+    bad = [t for t in rows if not 0 <= t < n_tokens]
+    if bad or not rows:
+        raise HyperParameterError(f"token positions must lie in 0..{n_tokens - 1} for this prompt ({n_tokens} tokens), "
+                                  f"got {list(tokens)!r}")
+    return rows
+
+
+def _units(n_layers: int, rows: list[int], kind: TraceKind, window: int) -> list[tuple[int, int, tuple[int, ...]]]:
+    """(token, layer, restored layers) for every heatmap cell of the token ``rows``, ROME's windows."""
     units = []
-    for t in range(first_token, n_tokens):
+    for t in rows:
         for layer in range(n_layers):
             if kind == "hidden":
                 layers = (layer,)

@@ -54,7 +54,8 @@ class TraceResult:
 
     ``scores[token, layer]`` is the mean (over noise samples) probability of the clean answer
     after restoring that site; ``low_score`` is the fully corrupted run, ``high_score`` the clean
-    run. ``subject_span`` is ``[start, end)`` in token positions. ``severed`` names the module kind
+    run; rows of tokens that were not traced (``tokens=`` of :func:`tracer.trace.trace_all`) are
+    NaN. ``subject_span`` is ``[start, end)`` in token positions. ``severed`` names the module kind
     held at its corrupted value in all layers above the restored one (None for a plain trace).
     """
 
@@ -87,14 +88,20 @@ class TraceResult:
         """``scores - low_score``, shape ``[token, layer]``."""
         return self.scores - self.low_score
 
+    @property
+    def traced_tokens(self) -> list[int]:
+        """Positions whose row was traced (not NaN)."""
+        return [int(t) for t in np.flatnonzero(~np.isnan(self.scores).all(axis=1))]
+
     def strongest(self, k: int = 5) -> list[tuple[int, int, float]]:
-        """The ``k`` (token, layer, score) cells with the highest score."""
-        flat = np.argsort(self.scores, axis=None)[::-1][:k]
+        """The ``k`` (token, layer, score) traced cells with the highest score."""
+        ranked = np.where(np.isnan(self.scores), -np.inf, self.scores)
+        flat = np.argsort(ranked, axis=None)[::-1][:min(k, int((~np.isnan(self.scores)).sum()))]
         return [(int(t), int(l), float(self.scores[t, l])) for t, l in zip(*np.unravel_index(flat, self.scores.shape))]
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["scores"] = self.scores.tolist()
+        d["scores"] = np.where(np.isnan(self.scores), None, self.scores).tolist()  # JSON has no NaN: null
         d["subject_span"] = list(self.subject_span)
         d["noise"] = self.noise.to_dict()
         return d

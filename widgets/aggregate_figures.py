@@ -118,13 +118,11 @@ def summary_rows(averages: Mapping[str, EffectAverages]) -> list[dict]:
     """One row per kind: facts, mean low/high score, ATE with CI, AIE peaks at last subject / last token."""
     rows = []
     for label, a in averages.items():
-        last = a.buckets.index("last")
-        ls_layer, ls_value = a.peak("last_subject")
-        lt_layer, lt_value = a.peak("last")
+        lo, hi = a.total_effect_ci
         rows.append({"kind": label, "facts": a.n_facts, "low": round(a.low_score, 4), "high": round(a.high_score, 4),
-                     "ATE": f"{a.total_effect:.3f} [{a.total_ci[0, last]:.3f}, {a.total_ci[1, last]:.3f}]",
-                     "AIE peak, last subject token": f"layer {ls_layer}: {ls_value:.3f}",
-                     "AIE peak, last token": f"layer {lt_layer}: {lt_value:.3f}"})
+                     "ATE": f"{a.total_effect:.3f} [{lo:.3f}, {hi:.3f}]",
+                     "AIE peak, last subject token": a.peak_text("last_subject"),
+                     "AIE peak, last token": a.peak_text("last")})
     return rows
 
 

@@ -34,10 +34,8 @@ def report(out_dir: Path, *, n_boot: int, json_path: Path | None = None, html: P
         return 1
     write_json_atomic(json_path or out_dir / "averages.json", {k: v.to_dict() for k, v in averages.items()}, sort_keys=True)
     for label, avg in averages.items():
-        layer, value = avg.peak("last_subject")
-        late, late_value = avg.peak("last")
         print(f"{label:<20} {avg.n_facts} facts  ATE {avg.total_effect:.3f}  AIE peak at last subject token: "
-              f"layer {layer} ({value:.3f}); at last token: layer {late} ({late_value:.3f})")
+              f"{avg.peak_text('last_subject')}; at last token: {avg.peak_text('last')}")
     if markdown:
         print(layer_table(averages, markdown))
     if html is not None:

@@ -24,6 +24,9 @@ def register(subparsers) -> None:
     p.add_argument("--kind", default="all", help="all, none, or a comma list of hidden,mlp,attn (default all)")
     p.add_argument("--severed", default="", help="comma list of mlp,attn: add hidden traces with that path severed "
                                                  "(the paper's Figure 7)")
+    p.add_argument("--severed-tokens", default="last_subject", choices=("last_subject", "all"),
+                   help="token rows of the severed traces: the last subject token, as the paper's Figure 7 "
+                        "(default), or every token (≈ 6x the work of those traces)")
     p.add_argument("--limit", type=int, default=None, help="only the first N facts of the file")
     p.add_argument("--out", type=Path, required=True, help="output directory (resumed when it exists)")
     p.add_argument("--samples", type=int, default=10)
@@ -53,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     summary = trace_dataset(lm, args.facts, args.out, kinds=_kinds(args.kind), severed=severed,
                             samples=args.samples, noise=args.noise, noise_mode=args.noise_mode, window=args.window,
                             seed=args.seed, limit=args.limit, retry_failed=args.retry_failed,
-                            shard=parse_shard(args.shard))
+                            severed_tokens=args.severed_tokens, shard=parse_shard(args.shard))
     print(f"{summary.traced} traced, {summary.failed} failed, {summary.already_done} already done "
           f"of {summary.selected} facts in {summary.seconds:.0f} s -> {args.out}")
     for rec in load_failures(args.out)[:5]:
