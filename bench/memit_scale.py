@@ -46,6 +46,12 @@ def scores(lm, cases):
     return {k: round(s[k]["mean"], 1) for k in ("ES", "PS", "NS", "S") if k in s}
 
 
+def gpu_peak(lm) -> dict:
+    if lm.device.type != "cuda":
+        return {}
+    return {"peak_gpu_mb": round(torch.cuda.max_memory_allocated(lm.device) / 2**20)}
+
+
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -56,6 +62,9 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=200, help="edited cases measured per size")
     ap.add_argument("--rome", type=int, default=0, help="sequential ROME edits (0: skip)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda; on cuda peak GPU memory is reported too")
+    ap.add_argument("--memory-mb", type=int, default=None,
+                    help="activation budget of one z chunk (MemitHyperParams.memory_mb; default 2048): more on a GPU")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--checkpoint", type=Path, default=None,
                     help="keep each z chunk here so an interrupted run resumes (times then count only new work)")
@@ -73,9 +82,9 @@ def main() -> None:
         ap.error(str(e))
     torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
-    lm = load_model("smollm2-135m", device="cpu")
+    lm = load_model("smollm2-135m", device=args.device)
     cases = load_cases("counterfact-10k", limit=max(sizes + [args.rome]))
-    hp = MemitHyperParams.for_model(lm)
+    hp = MemitHyperParams.for_model(lm, **({"memory_mb": args.memory_mb} if args.memory_mb else {}))
     templates = context_templates(lm, hp)
     if args.z_only:
         part = cases[:max(sizes)][shard[0]::shard[1]]
@@ -100,7 +109,7 @@ def main() -> None:
         after = scores(lm, ev)
         rec.revert(lm)
         row = {"n": n, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "z_s": round(rec.timings["z_s"], 1), "update_s": round(rec.timings["update_s"], 1), "z_reused": rec.timings["z_reused"],
-               "s_per_edit": round(wall / n, 3), "peak_rss_mb": round(peak_mb()), "before": before, "after": after}
+               "s_per_edit": round(wall / n, 3), "peak_rss_mb": round(peak_mb()), **gpu_peak(lm), "before": before, "after": after}
         results.append(row)
         print(json.dumps(row), flush=True)
     if results:
