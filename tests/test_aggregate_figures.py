@@ -63,3 +63,20 @@ def test_standalone_html(averages):
     assert [r["kind"] for r in rows] == ["hidden", "mlp", "attn", "hidden-severed-mlp"]
     layer, value = averages["mlp"].peak("last_subject")
     assert rows[1]["AIE peak, last subject token"] == f"layer {layer} ({value:.3f})"
+
+
+def test_layout_skips_per_bucket_plots_of_last_subject_only_severed_traces(averages):
+    from widgets.aggregate_figures import averages_layout
+
+    assert averages_layout(averages).select_one({"name": "aie-hidden-severed-mlp"}) is not None
+    one_row = []
+    for t in random_traces(25, seed=0, n_layers=6):
+        scores = np.full_like(t.scores, np.nan)
+        scores[t.subject_span[1] - 1] = t.scores[t.subject_span[1] - 1]
+        one_row.append(make_trace(scores, t.subject_span, t.low_score, t.high_score, severed="mlp"))
+    last_only = dict(averages, **{"hidden-severed-mlp": aggregate(one_row, n_boot=20, seed=0)})
+    layout = averages_layout(last_only)
+    assert layout.select_one({"name": "aie-hidden-severed-mlp"}) is None
+    cut = layout.select_one({"name": "sev-hidden-severed-mlp"}).data["aie"]
+    assert np.isfinite(cut).all()
+    assert summary_rows(last_only)[3]["AIE peak, last token"] == "not traced"

@@ -149,8 +149,13 @@ def averages_layout(averages: Mapping[str, EffectAverages], *, title: str = "Ave
         parts.append(average_effects_row(averages))
     if "hidden" in averages and any(k.startswith("hidden-severed-") for k in averages):
         parts.append(severed_comparison(averages))
-        severed = [averages[k] for k in ("hidden-severed-mlp", "hidden-severed-attn") if k in averages]
-        parts.append(row(*[average_effect_figure(a) for a in severed]))
+        # per-bucket plots of the severed traces only when they were traced beyond the last subject
+        # token (which can also be the first subject token or the last token)
+        beyond = [BUCKETS.index(b) for b in ("middle_subject", "first_after", "further")]
+        severed = [averages[k] for k in ("hidden-severed-mlp", "hidden-severed-attn")
+                   if k in averages and averages[k].cells[beyond].any()]
+        if severed:
+            parts.append(row(*[average_effect_figure(a) for a in severed]))
     return column(*parts, name="averages")
 
 
