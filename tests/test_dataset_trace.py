@@ -179,6 +179,13 @@ def test_cli_end_to_end(tiny, tmp_path, capsys):
     assert "--n-boot must be >= 1" in capsys.readouterr().err
     assert main(["trace-dataset", "--facts", str(facts), "--out", str(out), "--shard", "2/2"]) == 2  # before loading
     assert "0 <= K < N" in capsys.readouterr().err
+    # argparse names the accepted values in one line (exit 2, no traceback)
+    with pytest.raises(SystemExit) as exit_:
+        main(["trace-dataset", "--facts", str(facts), "--out", str(out), "--severed-tokens", "first"])
+    assert exit_.value.code == 2 and "choose from 'last_subject', 'all'" in capsys.readouterr().err
+    # the averages line says a severed trace was not traced at the last token instead of failing
+    main(["averages", str(out), "--n-boot", "20"])
+    assert "at last token: not traced" in capsys.readouterr().out
 
 
 def test_sigkilled_process_resumes_to_identical_files(tiny, tmp_path):

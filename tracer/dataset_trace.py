@@ -184,7 +184,7 @@ def trace_dataset(
     ``kinds`` are traced with :func:`tracer.trace.trace_all`; each entry of ``severed`` adds a
     hidden-state trace with that path severed (``"mlp"``/``"attn"``, the paper's Figure 7), at the
     last subject token as in the paper (``severed_tokens="last_subject"``; ``"all"`` traces every
-    token, ≈ 5× the work of those traces on a typical prompt).
+    token from the subject on).
     ``retry_failed`` traces facts recorded under ``failed/`` again. ``shard=(k, n)`` (or ``"k/n"``)
     traces only the facts whose index in the file is k modulo n, so n processes (one per core or
     machine) can fill one directory together; the files are the same as from one process.

@@ -388,7 +388,6 @@ class StatsCache:
             raise StatisticsError("C = I is not cached; there is nothing to store")
         key = stats.cache_key()
         path = self.path_for(key)
-        self.directory.mkdir(parents=True, exist_ok=True)
         mom2 = stats.mom2.double().contiguous().cpu()
         return save_safetensors_atomic(path, {"mom2": mom2}, {"key": json.dumps(key, sort_keys=True),
                                                               "sha256": _tensor_sha256(mom2)}, fsync=True)

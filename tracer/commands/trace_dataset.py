@@ -26,7 +26,7 @@ def register(subparsers) -> None:
                                                  "(the paper's Figure 7)")
     p.add_argument("--severed-tokens", default="last_subject", choices=("last_subject", "all"),
                    help="token rows of the severed traces: the last subject token, as the paper's Figure 7 "
-                        "(default), or every token (≈ 5x the work of those traces on a typical prompt)")
+                        "(default), or every token from the subject on")
     p.add_argument("--limit", type=int, default=None, help="only the first N facts of the file")
     p.add_argument("--out", type=Path, required=True, help="output directory (resumed when it exists)")
     p.add_argument("--samples", type=int, default=10)

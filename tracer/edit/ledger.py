@@ -307,7 +307,6 @@ def _record_tensors(i: int, record) -> dict[str, torch.Tensor]:
 
 def save_records(records: Sequence, path: str | os.PathLike) -> Path:
     """Write ROME and MEMIT records to one safetensors file (tensors; the rest as JSON metadata), atomically."""
-
     path = Path(path)
     if not path.parent.is_dir():
         raise EditError(f"cannot write the ledger to {str(path)!r}: directory {str(path.parent)!r} does not exist")
