@@ -8,7 +8,12 @@ split into statistics / z optimisation / keys+solve, peak resident memory of the
 efficacy, paraphrase and neighbourhood scores (the reduced file's metrics, × 100) before and
 after on up to ``--eval`` of the edited cases. ``--rome N`` applies ROME edits one after another
 (no revert) and reports the same scores on all cases edited so far after 1, 2, 5, 10, ... edits,
-to show where sequential ROME breaks. Times are printed with their ratio to the smallest size;
+to show where sequential ROME breaks. ``--sequential N`` writes the first N cases as consecutive
+MEMIT batches of ``--seq-batch`` (each on the model the earlier ones edited, C from the unedited
+model) and after every batch prints the health read-out (Frobenius norm of each edited matrix over
+the original, perplexity on held-out Wikipedia text) with the scores of the batch just written and
+of the first batch (is it still there?). ``--sizes 0`` skips the one-batch runs.
+Times are printed with their ratio to the smallest size;
 ``cpu_s`` (process CPU time) is the figure to trust on a shared machine.
 Threads are fixed with ``--threads`` (default 1) and printed.
 
@@ -35,7 +40,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tracer.dataset_trace import parse_shard  # noqa: E402
-from tracer.edit.memit import MemitHyperParams, compute_memit, compute_zs, context_templates, load_statistics  # noqa: E402
+from tracer.edit.memit import (MemitHyperParams, compute_memit, compute_zs, context_templates, heldout_texts,  # noqa: E402
+                               load_statistics, perplexity, sequential_memit)
 from tracer.evaluate import case_scores, load_cases, measure_probabilities, summarize  # noqa: E402
 from tracer.models import load_model  # noqa: E402
 
@@ -61,6 +67,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="10,100,1000,10000")
     ap.add_argument("--eval", type=int, default=200, help="edited cases measured per size")
     ap.add_argument("--rome", type=int, default=0, help="sequential ROME edits (0: skip)")
+    ap.add_argument("--sequential", type=int, default=0, help="sequential MEMIT: this many edits (0: skip)")
+    ap.add_argument("--seq-batch", type=int, default=100, help="edits per batch with --sequential")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda; on cuda peak GPU memory is reported too")
     ap.add_argument("--memory-mb", type=int, default=None,
@@ -81,9 +89,16 @@ def main() -> None:
     except ValueError as e:
         ap.error(str(e))
     torch.set_num_threads(args.threads)
-    sizes = [int(s) for s in args.sizes.split(",")]
+    try:
+        sizes = [n for n in (int(s) for s in args.sizes.split(",")) if n > 0]
+    except ValueError:
+        ap.error(f"--sizes takes comma-separated edit counts such as 10,100,1000 (0 for none), got {args.sizes!r}")
+    if min([args.rome, args.sequential, args.eval]) < 0 or args.seq_batch < 1:
+        ap.error("--rome, --sequential and --eval must be >= 0 and --seq-batch >= 1")
+    if args.z_only and not sizes:
+        ap.error("--z-only needs a size in --sizes (the z of its first max(--sizes) cases are computed)")
     lm = load_model("smollm2-135m", device=args.device)
-    cases = load_cases("counterfact-10k", limit=max(sizes + [args.rome]))
+    cases = load_cases("counterfact-10k", limit=max(sizes + [args.rome, args.sequential, 1]))
     hp = MemitHyperParams.for_model(lm, **({"memory_mb": args.memory_mb} if args.memory_mb else {}))
     templates = context_templates(lm, hp)
     if args.z_only:
@@ -96,6 +111,7 @@ def main() -> None:
                           "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
                           "cpu_s_per_new_z": round(cpu / new, 2) if new else None}), flush=True)
         return
+    texts = heldout_texts()
     t = time.perf_counter()
     statistics = load_statistics(lm, hp, None)
     print(f"threads {args.threads}; layers {list(hp.layers)}; lambda {hp.mom2_weight}; statistics {time.perf_counter() - t:.1f} s")
@@ -116,6 +132,25 @@ def main() -> None:
         base = results[0]
         for r in results:
             print(f"n={r['n']:>6}: {r['wall_s']:>9.1f} s  x{r['wall_s'] / base['wall_s']:.1f} time for x{r['n'] / base['n']:.0f} edits")
+    if args.sequential:
+        seq = cases[:args.sequential]
+        first = seq[:min(args.seq_batch, args.eval)]
+        print(json.dumps({"memit_sequential": 0, "perplexity": round(perplexity(lm, texts), 3),
+                          "first_batch": scores(lm, first)}), flush=True)
+
+        def read_out(rec, health) -> None:
+            just = seq[health.n_edits - len(rec.requests):health.n_edits][:args.eval]
+            row = {"memit_sequential": health.n_edits, "batch": health.batch, "batch_s": round(health.seconds, 1),
+                   "z_reused": rec.timings["z_reused"], "perplexity": round(health.perplexity, 3),
+                   "norm_ratio": {m.split(".")[-3]: round(v, 4) for m, v in health.norm_ratio.items()},
+                   "this_batch": scores(lm, just), "first_batch": scores(lm, first), "peak_rss_mb": round(peak_mb())}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+
+        records, _ = sequential_memit(lm, seq, args.seq_batch, hp, texts=texts, on_batch=read_out,
+                                      checkpoint_dir=args.checkpoint)
+        for rec in reversed(records):
+            rec.revert(lm)
     if args.rome:
         from tracer.edit import Ledger, ROMEHyperParams, rome_edit
         from tracer.edit.rome import EditRequest, generate_context_templates, resolve_statistics
@@ -124,13 +159,19 @@ def main() -> None:
         stats = resolve_statistics(lm, rhp, None)
         tmpl = generate_context_templates(lm, rhp.context_template_lengths, rhp.template_seed)
         ledger = Ledger(lm)
+        w_rome = lm.model.get_submodule(lm.layers.mlp_out_name(rhp.layer)).weight
+        norm0 = float(w_rome.double().norm())
         checkpoints = {1, 2, 5, 10, 20, 50, 100, 200, 500, 1000}
+        print(json.dumps({"rome_sequential": 0, "perplexity": round(perplexity(lm, texts), 3)}), flush=True)
         t = time.perf_counter()
         for i, c in enumerate(cases[:args.rome], start=1):
             req = EditRequest(c.prompt, c.subject, " " + c.target_new)
             ledger.apply(rome_edit(lm, req, rhp, stats, context_templates=tmpl, progress=False), verify=False)
             if i in checkpoints or i == args.rome:
-                row = {"rome_sequential": i, "wall_s": round(time.perf_counter() - t, 1), "after": scores(lm, cases[:i])}
+                row = {"rome_sequential": i, "wall_s": round(time.perf_counter() - t, 1),
+                       "perplexity": round(perplexity(lm, texts), 3),
+                       "norm_ratio": round(float(w_rome.double().norm()) / norm0, 4),
+                       "after": scores(lm, cases[:i][-args.eval:]) if args.eval else {}}
                 results.append(row)
                 print(json.dumps(row), flush=True)
         ledger.revert_all()

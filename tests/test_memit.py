@@ -138,6 +138,33 @@ def test_sequential_batches_report_health_and_revert():
     assert all(torch.equal(a, b) for a, b in zip(w0, _weights(lm, hp.layers)))
 
 
+def test_sequential_batches_resume_from_checkpoint(tmp_path):
+    """An interrupted sequence rerun with the same checkpoint directory recomputes no z and ends
+    on the same weights; batch 2's z are keyed on the weights after batch 1."""
+    from tracer.edit.memit import sequential_memit
+
+    lm = make_tiny_model("llama")
+    hp = MemitHyperParams(layers=(1, 2), v_steps=3, mom2_weight=1.0)
+    w0 = _weights(lm, hp.layers)
+    first, _ = sequential_memit(lm, REQS[:2], 2, hp, stats="identity", texts=["Paris is in France."], progress=False,
+                                checkpoint_dir=tmp_path)
+    assert first[0].timings["z_reused"] == 0
+    first[0].revert(lm)
+    records, _ = sequential_memit(lm, REQS, 2, hp, stats="identity", texts=["Paris is in France."], progress=False,
+                                  checkpoint_dir=tmp_path)
+    assert [r.timings["z_reused"] for r in records] == [2, 0]
+    after = _weights(lm, hp.layers)
+    for r in reversed(records):
+        r.revert(lm)
+    again, _ = sequential_memit(lm, REQS, 2, hp, stats="identity", texts=["Paris is in France."], progress=False,
+                                checkpoint_dir=tmp_path)
+    assert [r.timings["z_reused"] for r in again] == [2, 1]
+    assert all(torch.equal(a, b) for a, b in zip(after, _weights(lm, hp.layers)))
+    for r in reversed(again):
+        r.revert(lm)
+    assert all(torch.equal(a, b) for a, b in zip(w0, _weights(lm, hp.layers)))
+
+
 @pytest.mark.slow
 @pytest.mark.embedded
 def test_embedded_memit_hundred_requests(embedded, shared_data):

@@ -696,11 +696,15 @@ class Health:
 
 def sequential_memit(model: "LanguageModel | str", requests: Sequence[Any], batch_size: int,
                      hp: MemitHyperParams | None = None, *, stats: Any = None, texts: Sequence[str] | None = None,
-                     progress: bool = True, on_batch: Callable[[MemitRecord, Health], None] | None = None
-                     ) -> tuple[list[MemitRecord], list[Health]]:
+                     progress: bool = True, on_batch: Callable[[MemitRecord, Health], None] | None = None,
+                     checkpoint_dir: str | Path | None = None) -> tuple[list[MemitRecord], list[Health]]:
     """MEMIT in consecutive batches of ``batch_size`` (each on the model edited by the ones before),
     with a :class:`Health` read-out before the first and after every batch. C is read once, on the
-    unedited model. Revert with ``for r in reversed(records): r.revert(lm)`` (bit-exact)."""
+    unedited model. Revert with ``for r in reversed(records): r.revert(lm)`` (bit-exact).
+
+    ``checkpoint_dir`` keeps every batch's z there (see :func:`compute_zs`): z keys include a hash of
+    the weights, so batch k's z are found again only after the same k − 1 batches, and a rerun of an
+    interrupted sequence recomputes nothing it finished."""
     lm = as_model(model)
     if batch_size < 1:
         raise HyperParameterError(f"batch_size must be >= 1, got {batch_size}")
@@ -719,7 +723,7 @@ def sequential_memit(model: "LanguageModel | str", requests: Sequence[Any], batc
     for b, s in enumerate(range(0, len(requests), batch_size), start=1):
         t = time.perf_counter()
         rec = compute_memit(lm, requests[s:s + batch_size], hp, statistics=statistics, templates=templates,
-                            progress=progress)
+                            progress=progress, checkpoint_dir=checkpoint_dir)
         records.append(rec)
         report.append(health(b, s + len(requests[s:s + batch_size]), time.perf_counter() - t))
         log.info("batch %d: %d edits, norm ratios %s, perplexity %.2f", b, report[-1].n_edits,
