@@ -6,7 +6,7 @@
 For each size n: MEMIT on the first n cases of counterfact_edit_10k.json as one batch (wall time
 split into statistics / z optimisation / keys+solve, peak resident memory of the process), then
 efficacy, paraphrase and neighbourhood scores (the reduced file's metrics, × 100) before and
-after on up to ``--eval`` of the edited cases. ``--rome N`` applies ROME edits one after another
+after on up to ``--eval`` of the edited cases, and perplexity on held-out Wikipedia text. ``--rome N`` applies ROME edits one after another
 (no revert) and reports the same scores on all cases edited so far after 1, 2, 5, 10, ... edits,
 to show where sequential ROME breaks. ``--sequential N`` writes the first N cases as consecutive
 MEMIT batches of ``--seq-batch`` (each on the model the earlier ones edited, C from the unedited
@@ -116,6 +116,7 @@ def main() -> None:
     statistics = load_statistics(lm, hp, None)
     print(f"threads {args.threads}; layers {list(hp.layers)}; lambda {hp.mom2_weight}; statistics {time.perf_counter() - t:.1f} s")
     results = []
+    ppl0 = round(perplexity(lm, texts), 3) if sizes else None
     for n in sizes:
         ev = cases[:min(n, args.eval)]
         before = scores(lm, ev)
@@ -123,9 +124,11 @@ def main() -> None:
         rec = compute_memit(lm, cases[:n], hp, statistics=statistics, templates=templates, checkpoint_dir=args.checkpoint)
         wall, cpu = time.perf_counter() - t, time.process_time() - cpu
         after = scores(lm, ev)
+        ppl = perplexity(lm, texts)
         rec.revert(lm)
         row = {"n": n, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "z_s": round(rec.timings["z_s"], 1), "update_s": round(rec.timings["update_s"], 1), "z_reused": rec.timings["z_reused"],
-               "s_per_edit": round(wall / n, 3), "peak_rss_mb": round(peak_mb()), **gpu_peak(lm), "before": before, "after": after}
+               "s_per_edit": round(wall / n, 3), "peak_rss_mb": round(peak_mb()), **gpu_peak(lm), "before": before, "after": after,
+               "perplexity": {"before": ppl0, "after": round(ppl, 3)}}
         results.append(row)
         print(json.dumps(row), flush=True)
     if results:
