@@ -165,16 +165,18 @@ def main() -> None:
         w_rome = lm.model.get_submodule(lm.layers.mlp_out_name(rhp.layer)).weight
         norm0 = float(w_rome.double().norm())
         checkpoints = {1, 2, 5, 10, 20, 50, 100, 200, 500, 1000}
+        marks = sorted(i for i in checkpoints | {args.rome} if i <= args.rome)
+        unedited = {i: scores(lm, cases[:i][-args.eval:]) if args.eval else {} for i in marks}
         print(json.dumps({"rome_sequential": 0, "perplexity": round(perplexity(lm, texts), 3)}), flush=True)
         t = time.perf_counter()
         for i, c in enumerate(cases[:args.rome], start=1):
             req = EditRequest(c.prompt, c.subject, " " + c.target_new)
             ledger.apply(rome_edit(lm, req, rhp, stats, context_templates=tmpl, progress=False), verify=False)
-            if i in checkpoints or i == args.rome:
+            if i in unedited:
                 row = {"rome_sequential": i, "wall_s": round(time.perf_counter() - t, 1),
                        "perplexity": round(perplexity(lm, texts), 3),
                        "norm_ratio": round(float(w_rome.double().norm()) / norm0, 4),
-                       "after": scores(lm, cases[:i][-args.eval:]) if args.eval else {}}
+                       "before": unedited[i], "after": scores(lm, cases[:i][-args.eval:]) if args.eval else {}}
                 results.append(row)
                 print(json.dumps(row), flush=True)
         ledger.revert_all()
