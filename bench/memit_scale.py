@@ -138,6 +138,8 @@ def main() -> None:
     if args.sequential:
         seq = cases[:args.sequential]
         first = seq[:min(args.seq_batch, args.eval)]
+        batches = [seq[s:s + args.seq_batch][:args.eval] for s in range(0, len(seq), args.seq_batch)]
+        unedited = [scores(lm, b) for b in batches]  # each batch's cases on the unedited model
         print(json.dumps({"memit_sequential": 0, "perplexity": round(perplexity(lm, texts), 3),
                           "first_batch": scores(lm, first)}), flush=True)
 
@@ -146,7 +148,8 @@ def main() -> None:
             row = {"memit_sequential": health.n_edits, "batch": health.batch, "batch_s": round(health.seconds, 1),
                    "z_reused": rec.timings["z_reused"], "perplexity": round(health.perplexity, 3),
                    "norm_ratio": {m.split(".")[-3]: round(v, 4) for m, v in health.norm_ratio.items()},
-                   "this_batch": scores(lm, just), "first_batch": scores(lm, first), "peak_rss_mb": round(peak_mb())}
+                   "this_batch": {"before": unedited[health.batch - 1], "after": scores(lm, just)},
+                   "first_batch": scores(lm, first), "peak_rss_mb": round(peak_mb())}
             results.append(row)
             print(json.dumps(row), flush=True)
 
