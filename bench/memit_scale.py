@@ -6,9 +6,9 @@
 For each size n: MEMIT on the first n cases of counterfact_edit_10k.json as one batch (wall time
 split into statistics / z optimisation / keys+solve, peak resident memory of the process), then
 efficacy, paraphrase and neighbourhood scores (the reduced file's metrics, × 100) before and
-after on up to ``--eval`` of the edited cases, and perplexity on held-out Wikipedia text. ``--rome N`` applies ROME edits one after another
-(no revert) and reports the same scores on all cases edited so far after 1, 2, 5, 10, ... edits,
-to show where sequential ROME breaks. ``--sequential N`` writes the first N cases as consecutive
+after on up to ``--eval`` of the edited cases, and perplexity on held-out Wikipedia text.
+``--rome N`` applies ROME edits one after another (no revert) and reports the same scores on the
+cases edited so far after 1, 2, 5, 10, ... edits, to show where sequential ROME breaks. ``--sequential N`` writes the first N cases as consecutive
 MEMIT batches of ``--seq-batch`` (each on the model the earlier ones edited, C from the unedited
 model) and after every batch prints the health read-out (Frobenius norm of each edited matrix over
 the original, perplexity on held-out Wikipedia text) with the scores of the batch just written and
@@ -116,7 +116,7 @@ def main() -> None:
     statistics = load_statistics(lm, hp, None)
     print(f"threads {args.threads}; layers {list(hp.layers)}; lambda {hp.mom2_weight}; statistics {time.perf_counter() - t:.1f} s")
     results = []
-    ppl0 = round(perplexity(lm, texts), 3) if sizes else None
+    ppl0 = round(perplexity(lm, texts), 3)  # every section starts from (and reverts to) the unedited model
     for n in sizes:
         ev = cases[:min(n, args.eval)]
         before = scores(lm, ev)
@@ -137,11 +137,10 @@ def main() -> None:
             print(f"n={r['n']:>6}: {r['wall_s']:>9.1f} s  x{r['wall_s'] / base['wall_s']:.1f} time for x{r['n'] / base['n']:.0f} edits")
     if args.sequential:
         seq = cases[:args.sequential]
-        first = seq[:min(args.seq_batch, args.eval)]
         batches = [seq[s:s + args.seq_batch][:args.eval] for s in range(0, len(seq), args.seq_batch)]
+        first = batches[0]
         unedited = [scores(lm, b) for b in batches]  # each batch's cases on the unedited model
-        print(json.dumps({"memit_sequential": 0, "perplexity": round(perplexity(lm, texts), 3),
-                          "first_batch": scores(lm, first)}), flush=True)
+        print(json.dumps({"memit_sequential": 0, "perplexity": ppl0, "first_batch": unedited[0]}), flush=True)
 
         def read_out(rec, health) -> None:
             just = seq[health.n_edits - len(rec.requests):health.n_edits][:args.eval]
@@ -169,8 +168,12 @@ def main() -> None:
         norm0 = float(w_rome.double().norm())
         checkpoints = {1, 2, 5, 10, 20, 50, 100, 200, 500, 1000}
         marks = sorted(i for i in checkpoints | {args.rome} if i <= args.rome)
-        unedited = {i: scores(lm, cases[:i][-args.eval:]) if args.eval else {} for i in marks}
-        print(json.dumps({"rome_sequential": 0, "perplexity": round(perplexity(lm, texts), 3)}), flush=True)
+
+        def edited_so_far(i: int) -> dict:
+            return scores(lm, cases[:i][-args.eval:]) if args.eval else {}
+
+        unedited = {i: edited_so_far(i) for i in marks}
+        print(json.dumps({"rome_sequential": 0, "perplexity": ppl0}), flush=True)
         t = time.perf_counter()
         for i, c in enumerate(cases[:args.rome], start=1):
             req = EditRequest(c.prompt, c.subject, " " + c.target_new)
@@ -179,7 +182,7 @@ def main() -> None:
                 row = {"rome_sequential": i, "wall_s": round(time.perf_counter() - t, 1),
                        "perplexity": round(perplexity(lm, texts), 3),
                        "norm_ratio": round(float(w_rome.double().norm()) / norm0, 4),
-                       "before": unedited[i], "after": scores(lm, cases[:i][-args.eval:]) if args.eval else {}}
+                       "before": unedited[i], "after": edited_so_far(i)}
                 results.append(row)
                 print(json.dumps(row), flush=True)
         ledger.revert_all()
