@@ -8,7 +8,7 @@ import torch
 
 from conftest import make_tiny_model
 from tracer.errors import EditError, HyperParameterError
-from tracer.edit.memit import (MemitHyperParams, MemitRecord, Request, _keys_and_z, compute_memit, compute_zs,
+from tracer.edit.memit import (MemitHyperParams, MemitRecord, Request, _extent, _keys_and_z, compute_memit, compute_zs,
                                solve_update)
 
 REQS = [Request("Paris", "{} is the capital of", "Germany"), Request("the cat", "I saw {} in", "the garden"),
@@ -122,6 +122,20 @@ def test_batched_z_equals_one_by_one():
     torch.testing.assert_close(both, one, rtol=1e-4, atol=1e-5)
 
 
+def test_z_chunks_group_requests_by_length_and_keep_the_callers_order():
+    lm = make_tiny_model("gpt_neox")
+    hp = MemitHyperParams(layers=(2,), v_steps=5, chunk_requests=2)
+    templates = ("{}", "Once. {}")
+    reqs = [REQS[1], REQS[0], REQS[2]]  # extents (tokens fed per step) differ: chunking reorders them
+    extents = [_extent(lm, r.edit_request()) for r in reqs]
+    assert sorted(range(3), key=extents.__getitem__) != [0, 1, 2]
+    got = compute_zs(lm, reqs, hp, templates, progress=False)
+    for r, z, curve in zip(reqs, got.z, got.losses):
+        alone = compute_zs(lm, [r], hp, templates, progress=False)
+        torch.testing.assert_close(z, alone.z[0], rtol=1e-4, atol=1e-5)
+        assert curve == pytest.approx(alone.losses[0], rel=1e-4)
+
+
 def test_sequential_batches_report_health_and_revert():
     from tracer.edit.memit import sequential_memit
 
@@ -210,6 +224,8 @@ def test_z_checkpoints_resume_an_interrupted_batch(tmp_path, monkeypatch):
     assert len(list(ckpt.glob("z-*.safetensors"))) == 1
     resumed = compute_zs(lm, REQS, hp, ("{}",), progress=False, checkpoint_dir=ckpt)
     assert resumed.reused == 2 and torch.equal(resumed.z, whole.z) and resumed.losses == whole.losses
+    # the chunk written before the interruption recorded its time; the resumed run reports it
+    assert resumed.reused_cost["untimed"] == 0 and resumed.reused_cost["cpu_s"] > 0 and resumed.reused_cost["wall_s"] > 0
     again = compute_zs(lm, REQS[::-1], hp, ("{}",), progress=False, checkpoint_dir=ckpt)  # any order, all cached
     assert again.reused == 3 and torch.equal(again.z, whole.z.flip(0))
     # other v* settings, templates or weights: nothing is reused

@@ -276,6 +276,9 @@ class ZResult:
     losses: list[list[float]]
     seconds: float
     reused: int = 0  # requests whose z came from a checkpoint
+    #: what the reused z cost when they were optimised (their chunks' recorded seconds, shared evenly
+    #: over each chunk's requests): ``wall_s``, ``cpu_s``, and ``untimed`` requests from older files
+    reused_cost: dict[str, float] = field(default_factory=dict)
 
 
 def compute_zs(model: "LanguageModel | str", requests: Sequence[Any], hp: MemitHyperParams,
@@ -283,7 +286,9 @@ def compute_zs(model: "LanguageModel | str", requests: Sequence[Any], hp: MemitH
                checkpoint_dir: str | Path | None = None) -> ZResult:
     """z_i = h_L + δ_i at block L = ``hp.layers[-1]``: ROME's v* optimisation
     (:func:`tracer.edit.rome.compute_v` with ``reference="hidden"``, MEMIT's clamp), batched over
-    requests in chunks of ``hp.chunk_requests`` (or as many as fit ``hp.memory_mb``).
+    requests in chunks of ``hp.chunk_requests`` (or as many as fit ``hp.memory_mb``). Chunks take
+    requests of similar token length together (a chunk is padded to its longest row); each z depends
+    only on its own request, so the order changes the time, not the result.
 
     With ``checkpoint_dir`` every finished chunk is written there (atomically) and requests whose
     z is already there — for the same weights, layer, v* settings and templates — are not
@@ -297,7 +302,7 @@ def compute_zs(model: "LanguageModel | str", requests: Sequence[Any], hp: MemitH
     chunk = hp.chunk_requests or _auto_chunk(lm, hp, len(templates))
     rhp = hp.rome_hparams()
     started = time.perf_counter()
-    found: dict[str, tuple[torch.Tensor, list[float]]] = {}
+    found: dict[str, tuple[torch.Tensor, list[float], dict | None]] = {}
     keys: list[str] = []
     if checkpoint_dir is not None:
         checkpoint_dir = Path(checkpoint_dir)
@@ -306,25 +311,33 @@ def compute_zs(model: "LanguageModel | str", requests: Sequence[Any], hp: MemitH
         keys = [_request_key(prefix, r) for r in reqs]
         found = _read_z_checkpoints(checkpoint_dir, set(keys))
     todo = [i for i, k in enumerate(keys) if k not in found] if keys else list(range(len(reqs)))
+    # chunks of requests with similar token extents: a chunk is padded to its longest row
+    edit_reqs = {i: reqs[i].edit_request() for i in todo}
+    todo.sort(key=lambda i: _extent(lm, edit_reqs[i]))
     z_of: dict[int, torch.Tensor] = {}
     loss_of: dict[int, list[float]] = {}
     for i, k in enumerate(keys):
         if k in found:
             z_of[i], loss_of[i] = found[k][0].to(lm.device), found[k][1]
+    costs = [found[k][2] for k in keys if k in found]
+    reused_cost = {"wall_s": sum(c["wall_s"] for c in costs if c), "cpu_s": sum(c["cpu_s"] for c in costs if c),
+                   "untimed": sum(1 for c in costs if not c)}
     bar = tqdm(total=len(todo), desc=f"MEMIT z (layer {hp.layers[-1]})", unit="req", disable=not progress, leave=False)
     if progress and len(todo) < len(reqs):
         log.info("MEMIT z: %d of %d requests read from %s", len(reqs) - len(todo), len(reqs), checkpoint_dir)
     try:
         for s in range(0, len(todo), chunk):
             part = todo[s:s + chunk]
-            vres = compute_v(lm, hp.layers[-1], [reqs[i].edit_request() for i in part], templates, rhp, reference="hidden")
+            wall0, cpu0 = time.perf_counter(), time.process_time()
+            vres = compute_v(lm, hp.layers[-1], [edit_reqs[i] for i in part], templates, rhp, reference="hidden")
             z = (vres.hidden_init + vres.delta).detach()
             curve = vres.loss.T.tolist()  # "request step"
             part_losses = [c[:_steps_taken(c, hp.early_stop_loss)] for c in curve]
             for j, i in enumerate(part):
                 z_of[i], loss_of[i] = z[j], part_losses[j]
             if checkpoint_dir is not None:
-                _write_z_checkpoint(checkpoint_dir, [keys[i] for i in part], z, part_losses)
+                _write_z_checkpoint(checkpoint_dir, [keys[i] for i in part], z, part_losses,
+                                    {"wall_s": time.perf_counter() - wall0, "cpu_s": time.process_time() - cpu0})
             bar.update(len(part))
             if progress:
                 done = s + len(part)
@@ -334,7 +347,16 @@ def compute_zs(model: "LanguageModel | str", requests: Sequence[Any], hp: MemitH
         bar.close()
     return ZResult(layer=hp.layers[-1], z=torch.stack([z_of[i] for i in range(len(reqs))]),
                    losses=[loss_of[i] for i in range(len(reqs))], seconds=time.perf_counter() - started,
-                   reused=len(reqs) - len(todo))
+                   reused=len(reqs) - len(todo), reused_cost=reused_cost)
+
+
+def _extent(lm: LanguageModel, request) -> tuple[int, int]:
+    """(tokens the v* engine feeds per step: the last subject token to the end of the target row,
+    tokens before the last subject token) of the bare prompt of ``request`` (an ``EditRequest``)."""
+    from .rome import _place, _target_ids
+
+    ids, last = _place(lm, "{}", request.prompt, request.subject)
+    return len(ids) - last + len(_target_ids(lm, request.target_new)) - 1, last
 
 
 def _z_key_prefix(lm: LanguageModel, hp: MemitHyperParams, templates: Sequence[str]) -> str:
@@ -347,8 +369,9 @@ def _request_key(prefix: str, request: Request) -> str:
     return hashlib.sha256((prefix + json.dumps(asdict(request), sort_keys=True)).encode()).hexdigest()[:32]
 
 
-def _read_z_checkpoints(directory: Path, wanted: set[str]) -> dict[str, tuple[torch.Tensor, list[float]]]:
-    """``{request key: (z, loss curve)}`` from the chunk files in ``directory`` (unreadable ones skipped)."""
+def _read_z_checkpoints(directory: Path, wanted: set[str]) -> dict[str, tuple[torch.Tensor, list[float], dict | None]]:
+    """``{request key: (z, loss curve, its share of the chunk's recorded seconds or None)}`` from the
+    chunk files in ``directory`` (unreadable ones skipped)."""
     from safetensors import safe_open
 
     out = {}
@@ -360,18 +383,23 @@ def _read_z_checkpoints(directory: Path, wanted: set[str]) -> dict[str, tuple[to
         except Exception as e:  # a torn or foreign file: recompute those requests
             log.warning("skipping unreadable z checkpoint %s (%s)", path, type(e).__name__)
             continue
+        n = len(meta["keys"])
+        share = {k: meta[k] / n for k in ("wall_s", "cpu_s")} if "cpu_s" in meta else None
         for j, key in enumerate(meta["keys"]):
             if key in wanted:
-                out[key] = (z[j], meta["losses"][j])
+                out[key] = (z[j], meta["losses"][j], share)
     return out
 
 
-def _write_z_checkpoint(directory: Path, keys: list[str], z: torch.Tensor, losses: list[list[float]]) -> None:
+def _write_z_checkpoint(directory: Path, keys: list[str], z: torch.Tensor, losses: list[list[float]],
+                        cost: dict[str, float]) -> None:
+    """One chunk's z with its requests' keys, loss curves and ``cost`` (the chunk's wall and process
+    CPU seconds, so the time of a run done in pieces can be added up from its checkpoints)."""
     from ..files import save_safetensors_atomic
 
     name = "z-" + hashlib.sha256("".join(keys).encode()).hexdigest()[:16] + ".safetensors"
     save_safetensors_atomic(directory / name, {"z": z.detach().float().contiguous().cpu()},
-                            {"factscope_z": json.dumps({"keys": keys, "losses": losses})})
+                            {"factscope_z": json.dumps({"keys": keys, "losses": losses, **cost})})
 
 
 def _steps_taken(curve: list[float], stop: float) -> int:
@@ -637,6 +665,7 @@ def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: Mem
     record = MemitRecord(requests=reqs, hparams=hp, modules=modules, deltas=deltas, templates=templates,
                          stats=[statistics[l][1] for l in hp.layers], z_losses=zres.losses,
                          timings={"statistics_s": t_stats, "z_s": zres.seconds, "z_reused": zres.reused,
+                                  **{f"z_reused_{k}": v for k, v in zres.reused_cost.items()},
                                   "update_s": time.perf_counter() - t1},
                          fingerprints=fingerprints)
     return record.apply(lm) if apply else record
