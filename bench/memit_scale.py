@@ -71,6 +71,9 @@ def main() -> None:
     ap.add_argument("--rome", type=int, default=0, help="sequential ROME edits (0: skip)")
     ap.add_argument("--sequential", type=int, default=0, help="sequential MEMIT: this many edits (0: skip)")
     ap.add_argument("--seq-batch", type=int, default=100, help="edits per batch with --sequential")
+    ap.add_argument("--rome-ledger", type=Path, default=None,
+                    help="with --rome: save the ledger here after every edit and, if the file exists, resume from "
+                         "its edits (sequential ROME spread over several sittings)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda; on cuda peak GPU memory is reported too")
     ap.add_argument("--memory-mb", type=int, default=None,
@@ -86,6 +89,8 @@ def main() -> None:
         ap.error("--z-only needs --checkpoint (that is where the z go)")
     if args.shard is not None and not args.z_only:
         ap.error("--shard splits the z work only; add --z-only")
+    if args.rome_ledger is not None and not args.rome:
+        ap.error("--rome-ledger needs --rome N (the number of sequential ROME edits to reach)")
     try:
         shard = parse_shard(args.shard) or (0, 1)
     except ValueError as e:
@@ -118,6 +123,13 @@ def main() -> None:
     statistics = load_statistics(lm, hp, None)
     print(f"threads {args.threads}; layers {list(hp.layers)}; lambda {hp.mom2_weight}; statistics {time.perf_counter() - t:.1f} s")
     results = []
+
+    def emit(row: dict) -> None:
+        """Print a result row and keep ``--json`` up to date (an interrupted run keeps its rows)."""
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
     ppl0 = round(perplexity(lm, texts), 3)  # every section starts from (and reverts to) the unedited model
     for n in sizes:
         ev = cases[:min(n, args.eval)]
@@ -132,8 +144,7 @@ def main() -> None:
                **{k: round(rec.timings[k], 1) for k in ("z_reused_cpu_s", "z_reused_wall_s", "z_reused_untimed") if k in rec.timings},
                "s_per_edit": round(wall / n, 3), "peak_rss_mb": round(peak_mb()), **gpu_peak(lm), "before": before, "after": after,
                "perplexity": {"before": ppl0, "after": round(ppl, 3)}}
-        results.append(row)
-        print(json.dumps(row), flush=True)
+        emit(row)
     if results:
         base = results[0]
         for r in results:
@@ -152,8 +163,7 @@ def main() -> None:
                    "norm_ratio": {m.split(".")[-3]: round(v, 4) for m, v in health.norm_ratio.items()},
                    "this_batch": {"before": unedited[health.batch - 1], "after": scores(lm, just)},
                    "first_batch": scores(lm, first), "peak_rss_mb": round(peak_mb())}
-            results.append(row)
-            print(json.dumps(row), flush=True)
+            emit(row)
 
         records, _ = sequential_memit(lm, seq, args.seq_batch, hp, texts=texts, on_batch=read_out,
                                       checkpoint_dir=args.checkpoint)
@@ -175,22 +185,31 @@ def main() -> None:
         def edited_so_far(i: int) -> dict:
             return scores(lm, cases[:i][-args.eval:]) if args.eval else {}
 
-        unedited = {i: edited_so_far(i) for i in marks}
+        done = Ledger.load(args.rome_ledger) if args.rome_ledger is not None and args.rome_ledger.exists() else []
+        unedited = {i: edited_so_far(i) for i in marks if i > len(done)}
         print(json.dumps({"rome_sequential": 0, "perplexity": ppl0}), flush=True)
+        if done:  # the same requests, in order, computed on this model by an earlier run
+            expected = [(c.subject, c.target_new.strip()) for c in cases[:len(done)]]
+            if [(r.request.subject, r.request.target_new.strip()) for r in done] != expected:
+                sys.exit(f"{args.rome_ledger} holds other edits than the first {len(done)} cases; use a new --rome-ledger")
+            ledger.apply_all(done, verify=False)
+            print(json.dumps({"rome_sequential": len(done), "resumed_from": str(args.rome_ledger),
+                              "perplexity": round(perplexity(lm, texts), 3)}), flush=True)
         t = time.perf_counter()
         for i, c in enumerate(cases[:args.rome], start=1):
+            if i <= len(done):
+                continue
             req = EditRequest(c.prompt, c.subject, " " + c.target_new)
             ledger.apply(rome_edit(lm, req, rhp, stats, context_templates=tmpl, progress=False), verify=False)
+            if args.rome_ledger is not None:
+                ledger.save(args.rome_ledger)
             if i in unedited:
-                row = {"rome_sequential": i, "wall_s": round(time.perf_counter() - t, 1),
+                row = {"rome_sequential": i, "wall_s": round(time.perf_counter() - t, 1), "edits_this_run": i - len(done),
                        "perplexity": round(perplexity(lm, texts), 3),
                        "norm_ratio": round(float(w_rome.double().norm()) / norm0, 4),
                        "before": unedited[i], "after": edited_so_far(i)}
-                results.append(row)
-                print(json.dumps(row), flush=True)
+                emit(row)
         ledger.revert_all()
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
