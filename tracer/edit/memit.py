@@ -316,10 +316,11 @@ def compute_zs(model: "LanguageModel | str", requests: Sequence[Any], hp: MemitH
     todo.sort(key=lambda i: _extent(lm, edit_reqs[i]))
     z_of: dict[int, torch.Tensor] = {}
     loss_of: dict[int, list[float]] = {}
+    costs = []
     for i, k in enumerate(keys):
         if k in found:
             z_of[i], loss_of[i] = found[k][0].to(lm.device), found[k][1]
-    costs = [found[k][2] for k in keys if k in found]
+            costs.append(found[k][2])
     reused_cost = {"wall_s": sum(c["wall_s"] for c in costs if c), "cpu_s": sum(c["cpu_s"] for c in costs if c),
                    "untimed": sum(1 for c in costs if not c)}
     bar = tqdm(total=len(todo), desc=f"MEMIT z (layer {hp.layers[-1]})", unit="req", disable=not progress, leave=False)
