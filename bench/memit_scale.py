@@ -43,6 +43,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tracer.dataset_trace import parse_shard  # noqa: E402
+from tracer.edit import Ledger  # noqa: E402
+from tracer.errors import FactscopeError  # noqa: E402
 from tracer.edit.memit import (MemitHyperParams, compute_memit, compute_zs, context_templates, heldout_texts,  # noqa: E402
                                load_statistics, perplexity, sequential_memit)
 from tracer.evaluate import case_scores, load_cases, measure_probabilities, summarize  # noqa: E402
@@ -92,6 +94,12 @@ def main() -> None:
         ap.error("--shard splits the z work only; add --z-only")
     if args.rome_ledger is not None and not args.rome:
         ap.error("--rome-ledger needs --rome N (the number of sequential ROME edits to reach)")
+    if args.rome_ledger is not None and not args.rome_ledger.parent.is_dir():
+        ap.error(f"--rome-ledger {str(args.rome_ledger)!r}: directory {str(args.rome_ledger.parent)!r} does not exist")
+    try:  # the edits an earlier run saved, read before the model loads so a bad file fails at once
+        done = Ledger.load(args.rome_ledger) if args.rome_ledger is not None and args.rome_ledger.exists() else []
+    except FactscopeError as e:
+        ap.error(f"--rome-ledger: {e}")
     try:
         shard = parse_shard(args.shard) or (0, 1)
     except ValueError as e:
@@ -171,7 +179,7 @@ def main() -> None:
         for rec in reversed(records):
             rec.revert(lm)
     if args.rome:
-        from tracer.edit import Ledger, ROMEHyperParams, rome_edit
+        from tracer.edit import ROMEHyperParams, rome_edit
         from tracer.edit.rome import EditRequest, generate_context_templates, resolve_statistics
 
         rhp = ROMEHyperParams.for_model(lm)
@@ -186,7 +194,6 @@ def main() -> None:
         def edited_so_far(i: int) -> dict:
             return scores(lm, cases[:i][-args.eval:]) if args.eval else {}
 
-        done = Ledger.load(args.rome_ledger) if args.rome_ledger is not None and args.rome_ledger.exists() else []
         unedited = {i: edited_so_far(i) for i in marks if i > len(done)}
         print(json.dumps({"rome_sequential": 0, "perplexity": ppl0}), flush=True)
         if done:  # the same requests, in order, computed on this model by an earlier run
