@@ -1,12 +1,19 @@
-"""MEMIT z chunks in file order vs grouped by token length (what ``compute_zs`` does), same requests.
+"""MEMIT chunks in file order vs grouped by token length (what MEMIT does), same requests.
 
     OMP_NUM_THREADS=1 python bench/z_order.py --n 80 --steps 5 --repeats 2
+    OMP_NUM_THREADS=1 python bench/z_order.py --stage keys --n 1000 --repeats 2
 
-Takes ``--n`` requests from counterfact_edit_10k.json (from ``--start``), optimises their z with
-``--steps`` v* steps (no early stop, so both orders do the same number of steps) in chunks of the
-default size, once chunked in file order (the baseline: ``compute_v`` on consecutive slices) and once
-through ``compute_zs`` (sorted by token extent), alternating ``--repeats`` times. Prints the share of
-real tokens among those fed, the CPU seconds of each run and the ratio file order / grouped.
+``--stage z`` (default): takes ``--n`` requests from counterfact_edit_10k.json (from ``--start``),
+optimises their z with ``--steps`` v* steps (no early stop, so both orders do the same number of
+steps) in chunks of the default size, once chunked in file order (the baseline: ``compute_v`` on
+consecutive slices) and once through ``compute_zs`` (sorted by token extent).
+
+``--stage keys``: reads the keys and block outputs of the update step (one edited layer, every
+context template) for the same requests, once with the rows in request order (the baseline) and
+once sorted by token count (what ``compute_memit`` does), in chunks of the default ``batch_rows``.
+
+Both alternate ``--repeats`` times and print the share of real tokens among those fed, the CPU
+seconds of each run and the ratio file order / grouped.
 """
 from __future__ import annotations
 
@@ -21,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tracer.edit.memit import MemitHyperParams, Request, _auto_chunk, _extent, compute_zs, context_templates  # noqa: E402
+from tracer.edit.memit import (MemitHyperParams, Request, _auto_chunk, _extent, _key_rows, _KeyRows,  # noqa: E402
+                               _keys_and_z, compute_zs, context_templates)
 from tracer.edit.rome import compute_v  # noqa: E402
 from tracer.evaluate import load_cases  # noqa: E402
 from tracer.models import load_model  # noqa: E402
@@ -39,6 +47,7 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=5000)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--stage", choices=("z", "keys"), default="z")
     args = ap.parse_args()
     if min(args.n, args.steps, args.repeats) < 1 or args.start < 0:
         ap.error("--n, --steps and --repeats must be >= 1 and --start >= 0")
@@ -47,6 +56,8 @@ def main() -> None:
     cases = load_cases("counterfact-10k", limit=args.start + args.n)[args.start:]
     hp = dataclasses.replace(MemitHyperParams.for_model(lm), v_steps=args.steps, early_stop_loss=0.0)
     templates = context_templates(lm, hp)
+    if args.stage == "keys":
+        return keys_stage(lm, [Request.coerce(c) for c in cases], hp, templates, args.repeats)
     chunk = _auto_chunk(lm, hp, len(templates))
     reqs = [Request.coerce(c).edit_request() for c in cases]
     extents = [_extent(lm, r)[0] for r in reqs]
@@ -64,6 +75,27 @@ def main() -> None:
         compute_zs(lm, cases, hp, templates, progress=False)
         cpu["grouped"].append(round(time.process_time() - t, 1))
     print(json.dumps({"cpu_s": cpu, "ratio_file_order_over_grouped":
+                      round(sum(cpu["file_order"]) / sum(cpu["grouped"]), 2)}), flush=True)
+
+
+def keys_stage(lm, reqs, hp, templates, repeats: int) -> None:
+    grouped = _key_rows(lm, reqs, templates)
+    in_order = _KeyRows([grouped.rows[j] for j in grouped.where.argsort()], torch.arange(len(grouped.rows)),
+                        grouped.n_requests, grouped.n_templates)
+    batch_rows = 256  # compute_memit's default (no chunk_requests)
+    layer, z_layer = hp.layers[0], hp.layers[-1]
+    lengths = {"file_order": [len(r.ids) for r in in_order.rows], "grouped": [len(r.ids) for r in grouped.rows]}
+    print(json.dumps({"requests": len(reqs), "rows": len(grouped.rows), "batch_rows": batch_rows, "layer": layer,
+                      "real_tokens": {k: round(real_share(v, batch_rows), 3) for k, v in lengths.items()}}), flush=True)
+    cpu = {"file_order": [], "grouped": []}
+    out = {}
+    for _ in range(repeats):
+        for name, rows in (("file_order", in_order), ("grouped", grouped)):
+            t = time.process_time()
+            out[name] = _keys_and_z(lm, rows, layer, z_layer, batch_rows)
+            cpu[name].append(round(time.process_time() - t, 1))
+    diff = max(float((a - b).abs().max()) for a, b in zip(out["file_order"], out["grouped"]))
+    print(json.dumps({"cpu_s": cpu, "max_abs_difference": diff, "ratio_file_order_over_grouped":
                       round(sum(cpu["file_order"]) / sum(cpu["grouped"]), 2)}), flush=True)
 
 

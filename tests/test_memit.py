@@ -8,8 +8,8 @@ import torch
 
 from conftest import make_tiny_model
 from tracer.errors import EditError, HyperParameterError
-from tracer.edit.memit import (MemitHyperParams, MemitRecord, Request, _extent, _keys_and_z, compute_memit, compute_zs,
-                               solve_update)
+from tracer.edit.memit import (MemitHyperParams, MemitRecord, Request, _extent, _key_rows, _keys_and_z, compute_memit,
+                               compute_zs, solve_update)
 
 REQS = [Request("Paris", "{} is the capital of", "Germany"), Request("the cat", "I saw {} in", "the garden"),
         Request("Rome", "The city of {} is in", "Spain")]
@@ -49,7 +49,7 @@ def test_one_request_one_layer_equals_closed_form(family):
     templates = ("{}",)  # the key is then the bare prompt's key, where z is read
     req = [REQS[0]]
     z = compute_zs(lm, req, hp, templates, progress=False).z
-    k, h = _keys_and_z(lm, req, templates, layer, layer, batch_rows=8)
+    k, h = _keys_and_z(lm, _key_rows(lm, req, templates), layer, layer, batch_rows=8)
     w0 = _weights(lm, [layer])[0]
     record = compute_memit(lm, req, hp, statistics={layer: (C, {"kind": "given"})}, templates=templates, progress=False)
     K, r = k.double().T, (z - h).double().T  # one layer: the whole residual goes here
@@ -58,9 +58,24 @@ def test_one_request_one_layer_equals_closed_form(family):
     applied = lm.model.get_submodule(lm.layers.mlp_out_name(layer)).weight
     torch.testing.assert_close((applied - w0).T if family == "gpt2" else applied - w0, want.float(), rtol=1e-3, atol=1e-5)
     # the edited block output moves toward z by q/(λ+q) of the residual, q = kᵀC⁻¹k (Sherman-Morrison)
-    _, h_new = _keys_and_z(lm, req, templates, layer, layer, batch_rows=8)
+    _, h_new = _keys_and_z(lm, _key_rows(lm, req, templates), layer, layer, batch_rows=8)
     q = float(K[:, 0] @ torch.linalg.solve(C, K[:, 0]))
     torch.testing.assert_close((h_new - h).double(), (z - h).double() * q / (0.5 + q), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_keys_read_in_length_order_come_back_in_request_order(family):
+    lm = make_tiny_model(family)
+    templates = ("{}", "A long opening sentence about nothing much at all. {}", "Hi. {}")
+    key_rows = _key_rows(lm, REQS, templates)
+    lengths = [len(r.ids) for r in key_rows.rows]
+    assert lengths == sorted(lengths) and not torch.equal(key_rows.where, torch.arange(len(lengths)))
+    keys, z = _keys_and_z(lm, key_rows, 1, 2, batch_rows=4)  # chunks of 4 rows padded to their longest
+    for q, req in enumerate(REQS):
+        alone = [_keys_and_z(lm, _key_rows(lm, [req], (t,)), 1, 2, batch_rows=1) for t in templates]
+        want_key = (alone[0][0][0] + torch.stack([k[0] for k, _ in alone[1:]]).mean(0)) / 2
+        torch.testing.assert_close(keys[q], want_key, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(z[q], alone[0][1][0], rtol=1e-5, atol=1e-5)
 
 
 def test_revert_and_reapply_are_bit_exact(tmp_path):

@@ -239,13 +239,30 @@ def _run_to(lm: LanguageModel, ids, mask, *, outputs=None, inputs=None, stop_aft
         pass
 
 
-@torch.no_grad()
-def _keys_and_z(lm: LanguageModel, reqs: Sequence[Request], templates: Sequence[str], layer: int, z_layer: int,
-                batch_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys at ``layer`` ("n d_k", MEMIT's average over template groups) and the block-``z_layer``
-    output at the bare prompt's last subject token ("n hidden"), with the current weights."""
-    T = len(templates)
+@dataclass
+class _KeyRows:
+    """Every (request, template) row of a batch, tokenised once and ordered by token count, so that a
+    chunk of consecutive rows is padded little; ``where`` maps them back to request-major order."""
+
+    rows: list[_Row]         # shortest first
+    where: torch.Tensor      # "row": index ``request · n_templates + template`` of each sorted row
+    n_requests: int
+    n_templates: int
+
+
+def _key_rows(lm: LanguageModel, reqs: Sequence[Request], templates: Sequence[str]) -> _KeyRows:
     rows = [_row(lm, t.replace("{}", r.prompt, 1) if t != "{}" else r.prompt, r.subject) for r in reqs for t in templates]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
+    return _KeyRows([rows[i] for i in order], torch.tensor(order, dtype=torch.long), len(reqs), len(templates))
+
+
+@torch.no_grad()
+def _keys_and_z(lm: LanguageModel, key_rows: _KeyRows, layer: int, z_layer: int, batch_rows: int,
+                bar=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys at ``layer`` ("n d_k", MEMIT's average over template groups) and the block-``z_layer``
+    output at the bare prompt's last subject token ("n hidden"), with the current weights.
+    ``bar`` (a tqdm) advances by the rows done."""
+    rows, T = key_rows.rows, key_rows.n_templates
     keys_out, z_out = [], []
     key_mod, z_mod = lm.layers.mlp_out_name(layer), lm.layers.block_name(z_layer)
     for s in range(0, len(rows), batch_rows):
@@ -257,10 +274,14 @@ def _keys_and_z(lm: LanguageModel, reqs: Sequence[Request], templates: Sequence[
                 outputs={z_mod: lambda h: got.__setitem__("z", main_tensor(h)[at])}, stop_after=lm.layers.block_name(max(layer, z_layer)))
         keys_out.append(got["k"])
         z_out.append(got["z"])
-    k = torch.cat(keys_out).reshape(len(reqs), T, -1)
+        if bar is not None:
+            bar.update(len(chunk))
+    where = key_rows.where.to(lm.device)
+    k_sorted, z_sorted = torch.cat(keys_out), torch.cat(z_out)
+    k = torch.empty_like(k_sorted).index_copy_(0, where, k_sorted).reshape(key_rows.n_requests, T, -1)
     # MEMIT averages within each template group ("{}" alone, then the generated ones), then across groups
     keys = (k[:, 0] + k[:, 1:].mean(1)) / 2 if T > 1 else k[:, 0]
-    z = torch.cat(z_out).reshape(len(reqs), T, -1)[:, 0]
+    z = torch.empty_like(z_sorted).index_copy_(0, where, z_sorted).reshape(key_rows.n_requests, T, -1)[:, 0]
     return keys, z
 
 
@@ -645,10 +666,13 @@ def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: Mem
     deltas: list[torch.Tensor] = []
     batch_rows = max(8, hp.chunk_requests * len(templates) if hp.chunk_requests else 256)
     t1 = time.perf_counter()
+    key_rows = _key_rows(lm, reqs, templates)
+    bar = tqdm(total=len(hp.layers) * len(key_rows.rows), desc=f"MEMIT keys and update (layers {hp.layers[0]}-{hp.layers[-1]})",
+               unit="row", disable=not progress, leave=False)
     try:
         with torch.no_grad():
             for i, layer in enumerate(hp.layers):
-                keys, cur = _keys_and_z(lm, reqs, templates, layer, hp.layers[-1], batch_rows)
+                keys, cur = _keys_and_z(lm, key_rows, layer, hp.layers[-1], batch_rows, bar)
                 resid = (zres.z - cur) / (len(hp.layers) - i)  # "n hidden"
                 dw = solve_update(keys, resid, statistics[layer][0], hp.mom2_weight).float()  # "hidden d_k"
                 w = weights[i]
@@ -659,6 +683,8 @@ def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: Mem
             for w, o in zip(weights, originals):
                 w.data.copy_(o)
         raise
+    finally:
+        bar.close()
     # the record re-applies ΔW from the original weights so its bit difference is exact
     with torch.no_grad():
         for w, o in zip(weights, originals):
