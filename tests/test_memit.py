@@ -167,6 +167,29 @@ def test_sequential_batches_report_health_and_revert():
     assert all(torch.equal(a, b) for a, b in zip(w0, _weights(lm, hp.layers)))
 
 
+def test_sequential_batches_take_given_statistics_and_reject_incomplete_ones():
+    from tracer.edit.memit import load_statistics, sequential_memit
+
+    lm = make_tiny_model("llama")
+    hp = MemitHyperParams(layers=(1, 2), v_steps=3, mom2_weight=1.0)
+    texts = ["Paris is in France."]
+    w0 = _weights(lm, hp.layers)
+    by_name, _ = sequential_memit(lm, REQS, 2, hp, stats="identity", texts=texts, progress=False)
+    edited_by_name = _weights(lm, hp.layers)
+    for r in reversed(by_name):
+        r.revert(lm)
+    given = load_statistics(lm, hp, "identity", progress=False)
+    records, _ = sequential_memit(lm, REQS, 2, hp, statistics=given, texts=texts, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(edited_by_name, _weights(lm, hp.layers)))
+    for r in reversed(records):
+        r.revert(lm)
+    with pytest.raises(HyperParameterError, match=r"lack layers \[2\]"):
+        sequential_memit(lm, REQS, 2, hp, statistics={1: given[1]}, texts=texts, progress=False)
+    with pytest.raises(HyperParameterError, match="must be a pair"):
+        compute_memit(lm, REQS[:1], hp, statistics={1: given[1], 2: torch.eye(3)}, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(w0, _weights(lm, hp.layers)))
+
+
 def test_sequential_batches_resume_from_checkpoint(tmp_path):
     """An interrupted sequence rerun with the same checkpoint directory recomputes no z and ends
     on the same weights; batch 2's z are keyed on the weights after batch 1."""

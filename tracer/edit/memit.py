@@ -634,6 +634,24 @@ def load_statistics(model: "LanguageModel | str", hp: MemitHyperParams, stats: A
 # ---------------------------------------------------------------------------- entry points
 
 
+def _check_statistics(statistics: dict | None, hp: MemitHyperParams) -> None:
+    """``statistics`` as :func:`load_statistics` returns it: ``{layer: (C or None, info)}`` for every edited layer."""
+    if statistics is None:
+        return
+    if not isinstance(statistics, dict):
+        raise HyperParameterError(f"statistics must be the dict load_statistics returns ({{layer: (C or None, info)}}), "
+                                  f"got {type(statistics).__name__}")
+    missing = [l for l in hp.layers if l not in statistics]
+    if missing:
+        raise HyperParameterError(f"statistics lack layers {missing}: they hold {sorted(statistics)}, the edit needs "
+                                  f"{list(hp.layers)} (call load_statistics with the same hyper-parameters)")
+    bad = [l for l in hp.layers if not (isinstance(statistics[l], tuple) and len(statistics[l]) == 2
+                                        and (statistics[l][0] is None or isinstance(statistics[l][0], torch.Tensor)))]
+    if bad:
+        raise HyperParameterError(f"statistics[{bad[0]}] must be a pair (C: tensor or None, info: dict), "
+                                  f"got {type(statistics[bad[0]]).__name__}")
+
+
 def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: MemitHyperParams | None = None, *,
                   stats: Any = None, templates: Sequence[str] | None = None, progress: bool = True,
                   statistics: dict | None = None, apply: bool = True,
@@ -654,6 +672,7 @@ def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: Mem
     hp = hp or MemitHyperParams.for_model(lm)
     if hp.layers[-1] >= lm.n_layers:
         raise HyperParameterError(f"layers must be < {lm.n_layers} for {lm.name}, got {list(hp.layers)}")
+    _check_statistics(statistics, hp)
     t0 = time.perf_counter()
     statistics = statistics if statistics is not None else load_statistics(lm, hp, stats, progress=progress)
     t_stats = time.perf_counter() - t0
@@ -753,19 +772,24 @@ class Health:
 def sequential_memit(model: "LanguageModel | str", requests: Sequence[Any], batch_size: int,
                      hp: MemitHyperParams | None = None, *, stats: Any = None, texts: Sequence[str] | None = None,
                      progress: bool = True, on_batch: Callable[[MemitRecord, Health], None] | None = None,
-                     checkpoint_dir: str | Path | None = None) -> tuple[list[MemitRecord], list[Health]]:
+                     checkpoint_dir: str | Path | None = None,
+                     statistics: dict | None = None) -> tuple[list[MemitRecord], list[Health]]:
     """MEMIT in consecutive batches of ``batch_size`` (each on the model edited by the ones before),
     with a :class:`Health` read-out before the first and after every batch. C is read once, on the
     unedited model. Revert with ``for r in reversed(records): r.revert(lm)`` (bit-exact).
 
     ``checkpoint_dir`` keeps every batch's z there (see :func:`compute_zs`): z keys include a hash of
     the weights, so batch k's z are found again only after the same k − 1 batches, and a rerun of an
-    interrupted sequence recomputes nothing it finished."""
+    interrupted sequence recomputes nothing it finished.
+
+    ``statistics`` (from :func:`load_statistics` on the unedited model) skips reading C again, e.g.
+    for a second sequence in the same notebook."""
     lm = as_model(model)
     if batch_size < 1:
         raise HyperParameterError(f"batch_size must be >= 1, got {batch_size}")
     hp = hp or MemitHyperParams.for_model(lm)
-    statistics = load_statistics(lm, hp, stats, progress=progress)
+    _check_statistics(statistics, hp)
+    statistics = statistics if statistics is not None else load_statistics(lm, hp, stats, progress=progress)
     templates = context_templates(lm, hp)
     texts = list(texts) if texts is not None else heldout_texts()
     modules = [lm.layers.mlp_out_name(l) for l in hp.layers]
