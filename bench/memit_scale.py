@@ -8,7 +8,8 @@ split into statistics / z optimisation / keys+solve, peak resident memory of the
 efficacy, paraphrase and neighbourhood scores (the reduced file's metrics, × 100) before and
 after on up to ``--eval`` of the edited cases, and perplexity on held-out Wikipedia text.
 ``--rome N`` applies ROME edits one after another (no revert) and reports the same scores on the
-cases edited so far after 1, 2, 5, 10, ... edits, to show where sequential ROME breaks. ``--sequential N`` writes the first N cases as consecutive
+cases edited so far after 1, 2, 5, 10, ... edits (and every ``--rome-every`` edits), to show where
+sequential ROME breaks. ``--sequential N`` writes the first N cases as consecutive
 MEMIT batches of ``--seq-batch`` (each on the model the earlier ones edited, C from the unedited
 model) and after every batch prints the health read-out (Frobenius norm of each edited matrix over
 the original, perplexity on held-out Wikipedia text) with the scores of the batch just written and
@@ -74,6 +75,8 @@ def main() -> None:
     ap.add_argument("--rome", type=int, default=0, help="sequential ROME edits (0: skip)")
     ap.add_argument("--sequential", type=int, default=0, help="sequential MEMIT: this many edits (0: skip)")
     ap.add_argument("--seq-batch", type=int, default=100, help="edits per batch with --sequential")
+    ap.add_argument("--rome-every", type=int, default=0,
+                    help="with --rome: also report after every this many edits (0: only after 1, 2, 5, 10, 20, 50, ...)")
     ap.add_argument("--rome-ledger", type=Path, default=None,
                     help="with --rome: save the ledger here after every edit and, if the file exists, resume from "
                          "its edits (sequential ROME spread over several sittings)")
@@ -109,8 +112,8 @@ def main() -> None:
         sizes = [n for n in (int(s) for s in args.sizes.split(",")) if n > 0]
     except ValueError:
         ap.error(f"--sizes takes comma-separated edit counts such as 10,100,1000 (0 for none), got {args.sizes!r}")
-    if min([args.rome, args.sequential, args.eval]) < 0 or args.seq_batch < 1:
-        ap.error("--rome, --sequential and --eval must be >= 0 and --seq-batch >= 1")
+    if min([args.rome, args.rome_every, args.sequential, args.eval]) < 0 or args.seq_batch < 1:
+        ap.error("--rome, --rome-every, --sequential and --eval must be >= 0 and --seq-batch >= 1")
     if args.z_only and not sizes:
         ap.error("--z-only needs a size in --sizes (the z of its first max(--sizes) cases are computed)")
     lm = load_model("smollm2-135m", device=args.device)
@@ -189,7 +192,8 @@ def main() -> None:
         w_rome = lm.model.get_submodule(lm.layers.mlp_out_name(rhp.layer)).weight
         norm0 = float(w_rome.double().norm())
         checkpoints = {1, 2, 5, 10, 20, 50, 100, 200, 500, 1000}
-        marks = sorted(i for i in checkpoints | {args.rome} if i <= args.rome)
+        every = set(range(args.rome_every, args.rome + 1, args.rome_every)) if args.rome_every else set()
+        marks = sorted(i for i in checkpoints | every | {args.rome} if i <= args.rome)
 
         def edited_so_far(i: int) -> dict:
             return scores(lm, cases[:i][-args.eval:]) if args.eval else {}

@@ -19,6 +19,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     (["--rome", "5", "--rome-ledger", "no/such/dir/x.st"], "directory 'no/such/dir' does not exist"),
     (["--sizes", "10,abc"], "--sizes takes comma-separated edit counts"),
     (["--rome", "-1"], "must be >= 0"),
+    (["--rome", "5", "--rome-every", "-2"], "--rome-every, --sequential and --eval must be >= 0"),
 ])
 def test_bad_flags_give_one_line_errors(args, message):
     out = _run(*args)
