@@ -8,8 +8,9 @@ split into statistics / z optimisation / keys+solve, peak resident memory of the
 efficacy, paraphrase and neighbourhood scores (the reduced file's metrics, × 100) before and
 after on up to ``--eval`` of the edited cases, and perplexity on held-out Wikipedia text.
 ``--rome N`` applies ROME edits one after another (no revert) and reports the same scores on the
-cases edited so far after 1, 2, 5, 10, ... edits (and every ``--rome-every`` edits), to show where
-sequential ROME breaks. ``--sequential N`` writes the first N cases as consecutive
+last ``--eval`` cases edited after 1, 2, 5, 10, ... edits (and every ``--rome-every`` edits), and
+once more than ``--eval`` are edited the scores of the first ``--eval`` (``first``: are they still
+there?), to show where sequential ROME breaks. ``--sequential N`` writes the first N cases as consecutive
 MEMIT batches of ``--seq-batch`` (each on the model the earlier ones edited, C from the unedited
 model) and after every batch prints the health read-out (Frobenius norm of each edited matrix over
 the original, perplexity on held-out Wikipedia text) with the scores of the batch just written and
@@ -220,6 +221,8 @@ def main() -> None:
                        "perplexity": round(perplexity(lm, texts), 3),
                        "norm_ratio": round(float(w_rome.double().norm()) / norm0, 4),
                        "before": unedited[i], "after": edited_so_far(i)}
+                if args.eval and i > args.eval:  # are the first edits still there?
+                    row["first"] = scores(lm, cases[:args.eval])
                 emit(row)
         ledger.revert_all()
 
