@@ -634,10 +634,12 @@ def load_statistics(model: "LanguageModel | str", hp: MemitHyperParams, stats: A
 # ---------------------------------------------------------------------------- entry points
 
 
-def _check_statistics(statistics: dict | None, hp: MemitHyperParams) -> None:
-    """``statistics`` as :func:`load_statistics` returns it: ``{layer: (C or None, info)}`` for every edited layer."""
+def _statistics_for(lm: LanguageModel, hp: MemitHyperParams, stats: Any, statistics: dict | None,
+                    progress: bool) -> dict:
+    """``statistics`` if given (checked: as :func:`load_statistics` returns it, ``{layer: (C or None, info)}``
+    for every edited layer), else C read by :func:`load_statistics` from ``stats``."""
     if statistics is None:
-        return
+        return load_statistics(lm, hp, stats, progress=progress)
     if not isinstance(statistics, dict):
         raise HyperParameterError(f"statistics must be the dict load_statistics returns ({{layer: (C or None, info)}}), "
                                   f"got {type(statistics).__name__}")
@@ -650,6 +652,7 @@ def _check_statistics(statistics: dict | None, hp: MemitHyperParams) -> None:
     if bad:
         raise HyperParameterError(f"statistics[{bad[0]}] must be a pair (C: tensor or None, info: dict), "
                                   f"got {type(statistics[bad[0]]).__name__}")
+    return statistics
 
 
 def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: MemitHyperParams | None = None, *,
@@ -672,9 +675,8 @@ def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: Mem
     hp = hp or MemitHyperParams.for_model(lm)
     if hp.layers[-1] >= lm.n_layers:
         raise HyperParameterError(f"layers must be < {lm.n_layers} for {lm.name}, got {list(hp.layers)}")
-    _check_statistics(statistics, hp)
     t0 = time.perf_counter()
-    statistics = statistics if statistics is not None else load_statistics(lm, hp, stats, progress=progress)
+    statistics = _statistics_for(lm, hp, stats, statistics, progress)
     t_stats = time.perf_counter() - t0
     templates = tuple(templates) if templates is not None else context_templates(lm, hp)
     zres = compute_zs(lm, reqs, hp, templates, progress=progress, checkpoint_dir=checkpoint_dir)
@@ -788,8 +790,7 @@ def sequential_memit(model: "LanguageModel | str", requests: Sequence[Any], batc
     if batch_size < 1:
         raise HyperParameterError(f"batch_size must be >= 1, got {batch_size}")
     hp = hp or MemitHyperParams.for_model(lm)
-    _check_statistics(statistics, hp)
-    statistics = statistics if statistics is not None else load_statistics(lm, hp, stats, progress=progress)
+    statistics = _statistics_for(lm, hp, stats, statistics, progress)
     templates = context_templates(lm, hp)
     texts = list(texts) if texts is not None else heldout_texts()
     modules = [lm.layers.mlp_out_name(l) for l in hp.layers]
