@@ -46,6 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tracer.dataset_trace import parse_shard  # noqa: E402
+from tracer.files import write_json_atomic  # noqa: E402
 from tracer.edit import Ledger  # noqa: E402
 from tracer.errors import FactscopeError  # noqa: E402
 from tracer.edit.memit import (MemitHyperParams, compute_memit, compute_zs, context_templates, heldout_texts,  # noqa: E402
@@ -143,7 +144,7 @@ def main() -> None:
         results.append(row)
         print(json.dumps(row), flush=True)
         if args.json:
-            args.json.write_text(json.dumps(results, indent=1))
+            write_json_atomic(args.json, results, indent=1)
     ppl0 = round(perplexity(lm, texts), 3)  # every section starts from (and reverts to) the unedited model
     for n in sizes:
         ev = cases[:min(n, args.eval)]

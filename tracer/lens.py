@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .errors import HyperParameterError, PromptError
+from .files import write_json_atomic
 from .hooks import TensorFn, hooked, record_outputs
 from .layers import get_module
 from .models import LanguageModel, as_model
@@ -91,7 +92,7 @@ class LensResult:
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict()))
+        write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "LensResult":

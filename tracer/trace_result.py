@@ -9,6 +9,7 @@ from typing import Literal
 import numpy as np
 
 from .errors import HyperParameterError
+from .files import write_json_atomic
 
 TraceKind = Literal["hidden", "mlp", "attn"]
 KINDS: tuple[TraceKind, ...] = ("hidden", "mlp", "attn")
@@ -115,7 +116,7 @@ class TraceResult:
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict()))
+        write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "TraceResult":

@@ -10,11 +10,11 @@ The model's files are never written; ``--save-model DIR`` writes a new checkpoin
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 from ..errors import EditError, HyperParameterError
+from ..files import write_json_atomic
 from ..models import cache_dir
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def run(args) -> int:
         print(f"generate {g.prompt!r}\n  before: {g.before!r}\n  after:  {g.after!r}")
     if args.json:
         doc = {**record.to_dict(), "checks": checks, "generations": [g.__dict__ for g in report.generations]}
-        Path(args.json).write_text(json.dumps(doc, indent=1))
+        write_json_atomic(args.json, doc, indent=1)
     if args.save_ledger:
         save_records([record], args.save_ledger)
     if args.save_model:

@@ -21,6 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from tracer.errors import FactscopeError
     from tracer.evaluate.harness import build_summary
     from tracer.evaluate.report import summary_html, summary_markdown
+    from tracer.files import write_text_atomic
 
     summaries = [build_summary(d) for d in args.runs]
     datasets = {s["settings"]["dataset"] for s in summaries}
@@ -32,6 +33,6 @@ def run(args: argparse.Namespace) -> int:
     print(summary_markdown(summaries), end="")
     if args.html is not None:
         dataset = datasets.pop()
-        args.html.write_text(summary_html(summaries, title=args.title or f"factscope evaluation on {dataset}"))
+        write_text_atomic(args.html, summary_html(summaries, title=args.title or f"factscope evaluation on {dataset}"))
         print(f"table -> {args.html}")
     return 0

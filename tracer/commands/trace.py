@@ -1,10 +1,10 @@
 """``factscope trace``: causal trace of one prompt, printed and optionally saved as JSON."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from . import check_output_path
+from ..files import write_json_atomic
 from ..models import EMBEDDED_ALIAS, load_model
 from ..trace import trace_all
 from ..trace_result import KINDS
@@ -51,6 +51,6 @@ def run(args) -> int:
         print(f"{kind:6s} strongest restorations: {cells}   ({r.n_forward} forward passes, {r.seconds:.1f} s)")
     if args.json:
         payload = [r.to_dict() for r in results.values()]
-        args.json.write_text(json.dumps(payload if args.kind == "all" else payload[0]))
+        write_json_atomic(args.json, payload if args.kind == "all" else payload[0])
         print(f"wrote {args.json}")
     return 0

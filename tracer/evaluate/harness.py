@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import FactscopeError, HyperParameterError
-from ..files import write_json_atomic
+from ..files import write_json_atomic, write_text_atomic
 from ..models import LanguageModel, as_model, cache_dir
 from .generation import generate
 from .metrics import case_scores, measure_probabilities, reference_text, summarize
@@ -209,6 +209,6 @@ def write_summary(out_dir: str | os.PathLike, *, settings: EvalSettings | None =
     summary = build_summary(out, settings=settings, cases=cases)
     _write_json(out / "summary.json", summary)
     method, dataset = summary["settings"]["method"], summary["settings"]["dataset"]
-    (out / "summary.md").write_text(summary_markdown([summary]))
-    (out / "summary.html").write_text(summary_html([summary], title=f"factscope evaluation: {method} on {dataset}"))
+    write_text_atomic(out / "summary.md", summary_markdown([summary]))
+    write_text_atomic(out / "summary.html", summary_html([summary], title=f"factscope evaluation: {method} on {dataset}"))
     return summary

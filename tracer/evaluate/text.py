@@ -23,15 +23,14 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..errors import StatisticsError
+from ..files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +129,7 @@ class Tfidf:
                 pass
             log.warning("TF-IDF cache %s does not verify; fitting again", target)
         model = cls.fit(_read_texts(corpus_path, max_documents), corpus=key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tfidf-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(model.to_dict(), f)
-        os.replace(tmp, target)
+        write_json_atomic(target, model.to_dict())
         return model
 
 
