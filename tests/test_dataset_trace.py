@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ import pytest
 
 import tracer.dataset_trace as dt
 from tracer.aggregate import aggregate_all
-from tracer.errors import DatasetError, HyperParameterError
+from tracer.errors import DatasetError, FactscopeError, HyperParameterError
+from tracer.files import STALE_AFTER, host_id
 
 FACTS = [
     {"known_id": 10, "subject": "The city", "prompt": "The city of London is"},
@@ -29,6 +31,11 @@ def tiny():
     from conftest import make_tiny_model
 
     return make_tiny_model("gpt2", n_layers=3)
+
+
+def temp_of(path: Path, pid: int, host: str | None = None) -> Path:
+    """The temporary file a writer with ``pid`` on ``host`` (default: this machine) uses for ``path``."""
+    return path.with_name(f".{path.name}~{host or host_id()}~{pid}~0123abcd.tmp")
 
 
 def snapshot(out: Path) -> dict[str, bytes]:
@@ -80,7 +87,7 @@ def test_killed_run_resumes_to_identical_files(tiny, uninterrupted, tmp_path, mo
     monkeypatch.setattr(dt, "_trace_fact", real)
     assert sorted(p.name for p in (out / "facts").iterdir()) == ["10.json", "11.json"]
     # a kill during a write leaves only the temporary file, never half of a fact file
-    (out / "facts" / ".13.json.4194305.tmp").write_text('{"half": ')  # a pid above Linux's pid_max: dead
+    temp_of(out / "facts" / "13.json", 4194305).write_text('{"half": ')  # a pid above Linux's pid_max: dead
     summary = dt.trace_dataset(tiny, FACTS, out, **SETTINGS)
     assert (summary.already_done, summary.traced, summary.failed) == (2, 2, 1)
     assert snapshot(out) == snapshot(whole)
@@ -94,16 +101,24 @@ def test_shards_fill_one_directory_like_one_process(tiny, uninterrupted, tmp_pat
     out = tmp_path / "sharded"
     first = dt.trace_dataset(tiny, FACTS, out, shard=(0, 2), **SETTINGS)
     assert (first.selected, first.traced, first.failed) == (3, 2, 1)  # indices 0, 2 (fails), 4
-    (out / "facts" / f".11.json.{os.getpid() + 0}.tmp").write_text("{")  # our own: stray
+    temp_of(out / "facts" / "11.json", os.getpid()).write_text("{")  # our own: stray
+    elsewhere = temp_of(out / "facts" / "13.json", os.getpid(), host="other-machine")  # a shard on another host
+    elsewhere.write_text("{")
+    abandoned = temp_of(out / "failed" / "12.json", 7, host="other-machine")  # ... and one it left long ago
+    abandoned.write_text("{")
+    os.utime(abandoned, (time.time() - 2 * STALE_AFTER,) * 2)
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        (out / "facts" / f".13.json.{live.pid}.tmp").write_text("{")  # another shard still writing it
+        temp_of(out / "facts" / "13.json", live.pid).write_text("{")  # another shard still writing it
         second = dt.trace_dataset(tiny, FACTS, out, shard="1/2", **SETTINGS)
-        assert (out / "facts" / f".13.json.{live.pid}.tmp").exists()  # left alone
+        assert temp_of(out / "facts" / "13.json", live.pid).exists()  # left alone
     finally:
         live.kill()
         live.wait()
-    (out / "facts" / f".13.json.{live.pid}.tmp").unlink()
+    # a pid means nothing on another machine: its fresh file stays (though our pid is its), the old one goes
+    assert elsewhere.exists() and not abandoned.exists()
+    temp_of(out / "facts" / "13.json", live.pid).unlink()
+    elsewhere.unlink()
     assert (second.selected, second.traced) == (2, 2)
     assert not list((out / "facts").glob(".*.tmp")) and snapshot(out) == snapshot(whole)
     for bad in ("2/2", "a/b", "1", (3, 2), (1,)):
@@ -248,3 +263,87 @@ def test_severed_traces_at_the_last_subject_token_and_older_runs(tiny, tmp_path)
     assert dt.trace_dataset(tiny, FACTS[:2], out, severed=("mlp",), severed_tokens="all", **SETTINGS).already_done == 2
     with pytest.raises(HyperParameterError, match="severed_tokens must be"):
         dt.trace_dataset(tiny, FACTS[:2], out, severed=("mlp",), severed_tokens="first", **SETTINGS)
+
+
+BAD_SETTINGS = [
+    (dict(samples=0), "samples must be"), (dict(samples=2.5), "samples must be"), (dict(window=0), "window must be"),
+    (dict(seed=-1), "seed must be"), (dict(seed=2**32), "seed must be"), (dict(noise="loud"), "noise 'loud'"),
+    (dict(noise=-1.0), "noise scale"), (dict(noise=float("nan")), "noise scale"), (dict(noise_mode="numpy"), "noise mode"),
+    (dict(kinds=("mlps",)), "unknown kind"), (dict(kinds=(), severed=()), "nothing to trace"),
+    (dict(severed=("hidden",)), "severed"), (dict(severed_tokens="first"), "severed_tokens"), (dict(limit=0), "limit"),
+    (dict(shard="2/2"), "K/N"), (dict(retry_failed="yes"), "retry_failed"),
+]
+
+
+@pytest.mark.parametrize("bad, message", BAD_SETTINGS, ids=[m for _, m in BAD_SETTINGS])
+def test_settings_are_refused_before_anything_is_created(tiny, tmp_path, bad, message):
+    out = tmp_path / "new"
+    with pytest.raises(FactscopeError, match=message):
+        dt.trace_dataset(tiny, FACTS, out, **{**SETTINGS, **bad})
+    assert not out.exists()
+
+
+def test_missing_facts_file_and_file_as_out_dir(tiny, tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        dt.trace_dataset(tiny, tmp_path / "missing.json", tmp_path / "new", **SETTINGS)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DatasetError, match="is a file"):
+        dt.trace_dataset(tiny, FACTS, tmp_path / "file", **SETTINGS)
+
+
+def test_run_json_created_first_by_another_process_wins(tiny, tmp_path, monkeypatch):
+    """Another start creates run.json after this one looked and before it writes: this one is refused
+    (different settings) or joins (same settings); neither overwrites the other's run.json."""
+    other = {**SETTINGS, "samples": 3}
+    real, raced = dt.write_json_atomic, []
+
+    def other_process_first(path, obj, **kwargs):
+        if Path(path).name == "run.json" and not raced:
+            raced.append(path)
+            dt.trace_dataset(tiny, FACTS[:2], Path(path).parent, limit=1, **other)  # the other start, all of it
+        return real(path, obj, **kwargs)
+
+    monkeypatch.setattr(dt, "write_json_atomic", other_process_first)
+    out = tmp_path / "raced"
+    with pytest.raises(DatasetError, match=r"different settings \(samples\)"):
+        dt.trace_dataset(tiny, FACTS[:2], out, **SETTINGS)
+    assert dt.read_settings(out).samples == 3 and len(list((out / "facts").iterdir())) == 1
+    raced.clear()
+    joined = dt.trace_dataset(tiny, FACTS[:2], tmp_path / "joined", **other)  # same settings: joins the run
+    assert raced and (joined.already_done, joined.traced) == (1, 1)
+
+
+def test_two_cli_starts_with_different_settings_do_not_mix(tiny, tmp_path):
+    """Two real processes started together on one new --out: one runs, the other is refused in one line."""
+    model_dir = tmp_path / "tiny-model"
+    tiny.model.save_pretrained(model_dir)
+    tiny.tokenizer.save_pretrained(model_dir)
+    (tmp_path / "facts.json").write_text(json.dumps(FACTS[:2]))
+    out = tmp_path / "shared"
+    code = "import sys, torch; torch.set_num_threads(1); from tracer.cli import main; sys.exit(main(sys.argv[1:]))"
+    procs = [subprocess.Popen([sys.executable, "-c", code, "trace-dataset", "--model", str(model_dir), "--facts",
+                               str(tmp_path / "facts.json"), "--kind", "hidden", "--samples", str(samples), "--noise",
+                               "0.5", "--out", str(out), "--n-boot", "0", "--device", "cpu"],
+                              cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for samples in (2, 3)]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    winner = [2, 3][[code for code, _ in results].index(0)]
+    err = next(err for code, err in results if code == 2)
+    assert "Traceback" not in err and "different settings (samples)" in err.strip().splitlines()[-1]
+    assert dt.read_settings(out).samples == winner
+    assert {t.samples for t in dt.load_traces(out)["hidden"]} == {winner}
+
+
+@pytest.mark.parametrize("text", ["[]", "{}", '{"kinds": 3}', "not json", "\udcff"])
+def test_malformed_run_json_is_a_one_line_error(tiny, tmp_path, text):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(text, errors="surrogateescape")
+    with pytest.raises(DatasetError, match="run.json is unreadable") as e:
+        dt.trace_dataset(tiny, FACTS, out, **SETTINGS)
+    assert "\n" not in str(e.value)
+    with pytest.raises(DatasetError, match="run.json is unreadable"):
+        dt.load_traces(out)

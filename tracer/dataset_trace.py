@@ -11,8 +11,12 @@ Layout of ``out_dir``::
     log.jsonl           one line per fact attempted: id, status, wall and CPU seconds (timings live only here)
 
 Every file is written to a temporary name and renamed, so a killed run leaves whole files only.
+Every setting is checked before anything is created. ``run.json`` is created exclusively, so of
+processes starting together on one directory one writes it and the others compare with it.
 A restart with the same settings skips facts that have a ``facts/`` (or ``failed/``) file and
-continues; different settings are refused (:class:`DatasetError`) rather than mixed. The
+continues; different settings are refused (:class:`DatasetError`) rather than mixed. Temporary
+files of a killed writer are removed on restart; those of a live writer (a shard, possibly on
+another machine sharing the folder) are left alone (:func:`tracer.files.stray_writer_dead`). The
 per-fact files hold no timings, so an interrupted-and-resumed run writes the same bytes as an
 uninterrupted one. A fact whose tracing raises is recorded under ``failed/`` and the run goes on.
 """
@@ -30,7 +34,7 @@ from typing import Iterable
 from tqdm.auto import tqdm
 
 from .errors import DatasetError, HyperParameterError
-from .files import stray_writer_dead, write_json_atomic
+from .files import open_append, stray_writer_dead, write_json_atomic
 from .knowns import load_facts, normalize_facts
 from .models import LanguageModel, as_model
 from .noise import resolve_noise
@@ -41,6 +45,7 @@ log = logging.getLogger(__name__)
 
 _FORMAT = 1
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
+_MAX_SEED = 2**32 - 1  # numpy's RandomState (noise_mode="rome") takes no larger seed
 
 
 @dataclass(frozen=True)
@@ -126,24 +131,61 @@ def parse_shard(value: "str | tuple[int, int] | None") -> tuple[int, int] | None
     return k, n
 
 
-def _prepare_dir(out_dir: Path, settings: DatasetTraceSettings) -> None:
+def check_settings(*, kinds: Iterable[str] = KINDS, severed: Iterable[str] = (), samples: int = 10, window: int = 10,
+                   seed: int = 1, severed_tokens: str = "last_subject", limit: int | None = None,
+                   retry_failed: bool = False, shard: "tuple[int, int] | str | None" = None,
+                   ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[int, int] | None]:
+    """Check every setting of :func:`trace_dataset` but the noise (which needs the model) before
+    anything is loaded or created; returns the deduplicated kinds and severed paths and the shard."""
+    kinds, severed = _check_kinds(kinds, severed)
+    for name, value in (("samples", samples), ("window", window)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise HyperParameterError(f"{name} must be a whole number >= 1, got {value!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= _MAX_SEED:
+        raise HyperParameterError(f"seed must be a whole number in 0..{_MAX_SEED}, got {seed!r}")
+    if severed_tokens not in ("last_subject", "all"):
+        raise HyperParameterError(f"severed_tokens must be 'last_subject' or 'all', got {severed_tokens!r}")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise HyperParameterError(f"limit must be a positive integer, got {limit!r}")
+    if not isinstance(retry_failed, bool):
+        raise HyperParameterError(f"retry_failed must be True or False, got {retry_failed!r}")
+    return kinds, severed, parse_shard(shard)
+
+
+def _read_run_file(run_file: Path) -> DatasetTraceSettings:
+    """The settings stored in ``run.json``; a one-line :class:`DatasetError` when it is malformed."""
+    try:
+        return DatasetTraceSettings.from_dict(json.loads(run_file.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # UnicodeDecodeError is a ValueError
+        reason = (str(e).splitlines() or [""])[0][:200]
+        raise DatasetError(f"{run_file} is unreadable ({type(e).__name__}: {reason}); use a new --out directory") from None
+
+
+def _claim_dir(out_dir: Path, settings: DatasetTraceSettings) -> None:
+    """Create ``out_dir/run.json`` exclusively, or check that the one there has ``settings``.
+
+    Of two processes starting on one new directory, exactly one creates ``run.json``; the other
+    reads that complete file and resumes with it when the settings match, and is refused
+    (:class:`DatasetError`, naming the settings that differ) when they do not.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DatasetError(f"--out {str(out_dir)!r} is a file; pass a directory (new, or of a run to resume)")
+    run_file = out_dir / "run.json"
+    try:
+        write_json_atomic(run_file, settings.to_dict(), sort_keys=True, exclusive=True)
+    except FileExistsError:
+        stored = _read_run_file(run_file)
+        if stored != settings:
+            mine, theirs = settings.to_dict(), stored.to_dict()
+            diff = [k for k in mine if mine[k] != theirs.get(k)]
+            raise DatasetError(f"{out_dir} holds a run with different settings ({', '.join(diff)}); "
+                               "resume with the same settings or use a new --out directory") from None
     for sub in ("facts", "failed"):
-        (out_dir / sub).mkdir(parents=True, exist_ok=True)
-        for stray in (out_dir / sub).glob(".*.tmp"):  # left by a killed run (not by a live shard)
+        (out_dir / sub).mkdir(exist_ok=True)
+    for folder in (out_dir, out_dir / "facts", out_dir / "failed"):
+        for stray in folder.glob(".*.tmp"):  # left by a killed writer (not by a live shard, here or elsewhere)
             if stray_writer_dead(stray):
                 stray.unlink(missing_ok=True)
-    run_file = out_dir / "run.json"
-    if run_file.is_file():
-        try:
-            stored = DatasetTraceSettings.from_dict(json.loads(run_file.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise DatasetError(f"{run_file} is unreadable ({e}); use a new --out directory") from None
-        if stored != settings:
-            diff = [k for k in settings.to_dict() if settings.to_dict()[k] != stored.to_dict().get(k)]
-            raise DatasetError(f"{out_dir} holds a run with different settings ({', '.join(diff)}); "
-                               "resume with the same settings or use a new --out directory")
-    else:
-        _save(run_file, settings.to_dict())
 
 
 def _trace_fact(lm: LanguageModel, fact: dict, s: DatasetTraceSettings) -> dict[str, dict]:
@@ -189,25 +231,23 @@ def trace_dataset(
     traces only the facts whose index in the file is k modulo n, so n processes (one per core or
     machine) can fill one directory together; the files are the same as from one process.
     """
+    kinds, severed, shard = check_settings(kinds=kinds, severed=severed, samples=samples, window=window, seed=seed,
+                                           severed_tokens=severed_tokens, limit=limit, retry_failed=retry_failed,
+                                           shard=shard)
     lm = as_model(model)
-    kinds, severed = _check_kinds(kinds, severed)
-    if severed_tokens not in ("last_subject", "all"):
-        raise HyperParameterError(f"severed_tokens must be 'last_subject' or 'all', got {severed_tokens!r}")
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise HyperParameterError(f"limit must be a positive integer, got {limit!r}")
+    spec = resolve_noise(lm, noise, noise_mode)
     if isinstance(facts, (str, Path)):
-        md5 = hashlib.md5(Path(facts).read_bytes()).hexdigest() if Path(facts).is_file() else ""
-        facts = load_facts(facts)
+        facts_path = Path(facts)
+        facts = load_facts(facts_path)
+        md5 = hashlib.md5(facts_path.read_bytes()).hexdigest()
     else:
         facts = normalize_facts(list(facts))
         md5 = hashlib.md5(json.dumps(facts, sort_keys=True).encode()).hexdigest()
-    spec = resolve_noise(lm, noise, noise_mode)
     settings = DatasetTraceSettings(model=lm.name, kinds=kinds, severed=severed, samples=samples, noise=spec,
                                     window=window, seed=seed, facts_md5=md5, severed_tokens=severed_tokens)
     out_dir = Path(out_dir)
-    _prepare_dir(out_dir, settings)
+    _claim_dir(out_dir, settings)  # the first file system change of the run
 
-    shard = parse_shard(shard)
     selected = [(i, f) for i, f in list(enumerate(facts))[:limit] if shard is None or i % shard[1] == shard[0]]
     finished = {p.stem for p in (out_dir / "facts").glob("*.json")}
     failed_before = {p.stem for p in (out_dir / "failed").glob("*.json")}
@@ -218,7 +258,7 @@ def trace_dataset(
     where = f" (shard {shard[0]}/{shard[1]})" if shard else ""
     bar = tqdm(total=len(todo), desc=f"tracing {len(todo)} of {len(selected)} facts{where}", unit="fact",
                disable=not progress, dynamic_ncols=True)
-    with open(out_dir / "log.jsonl", "a") as log_file:
+    with open_append(out_dir / "log.jsonl") as log_file:
         for index, fact in todo:
             name = fact_file_name(fact["known_id"])
             t0, c0 = time.perf_counter(), time.process_time()
@@ -250,7 +290,7 @@ def read_settings(out_dir: str | Path) -> DatasetTraceSettings:
     path = Path(out_dir) / "run.json"
     if not path.is_file():
         raise DatasetError(f"{out_dir} is not a dataset-trace directory (no run.json)")
-    return DatasetTraceSettings.from_dict(json.loads(path.read_text()))
+    return _read_run_file(path)
 
 
 def load_traces(out_dir: str | Path) -> dict[str, list[TraceResult]]:

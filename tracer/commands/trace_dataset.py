@@ -44,19 +44,23 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tracer.dataset_trace import load_failures, parse_shard, trace_dataset
+    from tracer.dataset_trace import check_settings, load_failures, trace_dataset
     from tracer.errors import HyperParameterError
+    from tracer.knowns import load_facts
     from tracer.models import load_model
 
     if args.limit is not None and args.limit < 1:
         raise HyperParameterError(f"--limit must be >= 1, got {args.limit}")
-    parse_shard(args.shard)  # before the model loads
+    if args.n_boot < 0:
+        raise HyperParameterError(f"--n-boot must be >= 0 (0: no confidence intervals), got {args.n_boot}")
     severed = tuple(s.strip() for s in args.severed.split(",") if s.strip())
+    settings = dict(kinds=_kinds(args.kind), severed=severed, samples=args.samples, window=args.window,
+                    seed=args.seed, limit=args.limit, retry_failed=args.retry_failed,
+                    severed_tokens=args.severed_tokens, shard=args.shard)
+    check_settings(**settings)  # all before the model loads and before --out is created
+    load_facts(args.facts)
     lm = load_model(args.model, device=args.device)
-    summary = trace_dataset(lm, args.facts, args.out, kinds=_kinds(args.kind), severed=severed,
-                            samples=args.samples, noise=args.noise, noise_mode=args.noise_mode, window=args.window,
-                            seed=args.seed, limit=args.limit, retry_failed=args.retry_failed,
-                            severed_tokens=args.severed_tokens, shard=parse_shard(args.shard))
+    summary = trace_dataset(lm, args.facts, args.out, noise=args.noise, noise_mode=args.noise_mode, **settings)
     print(f"{summary.traced} traced, {summary.failed} failed, {summary.already_done} already done "
           f"of {summary.selected} facts in {summary.seconds:.0f} s -> {args.out}")
     for rec in load_failures(args.out)[:5]:
