@@ -2,6 +2,12 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,3 +69,112 @@ def test_embedded_model_loads_from_verified_cache(embedded):
     entry = next((models.cache_dir() / "models").glob("SmolLM2-135M-Instruct*"))
     meta = json.loads((entry / "factscope-manifest.json").read_text())
     assert meta["weights_sha256"] == models.file_sha256(entry / "model.safetensors")
+
+
+def _hub_cache_entry(hub: "Path", repo_id: str, model_dir: "Path") -> None:
+    """Lay ``model_dir``'s files out as the Hugging Face hub cache keeps a downloaded ``repo_id``."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = hub / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_cached_hub_id_loads_without_any_connection(tiny_model_dir, tmp_path, monkeypatch):
+    """An id in the local hub cache loads with the network never touched, also when the hub is allowed."""
+    import socket
+
+    import huggingface_hub.constants
+
+    hub = tmp_path / "hub"
+    _hub_cache_entry(hub, "factscope-test/tiny-gpt2", tiny_model_dir)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # a user who is online
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    connections = []
+
+    def no_network(*args, **kwargs):
+        connections.append(args[:2])
+        raise OSError("network is off in this test")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    lm = models.load_model("factscope-test/tiny-gpt2", device="cpu")
+    assert connections == []
+    local = models.load_model(str(tiny_model_dir), device="cpu")
+    for (k, a), b in zip(lm.model.state_dict().items(), local.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert lm.encode("The city of London") == local.encode("The city of London")
+    # an id that is not cached, with HF_HUB_OFFLINE set: refused from the cache alone, in one line
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match="local cache"):
+        models.load_model("factscope-test/not-cached")
+    assert connections == []
+
+
+def _load_gguf_at_once(gguf: str, model_dir: str, calls: str, barrier, results) -> None:
+    """A loader process: the GGUF "conversion" reads ``model_dir`` slowly and counts itself in ``calls``."""
+    import transformers
+
+    def slow(original):
+        def from_pretrained(*args, gguf_file=None, **kwargs):
+            with open(calls, "a") as f:
+                f.write(f"{os.getpid()}\n")
+            time.sleep(1.0)  # a real conversion takes ~25 s: room for the other loader to start
+            return original(model_dir, **kwargs)
+        return from_pretrained
+
+    transformers.AutoTokenizer.from_pretrained = slow(transformers.AutoTokenizer.from_pretrained)
+    transformers.AutoModelForCausalLM.from_pretrained = slow(transformers.AutoModelForCausalLM.from_pretrained)
+    barrier.wait()
+    try:
+        results.put(str(models._cached_gguf_dir(Path(gguf))))
+    except BaseException as e:  # reported to the test, which fails on it
+        results.put(f"{type(e).__name__}: {e}")
+
+
+def test_loaders_started_together_convert_once(tiny_model_dir, tmp_path, monkeypatch):
+    """Two processes loading one GGUF on an empty cache: one converts, the other waits and reuses it."""
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF stand-in: the conversion is faked to read the tiny model")
+    monkeypatch.setenv("FACTSCOPE_CACHE", str(tmp_path / "cache"))
+    calls = tmp_path / "calls.txt"
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_load_gguf_at_once, args=(str(gguf), str(tiny_model_dir), str(calls), barrier, results))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted(results.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    target = models.cache_dir() / "models" / f"tiny-{models.file_sha256(gguf)[:16]}"
+    assert got == [str(target)] * 2 and [p.exitcode for p in procs] == [0, 0]
+    # one dequantisation (tokenizer + model: two reads of the source) instead of one per loader
+    assert len(set(calls.read_text().split())) == 1 and len(calls.read_text().split()) == 2
+    assert models._verified(target, models.file_sha256(gguf))
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name, target.name + ".lock"]  # no leftovers
+    lm = models.load_model(str(target), device="cpu")
+    tiny = models.load_model(str(tiny_model_dir), device="cpu")
+    for (k, a), b in zip(tiny.model.state_dict().items(), lm.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.slow
+@pytest.mark.embedded
+def test_embedded_model_loaded_by_two_processes_on_an_empty_cache(tmp_path):
+    """The real first-use conversion (~25 s per process alone), started twice at once."""
+    code = ("import sys, torch; torch.set_num_threads(1); from tracer.models import load_model; "
+            "lm = load_model('smollm2-135m', device='cpu'); "
+            "ids = torch.tensor([lm.encode('The Colosseum is located in the city of')]); "
+            "print(repr(lm.decode(int(lm.model(ids).logits[0, -1].argmax()))))")
+    env = {**os.environ, "FACTSCOPE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-500:] for _, err in outs]
+    assert [out.strip() for out, _ in outs] == ["' Rome'", "' Rome'"]
+    entries = [p for p in (tmp_path / "cache" / "models").iterdir() if not p.name.endswith(".lock")]
+    assert len(entries) == 1 and models._verified(entries[0], models.file_sha256(models.embedded_gguf_path()))

@@ -7,7 +7,12 @@
 
 A GGUF file is dequantised once (~25 s) and cached as safetensors under
 ``$FACTSCOPE_CACHE`` (default ``~/.cache/factscope``); later loads take a few seconds. The cache
-entry records the GGUF's SHA-256 and its own, and is rebuilt when either does not match.
+entry records the GGUF's SHA-256 and its own, and is rebuilt when either does not match. The
+conversion holds a lock beside the entry and puts the finished folder in place in one rename, so
+loaders started together convert once: the others wait and then load the verified entry.
+
+A Hugging Face id is loaded from its folder in the local cache without any network access; the
+hub is asked only when the id is not (completely) cached and ``HF_HUB_OFFLINE`` is not set.
 """
 from __future__ import annotations
 
@@ -17,14 +22,21 @@ import json
 import logging
 import os
 import shutil
-import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from .errors import ModelNotFoundError
+from .files import open_append, save_safetensors_atomic, stray_writer_dead, write_directory_atomic, write_json_atomic
 from .layers import LayerMap, layer_map_for
+
+try:  # POSIX; elsewhere concurrent first loads are not serialised
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +123,12 @@ def load_model(
     ``device`` defaults to CUDA when available, else CPU; ``dtype`` to float32.
     ``layer_map`` is needed only for families not in :data:`tracer.layers.LAYER_MAPS`.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     name = str(name_or_path)
     if not name.strip():
         raise ModelNotFoundError(f"empty model name; pass {EMBEDDED_ALIAS!r}, a Hugging Face id, a directory or a .gguf file")
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or torch.float32
+    hub_id = None
     if name == EMBEDDED_ALIAS:
         source = _cached_gguf_dir(embedded_gguf_path())
     elif name.endswith(".gguf"):
@@ -129,34 +140,58 @@ def load_model(
             raise ModelNotFoundError(f"directory {name!r} has no config.json; pass a folder written by save_pretrained")
         source = Path(name)
     else:
-        source = name
-    # a hub id loads from the local cache first; the hub is asked only when it can be reached
-    local_only = isinstance(source, Path) or not _hub_reachable()
+        hub_id, source = name, _cached_snapshot(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only)
+        if source is None:
+            raise OSError(f"{name!r} is not in the local Hugging Face cache")
+        tokenizer, model = _from_pretrained(source, dtype, local_files_only=True)
     except OSError as e:
-        raise ModelNotFoundError(
-            f"cannot load model {name!r} ({str(e).splitlines()[0]}); accepted: {EMBEDDED_ALIAS!r}, "
-            "a Hugging Face id already in the local cache, a local model directory, or a .gguf file"
-        ) from None
+        if hub_id is None or _hub_offline():
+            raise _not_found(name, e) from None
+        log.info("%s is not (completely) in the local Hugging Face cache; downloading it", name)
+        try:  # only an id missing from the local cache reaches the network
+            tokenizer, model = _from_pretrained(hub_id, dtype, local_files_only=False)
+        except OSError as e:
+            raise _not_found(name, e) from None
     model.to(device).eval().requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LanguageModel(model=model, tokenizer=tokenizer, layers=layer_map_for(model, layer_map), name=name)
 
 
-def _hub_reachable(timeout: float = 2.0) -> bool:
-    """True when the Hugging Face hub answers a TCP connection (False offline or HF_HUB_OFFLINE=1)."""
-    import socket
+def _from_pretrained(source: "str | Path", dtype: torch.dtype, *, local_files_only: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
+    return tokenizer, model
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The folder of ``repo_id``'s ``main`` revision in the local Hugging Face cache, or None.
+
+    Found on disk alone: loading from this folder, unlike loading the id with
+    ``local_files_only=True``, makes huggingface_hub open no connection at all.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+        config = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(config).parent if isinstance(config, str) else None
+
+
+def _not_found(name: str, error: OSError) -> ModelNotFoundError:
+    reason = (str(error).splitlines() or [type(error).__name__])[0]
+    return ModelNotFoundError(
+        f"cannot load model {name!r} ({reason}); accepted: {EMBEDDED_ALIAS!r}, a Hugging Face id already in the "
+        "local cache (or downloadable, when HF_HUB_OFFLINE is not set), a local model directory, or a .gguf file")
+
+
+def _hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids the hub (read at each call)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def as_model(model: "LanguageModel | str") -> LanguageModel:
@@ -173,53 +208,90 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _verified(target: Path, source_sha: str) -> bool:
+    """Whether ``target`` holds a complete conversion of the GGUF with SHA-256 ``source_sha``."""
+    manifest = target / "factscope-manifest.json"
+    if not manifest.is_file():
+        return False
+    try:
+        meta = json.loads(manifest.read_text(encoding="utf-8"))
+        weights = target / "model.safetensors"
+        if (isinstance(meta, dict) and meta.get("format") == _CACHE_FORMAT and meta.get("source_sha256") == source_sha
+                and weights.is_file() and file_sha256(weights) == meta.get("weights_sha256")):
+            return True
+        log.warning("cached conversion in %s does not verify; converting again", target)
+    except (OSError, ValueError):
+        log.warning("unreadable cache manifest %s; converting again", manifest)
+    return False
+
+
+@contextmanager
+def _conversion_lock(target: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<target>.lock`` (waiting for another converter of ``target``)."""
+    with open_append(target.with_name(target.name + ".lock")) as lock:
+        if fcntl is None:  # pragma: no cover
+            yield
+            return
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is converting %s; waiting for it", target.name)
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
 def _cached_gguf_dir(gguf: Path) -> Path:
-    """Directory with the GGUF dequantised to safetensors, (re)built when missing or invalid."""
+    """Directory with the GGUF dequantised to safetensors, (re)built when missing or invalid.
+
+    Safe for loaders started together: the conversion runs under a lock beside the entry, is
+    built in a private folder and renamed into place whole, so a reader sees no entry or a
+    complete one; a second loader waits for the lock and then finds the verified entry.
+    """
     source_sha = file_sha256(gguf)
     target = cache_dir() / "models" / f"{gguf.stem}-{source_sha[:16]}"
-    manifest = target / "factscope-manifest.json"
-    if manifest.is_file():
-        try:
-            meta = json.loads(manifest.read_text())
-            weights = target / "model.safetensors"
-            if (meta.get("format") == _CACHE_FORMAT and meta.get("source_sha256") == source_sha
-                    and weights.is_file() and file_sha256(weights) == meta.get("weights_sha256")):
-                return target
-            log.warning("cached conversion in %s does not verify; converting again", target)
-        except (OSError, json.JSONDecodeError):
-            log.warning("unreadable cache manifest %s; converting again", manifest)
-    _convert_gguf(gguf, target, source_sha)
+    if _verified(target, source_sha):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _conversion_lock(target):
+        if _verified(target, source_sha):  # converted by the process we waited for
+            return target
+        for stray in target.parent.glob(f".{target.name}~*.tmp"):  # a killed converter's folder
+            if stray_writer_dead(stray):
+                shutil.rmtree(stray, ignore_errors=True)
+        if os.path.lexists(target):
+            # fails verification under the lock: no loader uses it (each verifies first), and no
+            # converter writes it (we hold the lock), so it can go
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+        write_directory_atomic(target, lambda folder: _convert_gguf(gguf, folder, source_sha))
     return target
 
 
-def _convert_gguf(gguf: Path, target: Path, source_sha: str) -> None:
-    from safetensors.torch import save_file
+def _convert_gguf(gguf: Path, folder: Path, source_sha: str) -> None:
+    """Dequantise ``gguf`` into the new, private ``folder`` (weights, config, tokenizer, manifest)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s (first load only, ~25 s)", gguf)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
-        embed_ptr = model.get_input_embeddings().weight.data_ptr()
-        state = {}
-        for key, value in model.state_dict().items():  # tied copies of the embedding are re-tied on load
-            if value.data_ptr() == embed_ptr and state:
-                continue
-            state[key] = value.contiguous()
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        meta = {"format": _CACHE_FORMAT, "source": str(gguf), "source_sha256": source_sha,
-                "weights_sha256": file_sha256(tmp / "model.safetensors")}
-        (tmp / "factscope-manifest.json").write_text(json.dumps(meta, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    embed_ptr = model.get_input_embeddings().weight.data_ptr()
+    state = {}
+    for key, value in model.state_dict().items():  # tied copies of the embedding are re-tied on load
+        if value.data_ptr() == embed_ptr and state:
+            continue
+        state[key] = value.contiguous()
+    save_safetensors_atomic(folder / "model.safetensors", state, metadata={"format": "pt"})
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # the folder is private until write_directory_atomic renames it into place whole
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    meta = {"format": _CACHE_FORMAT, "source": str(gguf), "source_sha256": source_sha,
+            "weights_sha256": file_sha256(folder / "model.safetensors")}
+    write_json_atomic(folder / "factscope-manifest.json", meta, indent=1)
