@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tracer import load_model  # noqa: E402
+from tracer.datapaths import KNOWNS, data_file  # noqa: E402
 from tracer.trace import trace  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def main() -> None:
     print(f"matrix product GFLOP/s on one core: float32 {f32:.0f}, bfloat16 {bf16:.0f} ({bf16 / f32:.1f}x)")
     knowns = Path("out/knowns.json")
     facts = json.loads(knowns.read_text())["facts"] if knowns.is_file() else \
-        json.loads((Path(__file__).resolve().parents[2] / "shared/data/known_1000.json").read_text())
+        json.loads(data_file(KNOWNS).read_text())
     fact = facts[args.fact]
     print(f"fact: {fact['prompt']!r} (subject {fact['subject']!r}), kind {args.kind}")
     ref = None

@@ -14,14 +14,17 @@ import argparse
 import json
 import multiprocessing as mp
 import resource
+import sys
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tracer.datapaths import KNOWNS, data_file  # noqa: E402
 
 
 def _facts(n: int) -> list[dict]:
-    known = json.loads((SHARED / "known_1000.json").read_text())
+    known = json.loads(data_file(KNOWNS).read_text())
     return known[:n]
 
 

@@ -31,6 +31,7 @@ from typing import Iterable, Iterator, Literal
 import torch
 from tqdm.auto import tqdm
 
+from .datapaths import WIKIPEDIA, data_file
 from .errors import StatisticsError
 from .files import save_safetensors_atomic
 from .hooks import hooked
@@ -39,13 +40,14 @@ from .models import LanguageModel, as_model, file_sha256
 log = logging.getLogger(__name__)
 
 _FORMAT = 1
-#: The default corpus: ``$FACTSCOPE_CORPUS`` if set, else the Wikipedia sample next to a checkout
-#: (``../shared/data``). Read when used, so setting the variable later still counts.
-_SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikipedia" / "enwiki_2015_3220_articles.jsonl.gz"
 
 
 def default_corpus() -> Path:
-    return Path(os.environ.get("FACTSCOPE_CORPUS", _SHARED_CORPUS))
+    """``$FACTSCOPE_CORPUS`` if set, else the Wikipedia sample of the data folder
+    (:func:`tracer.datapaths.data_file`). Read when used, so setting a variable later still counts."""
+    corpus = os.environ.get("FACTSCOPE_CORPUS", "").strip()
+    return Path(corpus) if corpus else data_file(WIKIPEDIA)
+
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..datapaths import WIKIPEDIA, data_file
 from ..errors import FactscopeError, HyperParameterError
 from ..files import write_json_atomic, write_text_atomic
 from ..models import LanguageModel, as_model, cache_dir
@@ -34,8 +35,6 @@ from .report import summary_html, summary_markdown
 from .text import Tfidf, mean_ngram_entropy
 
 log = logging.getLogger(__name__)
-
-WIKIPEDIA = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikipedia" / "enwiki_2015_3220_articles.jsonl.gz"
 
 
 @dataclass(frozen=True)
@@ -123,7 +122,7 @@ def run_evaluation(
     if hasattr(editor, "checkpoint_dir"):
         editor.checkpoint_dir = out / "z"
     if gen and tfidf is None and any(c.attribute_prompts for c in cases):
-        tfidf = Tfidf.cached(WIKIPEDIA, cache_dir() / "tfidf")
+        tfidf = Tfidf.cached(data_file(WIKIPEDIA), cache_dir() / "tfidf")
     todo = [c for c in cases if not (case_dir / f"{c.case_id}.json").is_file()]
     log.info("%s on %s: %d cases, %d already done", method, dataset, len(cases), len(cases) - len(todo))
     step = 1 if method in ("rome", "ft-l") else 50 if method == "none" else batch_size

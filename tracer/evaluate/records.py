@@ -1,6 +1,6 @@
 """Evaluation records: CounterFact (full and reduced 10k) and zsRE, read into one typed shape.
 
-    cases = load_cases("counterfact", limit=200)          # ../shared/data/counterfact/...
+    cases = load_cases("counterfact", limit=200)          # $FACTSCOPE_DATA (or ../shared/data)/counterfact/...
     cases[0].rewrite_prompt      # "Ferrari F40, developed by"
     cases[0].target_new          # "Microsoft"
 
@@ -17,15 +17,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
+from ..datapaths import COUNTERFACT, COUNTERFACT_10K, ZSRE, data_file
 from ..errors import FactscopeError, HyperParameterError
 
 Dataset = Literal["counterfact", "counterfact-10k", "zsre"]
 DATASETS: tuple[str, ...] = ("counterfact", "counterfact-10k", "zsre")
-_FILES = {
-    "counterfact": "counterfact/counterfact_2191.json",
-    "counterfact-10k": "counterfact/counterfact_edit_10k.json",
-    "zsre": "zsre/zsre_mend_train_1k.json",
-}
+_FILES = {"counterfact": COUNTERFACT, "counterfact-10k": COUNTERFACT_10K, "zsre": ZSRE}
 
 
 @dataclass(frozen=True)
@@ -65,10 +62,10 @@ class Case:
 
 
 def default_path(dataset: str, data_dir: str | Path | None = None) -> Path:
-    """The shared copy of ``dataset`` (``data_dir`` defaults to ``../shared/data`` next to the repo)."""
+    """The file of ``dataset`` in ``data_dir``, else as :func:`tracer.datapaths.data_file` finds it
+    (``$FACTSCOPE_DATA``, then the checked ``../shared/data`` next to the repo)."""
     check_dataset(dataset)
-    root = Path(data_dir) if data_dir is not None else Path(__file__).resolve().parents[3] / "shared" / "data"
-    return root / _FILES[dataset]
+    return data_file(_FILES[dataset], folder=data_dir)
 
 
 def check_dataset(dataset: str) -> None:
@@ -84,7 +81,8 @@ def load_cases(dataset: str, path: str | Path | None = None, *, limit: int | Non
         raise HyperParameterError(f"limit must be a positive number of records, got {limit}")
     path = Path(path) if path is not None else default_path(dataset, data_dir)
     if not path.is_file():
-        raise FactscopeError(f"dataset file {path} does not exist; pass --data PATH to a {dataset} JSON file")
+        raise FactscopeError(f"dataset file {path} does not exist; pass --data PATH to a {dataset} JSON file "
+                             "(or set FACTSCOPE_DATA to a folder holding it)")
     raw = json.loads(path.read_text())
     raw = raw[:limit] if limit is not None else raw
     convert = {"counterfact": _counterfact, "counterfact-10k": _counterfact_10k, "zsre": _zsre}[dataset]
