@@ -10,11 +10,18 @@ inlined, MathJax is dropped (factscope notebooks use no LaTeX), the widget manag
 jupyter_bokeh's widget module is defined inline, so the panels' Bokeh figures render from the
 file alone. The two npm files are fetched once with ``npm pack`` into
 ``$FACTSCOPE_CACHE/js`` (or taken from ``$FACTSCOPE_JS_DIR``); the exported file needs nothing.
+
+The JavaScript ends up in documents other people open, so it is pinned: each npm tarball must
+have the integrity npm's registry lists for that exact version (:data:`NPM_INTEGRITY`), and every
+file taken from it must have its SHA-256 in :data:`JS_SHA256` — checked when it is fetched and
+again each time it is read, so a file changed in the cache is refused, never embedded.
 """
 from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
+import io
 import logging
 import os
 import re
@@ -26,6 +33,7 @@ import tempfile
 from pathlib import Path
 
 from tracer.errors import FactscopeError
+from tracer.files import write_bytes_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +42,21 @@ log = logging.getLogger(__name__)
 NPM_FILES = {
     "require.js": ("requirejs@2.3.8", r"package/require\.js"),
     "embed-amd.js": ("@jupyter-widgets/html-manager@1.0.15", r"package/dist/(embed-amd\.js|[0-9a-f]{20}\.woff2)"),
+}
+#: each tarball's integrity as npm's registry lists it (``npm view <spec> dist.integrity``)
+NPM_INTEGRITY = {
+    "requirejs@2.3.8":
+        "sha512-7/cTSLOdYkNBNJcDMWf+luFvMriVm7eYxp4BcFCsAX0wF421Vyce5SXP17c+Jd5otXKGNehIonFlyQXSowL6Mw==",
+    "@jupyter-widgets/html-manager@1.0.15":
+        "sha512-5thBIV6ymNgmPVOHvzx+gGy8ZSKmSazhtGw4/c4xJDVzRhG9PTeQsRjF3FUTopvFi//SABeNz1yp47bCrJ3CQA==",
+}
+#: SHA-256 of every file taken from those tarballs (computed from the tarballs above)
+JS_SHA256 = {
+    "require.js": "c1fc6b1d53af7522f78d664922abb32acac64ed0ecccb8f907f1e6fc7262563a",
+    "embed-amd.js": "ca87dff57c70ffb2658794fde0eab0e27e5f5472a1f5df7ab2b08e1039fc4b72",
+    "1551f4f60c37af51121f.woff2": "9834b82ad26e2a37583d22676a12dd2eb0fe7c80356a2114d0db1aa8b3899537",
+    "7a3337626410ca2f4071.woff2": "e42a88444448ac3d60549cc7c1ff2c8a9cac721034c073d80a14a44e79730cca",
+    "d878b0a6a1144760244f.woff2": "8ea8791754915a898a3100e63e32978a6d1763be6df8e73a39d3a90d691cdeef",
 }
 _NO_MATHJAX = "factscope-no-mathjax"
 _FONT_REF = re.compile(r'\b[A-Za-z_$]\.p\+"([0-9a-f]{20}\.woff2)"')
@@ -50,48 +73,89 @@ def js_dir() -> Path:
     return Path(os.environ.get("FACTSCOPE_JS_DIR") or cache_dir() / "js")
 
 
+def read_pinned(path: Path) -> bytes:
+    """The bytes of ``path`` when its SHA-256 is the one pinned for its name in :data:`JS_SHA256`."""
+    expected = JS_SHA256.get(path.name)
+    if expected is None:
+        raise ExportError(f"{path.name} is not one of the pinned files ({', '.join(JS_SHA256)})")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ExportError(f"cannot read {path} ({e.strerror}); delete {path.parent} to fetch the files again") from None
+    got = hashlib.sha256(data).hexdigest()
+    if got != expected:
+        raise ExportError(f"{path} does not match its pinned SHA-256 (got {got[:16]}..., expected {expected[:16]}...); "
+                          f"delete it to fetch {_package_of(path.name)} again")
+    return data
+
+
+def _package_of(name: str) -> str:
+    """The npm package spec a pinned file comes from."""
+    return NPM_FILES["require.js" if name == "require.js" else "embed-amd.js"][0]
+
+
+def _files_of(js_name: str) -> list[str]:
+    """The pinned files that one entry of :data:`NPM_FILES` provides (embed-amd.js: also its fonts)."""
+    return [n for n in JS_SHA256 if (n == "require.js") == (js_name == "require.js")]
+
+
 def offline_js(directory: str | os.PathLike | None = None) -> dict[str, Path]:
     """Paths of ``require.js`` and ``embed-amd.js`` (its fonts beside it), fetched with
-    ``npm pack`` if missing."""
+    ``npm pack`` if missing; every file is checked against its pinned SHA-256."""
     directory = Path(directory) if directory is not None else js_dir()
     paths = {name: directory / name for name in NPM_FILES}
-    fonts_missing = not list(directory.glob("*.woff2"))
-    missing = [name for name, p in paths.items()
-               if not p.is_file() or p.stat().st_size == 0 or (name == "embed-amd.js" and fonts_missing)]
-    if not missing:
-        return paths
+    missing = [name for name in NPM_FILES if not all((directory / f).is_file() for f in _files_of(name))]
+    if missing:
+        _fetch(directory, missing)
+    for name in NPM_FILES:
+        for f in _files_of(name):
+            read_pinned(directory / f)
+    return paths
+
+
+def _fetch(directory: Path, names: list[str]) -> None:
+    """``npm pack`` the packages of ``names``; write their files into ``directory`` once verified."""
     npm = shutil.which("npm")
     if npm is None:
-        raise ExportError(f"{', '.join(missing)} not found in {directory} and npm is not installed; install npm "
+        raise ExportError(f"{', '.join(names)} not found in {directory} and npm is not installed; install npm "
                           f"(apt-get install npm) or set FACTSCOPE_JS_DIR to a folder with the files of "
-                          f"{', '.join(NPM_FILES[m][0] for m in missing)}")
-    directory.mkdir(parents=True, exist_ok=True)
+                          f"{', '.join(NPM_FILES[m][0] for m in names)}")
     with tempfile.TemporaryDirectory() as tmp:
-        for name in missing:
+        for name in names:
             spec, members = NPM_FILES[name]
             log.info("fetching %s with npm pack", spec)
             done = subprocess.run([npm, "pack", spec, "--silent"], cwd=tmp, capture_output=True, text=True, timeout=300)
-            if done.returncode != 0:
+            if done.returncode != 0 or not done.stdout.strip():
                 raise ExportError(f"npm pack {spec} failed: {done.stderr.strip()[:200]}")
-            tgz = Path(tmp) / done.stdout.strip().splitlines()[-1]
-            with tarfile.open(tgz) as tar:
+            tgz = (Path(tmp) / done.stdout.strip().splitlines()[-1]).read_bytes()
+            integrity = "sha512-" + base64.b64encode(hashlib.sha512(tgz).digest()).decode("ascii")
+            if integrity != NPM_INTEGRITY[spec]:
+                raise ExportError(f"npm pack {spec} gave a tarball whose integrity {integrity[:24]}... is not the "
+                                  f"pinned {NPM_INTEGRITY[spec][:24]}...; nothing was written")
+            files = {}
+            with tarfile.open(fileobj=io.BytesIO(tgz)) as tar:
                 for member in tar.getmembers():
                     if member.isfile() and re.fullmatch(members, member.name):
-                        part = directory / (Path(member.name).name + ".part")
-                        part.write_bytes(tar.extractfile(member).read())
-                        part.replace(directory / Path(member.name).name)
-    return paths
+                        files[Path(member.name).name] = tar.extractfile(member).read()
+            for file_name in _files_of(name):
+                data = files.get(file_name)
+                got = hashlib.sha256(data).hexdigest() if data is not None else "missing"
+                if got != JS_SHA256[file_name]:
+                    raise ExportError(f"{file_name} from {spec} does not match its pinned SHA-256 ({got[:16]}); "
+                                      "nothing was written")
+            for file_name in _files_of(name):
+                write_bytes_atomic(directory / file_name, files[file_name])
 
 
 def _widget_manager(js: dict[str, Path]) -> str:
     """embed-amd.js with its woff2 font references replaced by data URLs."""
-    source = js["embed-amd.js"].read_text(encoding="utf-8")
+    source = read_pinned(js["embed-amd.js"]).decode("utf-8")
 
     def embed(match: re.Match) -> str:
         font = js["embed-amd.js"].parent / match.group(1)
         if not font.is_file():
             raise ExportError(f"font {font} is missing; delete {font.parent} to fetch the widget manager again")
-        return '"data:font/woff2;base64,' + base64.b64encode(font.read_bytes()).decode("ascii") + '"'
+        return '"data:font/woff2;base64,' + base64.b64encode(read_pinned(font)).decode("ascii") + '"'
 
     return _FONT_REF.sub(embed, source)
 
@@ -121,7 +185,7 @@ def notebook_html(nb, js: dict[str, Path] | None = None) -> str:
     exporter.mathjax_url = _NO_MATHJAX
     exporter.widget_renderer_url = "data:text/javascript;base64," + renderer
     body, _ = exporter.from_notebook_node(nb)
-    require = _inline_script(js["require.js"].read_text(encoding="utf-8")) + _inline_script(_jupyter_bokeh_module())
+    require = _inline_script(read_pinned(js["require.js"]).decode("utf-8")) + _inline_script(_jupyter_bokeh_module())
     body = body.replace('<script src="factscope-require-js"></script>', require, 1)
     body = re.sub(r'<script src="%s">\s*</script>' % _NO_MATHJAX, "", body)
     leftover = re.findall(r'<(?:script|link)[^>]+(?:src|href)="(https?://[^"]+)"', body)
@@ -155,8 +219,7 @@ def export_notebook(notebook: str | os.PathLike, out: str | os.PathLike, *, exec
             client.execute()
         except CellExecutionError as e:
             raise ExportError(f"{notebook.name} failed while executing: {str(e).strip().splitlines()[-1][:300]}") from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(notebook_html(nb, js), encoding="utf-8")
+    write_text_atomic(out, notebook_html(nb, js))
     return out
 
 
@@ -174,7 +237,7 @@ def strip_outputs(notebook: str | os.PathLike) -> bool:
     nb.metadata.pop("widgets", None)
     after = nbformat.writes(nb)
     if after != before:
-        path.write_text(after, encoding="utf-8")
+        write_text_atomic(path, after)
     return after != before
 
 
