@@ -16,7 +16,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+#: the shared datasets: $FACTSCOPE_DATA when set (a worktree, another layout), else ../shared/data
+SHARED_DATA = Path(os.environ.get("FACTSCOPE_DATA") or ROOT.parent / "shared" / "data")
 FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama")
 
 torch.set_num_threads(int(os.environ.get("FACTSCOPE_TEST_THREADS", min(2, os.cpu_count() or 1))))

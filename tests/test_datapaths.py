@@ -43,9 +43,26 @@ def test_writable_by_others_is_refused(checkout, where, mode):
     path = {"parent": checkout.parents[1], "shared": checkout.parent, "data": checkout,
             "file": checkout / dp.KNOWNS}[where]
     path.chmod(mode)
+    if not mode & stat.S_IWOTH:  # writable by its group: a group shared with others, not the user's own
+        if os.geteuid() != 0:
+            pytest.skip("giving a file another group needs root")
+        os.chown(path, -1, 65534)
     with pytest.raises(DatasetError, match=f"{path} is writable by .*set FACTSCOPE_DATA") as e:
         dp.data_file(dp.KNOWNS)
     assert "\n" not in str(e.value)
+
+
+def test_the_users_own_private_group_may_write(checkout):
+    """umask 002 systems give each user a private group: its write bit lets nobody else in."""
+    import grp
+    import pwd
+
+    own = grp.getgrgid(os.getgid())
+    if own.gr_name != pwd.getpwuid(os.getuid()).pw_name or set(own.gr_mem) - {own.gr_name}:
+        pytest.skip("this user has no private group")
+    checkout.chmod(0o775)
+    (checkout / dp.KNOWNS).chmod(0o664)
+    assert dp.data_file(dp.KNOWNS) == checkout / dp.KNOWNS
 
 
 def test_sticky_folder_and_missing_parts_are_accepted(checkout):

@@ -12,7 +12,7 @@ The first of these that is given wins:
 4. the ``shared/data`` folder beside the checkout (``../shared/data`` from the repository) — used
    only when nobody but its owner can have put files there: every folder from ``/`` down to the
    file, and the file, must belong to root or to the user running factscope and must not be
-   writable by group or others (a folder with the sticky bit, like ``/tmp``, may be: others can
+   writable by others, nor by a group other than the user's own private group (a folder with the sticky bit, like ``/tmp``, may be: others can
    add entries there but not replace ours, and an entry of theirs fails the owner rule). Anything
    else is refused with a one-line :class:`~tracer.errors.DatasetError` that says to set
    ``FACTSCOPE_DATA`` or pass the path, instead of reading a file someone else may have planted.
@@ -91,5 +91,22 @@ def _untrusted(st: os.stat_result, me: int) -> str:
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         if stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX:
             return ""
+        if not st.st_mode & stat.S_IWOTH and _private_group(st.st_gid, me):
+            return ""
         return "is writable by " + ("others" if st.st_mode & stat.S_IWOTH else "its group")
     return ""
+
+
+def _private_group(gid: int, me: int) -> bool:
+    """Whether group ``gid`` is this user's own (a user-private group, as umask 002 systems give
+    every user): named after the user and with no other members."""
+    try:
+        import grp
+        import pwd
+    except ImportError:  # not POSIX
+        return False
+    try:
+        group, user = grp.getgrgid(gid), pwd.getpwuid(me)
+    except KeyError:
+        return False
+    return group.gr_name == user.pw_name and set(group.gr_mem) <= {user.pw_name}
