@@ -45,7 +45,7 @@ from ..hooks import hooked, main_tensor
 from ..layers import get_module
 from ..models import LanguageModel, as_model, right_pad
 from ..stats import key_fingerprint, weights_fingerprint
-from .ledger import checked_field, checked_tensor, content_digest, dict_of, is_number, list_of, verify_content
+from .ledger import checked_field, checked_tensor, content_digest, dict_of, is_int, is_number, list_of, verify_content
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +97,23 @@ class MemitHyperParams:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MemitHyperParams":
+        """From :meth:`to_dict` (e.g. read from a file): every setting's type is checked first."""
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise HyperParameterError(f"unknown MEMIT settings {sorted(unknown)}; accepted: {sorted(names)}")
+        for name, value in d.items():
+            if name == "layers":
+                ok = isinstance(value, (list, tuple)) and all(is_int(x) and x >= 0 for x in value)
+                accepted = "a list of layer numbers"
+            elif name == "chunk_requests":
+                ok, accepted = value is None or is_int(value), "an integer or null"
+            elif name in _INT_SETTINGS:
+                ok, accepted = is_int(value), "an integer"
+            else:
+                ok, accepted = is_number(value), "a finite number"
+            if not ok:
+                raise HyperParameterError(f"MEMIT setting {name!r} must be {accepted}, got {value!r:.40}")
         return cls(**d)
 
     def rome_hparams(self):
@@ -131,6 +144,8 @@ class MemitHyperParams:
         base.update(overrides)
         return cls(**base)
 
+
+_INT_SETTINGS = {"mom2_n_tokens", "v_steps", "context_template_length", "context_templates_per_start", "memory_mb", "seed"}
 
 #: the embedded model's defaults: layer range from MLP causal traces; λ from a sweep on 20 held-out
 #: CounterFact records (1000-1019) in one batch — S 29.0 / 53.3 / 86.1 / 88.8 / 89.3 / 89.1 for
@@ -516,7 +531,7 @@ class _Undo:
 
     ``fl(W₁ − ΔW)`` in the weight's dtype equals the original weight W₀ except at a few elements:
     ``index`` (flat positions, int32 or int64) holds them and ``values`` their original values. When
-    those are more than half the matrix, ``index`` is None and ``values`` is W₀ itself. ``after``
+    keeping those would cost half a copy of W₀ or more, ``index`` is None and ``values`` is W₀ itself. ``after``
     is the SHA-256 of W₁, the weight as :meth:`MemitRecord.apply` left it.
     """
 
