@@ -539,3 +539,19 @@ def test_ledger_files_go_through_the_atomic_writers(tiny_lm, records, tmp_path, 
         ledger.export(tmp_path / "edited")
     assert written == ["edits.safetensors", "factscope-edits.json"]
     assert json.loads((tmp_path / "edited" / "factscope-edits.json").read_text())[0]["id"] == record.id
+
+
+def test_a_ledger_holds_one_cpu_copy_per_edited_matrix(mixed):
+    """The snapshot the exact revert needs is on the CPU in the weights' dtype; what the ledger last wrote
+    is remembered as a hash, not as a second copy of the matrix."""
+    lm, (a, b), batch = mixed
+    ledger = Ledger(lm)
+    ledger.apply(a)
+    ledger.apply(batch, verify=False)
+    try:
+        held = [t for v in vars(ledger).values() if isinstance(v, dict) for t in v.values() if isinstance(t, torch.Tensor)]
+        matrix_bytes = sum(lm.model.get_submodule(m).weight.nbytes for m in set(batch.modules) | {a.module})
+        assert all(t.device.type == "cpu" for t in held)
+        assert sum(t.nbytes for t in held) == matrix_bytes  # the originals, once
+    finally:
+        ledger.revert_all()

@@ -9,7 +9,8 @@
 
 Records are ROME's :class:`EditRecord` (ΔW = v uᵀ at one module) and MEMIT's
 :class:`~tracer.edit.memit.MemitRecord` (a dense ΔW at each of several modules). The ledger
-snapshots each module's weight before its first edit. Applying or reverting recomputes
+snapshots each module's weight before its first edit (on the CPU, in its own dtype) and keeps a
+hash of what it last wrote, to notice writes behind its back. Applying or reverting recomputes
 ``W = float(W0 + Σ_r ΔW_r)`` in float64 with the records in a canonical order (by id), so the
 result is a function of the set of applied records: any order of apply/revert gives the same
 bits, and reverting everything copies the snapshot back. Every check runs before any weight is
@@ -103,6 +104,18 @@ def checked_tensor(t: Any, name: str, source: str, ndim: int, shape: tuple | Non
     if not torch.isfinite(t).all():
         raise EditError(f"{source}: tensor {name!r} has non-finite values; the file is corrupted")
     return t
+
+
+def bits_view(t: torch.Tensor) -> torch.Tensor:
+    """The same bits as an integer tensor of the same width (bit-exact comparisons, hashing)."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def weight_hash(w: torch.Tensor) -> str:
+    """32 hex digits of SHA-256 over a weight's dtype, shape and bits."""
+    h = hashlib.sha256(f"{w.dtype}|{tuple(w.shape)}|".encode())
+    h.update(bits_view(w.detach()).contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
 
 
 def content_digest(content: dict, tensors: Sequence[tuple[str, torch.Tensor]]) -> str:
@@ -291,8 +304,8 @@ class Ledger:
     def __init__(self, model: "LanguageModel | str"):
         self.lm = as_model(model)
         self._applied: list = []  # EditRecord and MemitRecord
-        self._original: dict[str, torch.Tensor] = {}
-        self._written: dict[str, torch.Tensor] = {}
+        self._original: dict[str, torch.Tensor] = {}  # each edited weight before its first edit, on the CPU
+        self._written: dict[str, str] = {}            # weight_hash of what the ledger last wrote there
 
     @property
     def records(self) -> tuple:
@@ -351,7 +364,7 @@ class Ledger:
                 self._write(name, weight, new[name])
             else:
                 with torch.no_grad():
-                    weight.copy_(self._original.pop(name))
+                    weight.copy_(self._original.pop(name).to(weight.device))
                 self._written.pop(name)
         self._applied = rest
 
@@ -395,11 +408,11 @@ class Ledger:
         return weight
 
     def _check_untouched(self, name: str, weight: torch.Tensor) -> None:
-        if name in self._written and not torch.equal(weight.detach(), self._written[name]):
+        if name in self._written and weight_hash(weight) != self._written[name]:
             raise EditError(f"{name} was changed outside this ledger since its last edit; use one ledger per model")
 
     def _compose(self, name: str, weight: torch.Tensor, records: list) -> torch.Tensor:
-        original = self._original.get(name, weight.detach())
+        original = self._original[name].to(weight.device) if name in self._original else weight.detach()
         total = original.double().clone()
         for r in sorted(records, key=lambda r: r.id):
             d = r.module_delta(name).to(total.device)
@@ -411,10 +424,10 @@ class Ledger:
 
     def _write(self, name: str, weight: torch.Tensor, new: torch.Tensor) -> None:
         if name not in self._original:
-            self._original[name] = weight.detach().clone()
+            self._original[name] = weight.detach().to("cpu", copy=True)
         with torch.no_grad():
             weight.copy_(new)
-        self._written[name] = new
+        self._written[name] = weight_hash(weight)
 
     # ------------------------------------------------------------------ files
 

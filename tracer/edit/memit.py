@@ -45,7 +45,8 @@ from ..hooks import hooked, main_tensor
 from ..layers import get_module
 from ..models import LanguageModel, as_model, right_pad
 from ..stats import key_fingerprint, weights_fingerprint
-from .ledger import checked_field, checked_tensor, content_digest, dict_of, is_int, is_number, list_of, verify_content
+from .ledger import (bits_view, checked_field, checked_tensor, content_digest, dict_of, is_int, is_number, list_of,
+                     verify_content, weight_hash)
 
 log = logging.getLogger(__name__)
 
@@ -544,23 +545,11 @@ class _Undo:
         return self.values.nbytes + (self.index.nbytes if self.index is not None else 0)
 
 
-def _int_view(t: torch.Tensor) -> torch.Tensor:
-    """The same bits as an integer tensor of the same width (bit-exact comparisons, hashing)."""
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-def weight_hash(w: torch.Tensor) -> str:
-    """32 hex digits of SHA-256 over a weight's dtype, shape and bits."""
-    h = hashlib.sha256(f"{w.dtype}|{tuple(w.shape)}|".encode())
-    h.update(_int_view(w.detach()).contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()[:32]
-
-
 def _undo_for(before: torch.Tensor, after: torch.Tensor, d: torch.Tensor) -> _Undo:
     """The :class:`_Undo` that takes ``after`` (= fl(``before`` + ``d``)) back to ``before``, bit for bit."""
     back = (after - d).reshape(-1)
     flat = before.reshape(-1)
-    wrong = (_int_view(back) != _int_view(flat)).nonzero().squeeze(1)
+    wrong = (bits_view(back) != bits_view(flat)).nonzero().squeeze(1)
     n = flat.numel()
     index_dtype = torch.int32 if n < 2**31 else torch.int64
     index_bytes = 4 if index_dtype == torch.int32 else 8
