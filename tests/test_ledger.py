@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_tiny_model
 
 from tracer.edit import EditRequest, Ledger, ROMEHyperParams, edited, rome_edit
-from tracer.edit.ledger import EditRecord, load_records
+from tracer.edit.ledger import EditRecord, load_records, save_records
 from tracer.errors import EditError, HyperParameterError
 
 SMALL = ((5, 2),)
@@ -285,23 +287,271 @@ def test_memit_batch_guards(mixed, tmp_path):
         MemitRecord.from_dict(d, [batch.deltas[0] * 2, batch.deltas[1]])
 
 
-def test_format_1_ledger_files_still_load(tiny_lm, records, tmp_path):
+LEGACY = Path(__file__).parent / "data" / "legacy-edits"  # written by the code before ids covered every field
+LEGACY_IDS = {"rome": "3c7c543b7bc6199e", "memit": "9b6427dd0f4ad27f"}
+
+
+def _read(path):
     from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["factscope_ledger"]), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _write(path, meta, tensors):
     from safetensors.torch import save_file
 
+    save_file(tensors, str(path), metadata={"factscope_ledger": json.dumps(meta)})
+    return path
+
+
+def test_format_1_and_2_ledger_files_still_load(tmp_path):
+    """Files of the earlier formats load, verified by their own id rule, and apply onto a fresh model;
+    saved again they become format 3, and an old file whose factors were changed still fails."""
+    fresh = make_tiny_model("llama")
+    original = _state(fresh)
+    v2 = load_records(LEGACY / "ledger-format2.safetensors")
+    assert [(type(r).__name__, r.legacy_id) for r in v2] == [("EditRecord", LEGACY_IDS["rome"]),
+                                                             ("MemitRecord", LEGACY_IDS["memit"])]
+    v1 = load_records(LEGACY / "ledger-format1-rome.safetensors")
+    assert [r.legacy_id for r in v1] == [LEGACY_IDS["rome"]] and v1[0].to_dict() == v2[0].to_dict()
+    with Ledger(fresh) as ledger:
+        ledger.apply_all(v2, verify=False)
+        edited_state = _state(fresh)
+        assert not _same(fresh, original)
+        path = ledger.save(tmp_path / "v3.safetensors")
+    assert _same(fresh, original)
+    meta, tensors = _read(path)
+    assert meta["format"] == 3 and [d["id"] for d in meta["records"]] == [r.id for r in v2]
+    assert all(r.id != r.legacy_id for r in v2)
+    again = load_records(path)
+    with Ledger(fresh) as ledger:
+        ledger.apply_all(again, verify=False)
+        assert _same(fresh, edited_state)
+    old_meta, old_tensors = _read(LEGACY / "ledger-format2.safetensors")
+    old_tensors["0.u"] = old_tensors["0.u"] * 2
+    with pytest.raises(EditError, match="does not verify"):
+        load_records(_write(tmp_path / "bad-v2.safetensors", old_meta, old_tensors))
+    meta["format"] = 4
+    with pytest.raises(EditError, match="format 4"):
+        load_records(_write(tmp_path / "v4.safetensors", meta, tensors))
+    old_meta["format"] = 3  # old records (old ids) under a new header: verified by the new rule, refused
+    with pytest.raises(EditError):
+        load_records(_write(tmp_path / "relabelled.safetensors", old_meta, _read(LEGACY / "ledger-format2.safetensors")[1]))
+
+
+def _one_line_error(path, match=None):
+    with pytest.raises(EditError) as info:
+        load_records(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message, message
+    if match:
+        assert re.search(match, message), message
+    return message
+
+
+def _tampered(mixed, tmp_path):
+    """A saved ledger with a ROME edit (record 0) and a MEMIT batch (record 1): its metadata and tensors."""
+    lm, (a, _), batch = mixed
+    path = save_records([a, batch], tmp_path / "good.safetensors")
+    assert [r.id for r in load_records(path)] == [a.id, batch.id]
+    return _read(path)
+
+
+ROME_TAMPERING = {
+    "layer": lambda d: d.update(layer=d["layer"] + 1),
+    "fingerprint": lambda d: d.update(fingerprint="0" * 16),
+    "module": lambda d: d.update(module=d["module"].replace(str(d["layer"]), str(d["layer"] + 1))),
+    "model": lambda d: d.update(model="gpt2-xl"),
+    "family": lambda d: d.update(family="gptj"),
+    "target_true": lambda d: d.update(target_true=" Paris!"),
+    "hparams": lambda d: d["hparams"].update(v_lr=d["hparams"]["v_lr"] * 2),
+    "request": lambda d: d["request"].update(target_new=" Berlin"),
+    "statistics": lambda d: d["statistics"].update(n_tokens=123),
+    "context_templates": lambda d: d["context_templates"].append("Hi. {}"),
+    "loss": lambda d: d["loss"].append(0.5),
+    "loss_terms": lambda d: d["loss_terms"].pop("kl"),
+    "before": lambda d: d["before"].update(p_new=0.99),
+    "after": lambda d: d["after"].update(p_new=0.01),
+    "seconds": lambda d: d["seconds"].update(total=1e-3),
+    "norms": lambda d: d["norms"].update(u=2.0),
+    "method": lambda d: d.update(method="ROME2"),
+    "extra field": lambda d: d.update(comment="hi"),
+}
+MEMIT_TAMPERING = {
+    "hparams": lambda d: d["hparams"].update(mom2_weight=d["hparams"]["mom2_weight"] * 2),
+    "modules": lambda d: d["modules"].reverse(),
+    "requests": lambda d: d["requests"][0].update(target_new="France"),
+    "templates": lambda d: d["templates"].append("Hi. {}"),
+    "stats": lambda d: d["stats"][0].update(kind="given"),
+    "z_losses": lambda d: d["z_losses"][0].append(0.1),
+    "timings": lambda d: d["timings"].update(z_s=0.0),
+    "fingerprints": lambda d: d["fingerprints"].update({k: "0" * 16 for k in d["fingerprints"]}),
+}
+TENSOR_TAMPERING = {"0.u": 0, "0.v": 0, "0.k_star": 0, "0.v_star": 0, "1.delta.0": 1, "1.delta.1": 1}
+
+
+def test_tampering_with_any_field_of_a_saved_ledger_is_refused(mixed, tmp_path):
+    """The id covers every field and tensor: each edit below makes the file fail with a one-line error."""
+    from copy import deepcopy
+
+    meta, tensors = _tampered(mixed, tmp_path)
+    loaded = []
+    for index, table in ((0, ROME_TAMPERING), (1, MEMIT_TAMPERING)):
+        for field_name, tamper in table.items():
+            m = deepcopy(meta)
+            tamper(m["records"][index])
+            path = _write(tmp_path / f"t-{index}-{field_name}.safetensors", m, tensors)
+            try:
+                message = _one_line_error(path)
+            except BaseException as e:  # noqa: BLE001 - collected, reported below
+                loaded.append(f"{index}.{field_name}: {type(e).__name__}")
+            else:
+                assert f"record {index}" in message, message
+    for name in TENSOR_TAMPERING:
+        t = dict(tensors)
+        t[name] = t[name].clone()
+        t[name].view(-1)[0] += 0.25
+        try:
+            _one_line_error(_write(tmp_path / f"t-{name}.safetensors", meta, t), "does not verify")
+        except BaseException as e:  # noqa: BLE001
+            loaded.append(f"{name}: {type(e).__name__}")
+    assert loaded == []
+
+
+MALFORMED = {
+    "missing records": (lambda m, t: m.pop("records"), "lacks field 'records'"),
+    "records not a list": (lambda m, t: m.update(records={"0": 1}), "'records' must be"),
+    "record not an object": (lambda m, t: m["records"].__setitem__(0, [1, 2]), "'records' must be"),
+    "missing id": (lambda m, t: m["records"][0].pop("id"), "record 0 lacks field 'id'"),
+    "missing layer": (lambda m, t: m["records"][0].pop("layer"), "record 0 lacks field 'layer'"),
+    "layer a string": (lambda m, t: m["records"][0].update(layer="2"), "'layer' must be an integer"),
+    "layer a bool": (lambda m, t: m["records"][0].update(layer=True), "'layer' must be an integer"),
+    "loss of strings": (lambda m, t: m["records"][0].update(loss=["x"]), "'loss' must be"),
+    "request a list": (lambda m, t: m["records"][0].update(request=[1]), "'request' must be"),
+    "request missing subject": (lambda m, t: m["records"][0]["request"].pop("subject"), "'request'"),
+    "hparams of wrong types": (lambda m, t: m["records"][0]["hparams"].update(layer="x"), "'hparams'"),
+    "hparams unknown key": (lambda m, t: m["records"][0]["hparams"].update(bogus=1), "'hparams'"),
+    "templates not strings": (lambda m, t: m["records"][0].update(context_templates=[1]), "'context_templates'"),
+    "missing tensor": (lambda m, t: t.pop("0.k_star"), "lacks tensor '0.k_star'"),
+    "extra tensor": (lambda m, t: t.update({"7.u": torch.zeros(3)}), "holds tensor '7.u'"),
+    "u two-dimensional": (lambda m, t: t.update({"0.u": t["0.u"][None]}), "tensor 'u' must be"),
+    "k_star of another shape": (lambda m, t: t.update({"0.k_star": t["0.k_star"][:-1]}), "tensor 'k_star' has shape"),
+    "k_star NaN": (lambda m, t: t["0.k_star"].__setitem__(0, float("nan")), "'k_star' has non-finite"),
+    "integer u": (lambda m, t: t.update({"0.u": t["0.u"].long()}), "floating"),
+    "MEMIT modules not a list": (lambda m, t: m["records"][1].update(modules="x"), "'modules' must be"),
+    "MEMIT delta NaN": (lambda m, t: t["1.delta.1"].view(-1).__setitem__(0, float("nan")), "non-finite"),
+    "MEMIT delta one-dimensional": (lambda m, t: t.update({"1.delta.0": t["1.delta.0"][0]}), "'delta.0' must be"),
+    "MEMIT missing z_losses": (lambda m, t: m["records"][1].pop("z_losses"), "lacks field 'z_losses'"),
+    "MEMIT timings not numbers": (lambda m, t: m["records"][1]["timings"].update(z_s="fast"), "'timings'"),
+    "MEMIT hparams layers bad": (lambda m, t: m["records"][1]["hparams"].update(layers=["a"]), "hparams"),
+    "MEMIT requests malformed": (lambda m, t: m["records"][1].update(requests=[{"subject": 1}]), "'requests'"),
+    "MEMIT fingerprint keys": (lambda m, t: m["records"][1].update(fingerprints={"x": "y"}), "'fingerprints'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_ledger_fields_are_one_line_errors(mixed, tmp_path, case):
+    from copy import deepcopy
+
+    meta, tensors = _tampered(mixed, tmp_path)
+    meta = deepcopy(meta)
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    change, match = MALFORMED[case]
+    change(meta, tensors)
+    _one_line_error(_write(tmp_path / "bad.safetensors", meta, tensors), match)
+
+
+def test_malformed_ledger_files_are_one_line_errors(mixed, tmp_path):
+    from safetensors.torch import save_file
+
+    meta, tensors = _tampered(mixed, tmp_path)
+    good = (tmp_path / "good.safetensors").read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(good[: len(good) // 2])
+    _one_line_error(tmp_path / "truncated.safetensors", "not a factscope ledger")
+    (tmp_path / "text.safetensors").write_text("hello")
+    _one_line_error(tmp_path / "text.safetensors", "not a factscope ledger")
+    save_file(tensors, str(tmp_path / "no-meta.safetensors"))
+    _one_line_error(tmp_path / "no-meta.safetensors", "not a factscope ledger")
+    save_file(tensors, str(tmp_path / "not-json.safetensors"), metadata={"factscope_ledger": "{"})
+    _one_line_error(tmp_path / "not-json.safetensors", "not a factscope ledger")
+    save_file(tensors, str(tmp_path / "a-list.safetensors"), metadata={"factscope_ledger": "[1]"})
+    _one_line_error(tmp_path / "a-list.safetensors", "not a JSON object")
+
+
+def test_a_failing_revert_keeps_the_original_exception(tiny_lm, records, caplog):
+    """The error raised inside the block propagates; the revert's own failure is logged and noted on it."""
+    lm = tiny_lm
     a = records[0]
-    ledger = Ledger(tiny_lm)
-    ledger.apply(a)
-    new = ledger.save(tmp_path / "v2.safetensors")
+
+    def spoil():  # a write behind the ledger's back: the revert on exit then refuses
+        with torch.no_grad():
+            lm.model.get_submodule(a.module).weight.add_(1.0)
+
+    for block in ("edited", "ledger"):
+        w0 = lm.model.get_submodule(a.module).weight.detach().clone()
+        with pytest.raises(RuntimeError, match="boom") as info:
+            if block == "edited":
+                with edited(lm, [a]):
+                    spoil()
+                    raise RuntimeError("boom")
+            else:
+                with Ledger(lm) as ledger:
+                    ledger.apply(a)
+                    spoil()
+                    raise RuntimeError("boom")
+        assert any("reverting the edits afterwards failed" in n for n in getattr(info.value, "__notes__", []))
+        assert "outside this ledger" in caplog.text
+        with torch.no_grad():
+            lm.model.get_submodule(a.module).weight.copy_(w0)
+    # apply_all: the failing apply's error propagates even when undoing the earlier ones fails
+    ledger = Ledger(lm)
+    real = ledger.revert
+
+    def failing_revert(record):
+        raise EditError("cannot revert")
+
+    ledger.revert = failing_revert
+    with pytest.raises(EditError, match="already applied"):
+        ledger.apply_all([a, a])
+    ledger.revert = real
     ledger.revert_all()
-    with safe_open(str(new), framework="pt") as f:
-        meta = json.loads(f.metadata()["factscope_ledger"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    assert meta["format"] == 2
-    meta["format"] = 1  # what the first release wrote for ROME edits: the same layout
-    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata={"factscope_ledger": json.dumps(meta)})
-    assert [r.id for r in load_records(tmp_path / "v1.safetensors")] == [a.id]
-    meta["format"] = 3
-    save_file(tensors, str(tmp_path / "v3.safetensors"), metadata={"factscope_ledger": json.dumps(meta)})
-    with pytest.raises(EditError, match="format 3"):
-        load_records(tmp_path / "v3.safetensors")
+
+
+def test_ledger_files_go_through_the_atomic_writers(tiny_lm, records, tmp_path, monkeypatch):
+    import tracer.edit.ledger as ledger_module
+
+    written = []
+
+    def spy(real):
+        def write(path, *args, **kwargs):
+            written.append(Path(path).name)
+            return real(path, *args, **kwargs)
+        return write
+
+    for name in ("save_safetensors_atomic", "write_json_atomic"):
+        monkeypatch.setattr(ledger_module, name, spy(getattr(ledger_module, name)))
+    lm = make_tiny_model("gpt2")
+    record = rome_edit(lm, REQUESTS[0], _hp(lm), stats="identity", progress=False)
+    with Ledger(lm) as ledger:
+        ledger.apply(record)
+        ledger.save(tmp_path / "edits.safetensors")
+        ledger.export(tmp_path / "edited")
+    assert written == ["edits.safetensors", "factscope-edits.json"]
+    assert json.loads((tmp_path / "edited" / "factscope-edits.json").read_text())[0]["id"] == record.id
+
+
+def test_a_ledger_holds_one_cpu_copy_per_edited_matrix(mixed):
+    """The snapshot the exact revert needs is on the CPU in the weights' dtype; what the ledger last wrote
+    is remembered as a hash, not as a second copy of the matrix."""
+    lm, (a, b), batch = mixed
+    ledger = Ledger(lm)
+    ledger.apply(a)
+    ledger.apply(batch, verify=False)
+    try:
+        held = [t for v in vars(ledger).values() if isinstance(v, dict) for t in v.values() if isinstance(t, torch.Tensor)]
+        matrix_bytes = sum(lm.model.get_submodule(m).weight.nbytes for m in set(batch.modules) | {a.module})
+        assert all(t.device.type == "cpu" for t in held)
+        assert sum(t.nbytes for t in held) == matrix_bytes  # the originals, once
+    finally:
+        ledger.revert_all()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -217,6 +218,30 @@ def test_sequential_batches_resume_from_checkpoint(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(w0, _weights(lm, hp.layers)))
 
 
+@pytest.mark.embedded
+def test_embedded_memit_eight_requests(embedded, shared_data):
+    """The default run's embedded check (the 100-request one is ``slow``): 8 CounterFact edits in one
+    batch, 6 z steps, C = I with λ = 10, about 40 CPU-seconds. Measured: ES 12.5 -> 87.5,
+    PS 12.5 -> 75, NS 75 -> 75; each margin below allows one case (12.5 points) to flip. The record
+    keeps ~1 MB on the CPU to revert exactly (the 5 matrices hold 17.7 MB), and revert is exact."""
+    from tracer.evaluate import case_scores, load_cases, measure_probabilities, summarize
+
+    cases = load_cases("counterfact-10k", limit=8, data_dir=shared_data)
+    hp = MemitHyperParams.for_model(embedded, v_steps=6, mom2_weight=10.0)
+    w0 = _weights(embedded, hp.layers)
+    pre = summarize([case_scores(measure_probabilities(embedded, c)) for c in cases])
+    record = compute_memit(embedded, cases, hp, stats="identity", progress=False)
+    try:
+        post = summarize([case_scores(measure_probabilities(embedded, c)) for c in cases])
+        assert record.undo_bytes < sum(w.numel() * w.element_size() for w in w0) / 4
+    finally:
+        record.revert(embedded)
+    assert all(torch.equal(a, b) for a, b in zip(w0, _weights(embedded, hp.layers)))
+    assert pre["ES"]["mean"] <= 25 and post["ES"]["mean"] >= 75
+    assert post["PS"]["mean"] >= pre["PS"]["mean"] + 40
+    assert post["NS"]["mean"] >= pre["NS"]["mean"] - 15
+
+
 @pytest.mark.slow
 @pytest.mark.embedded
 def test_embedded_memit_hundred_requests(embedded, shared_data):
@@ -277,3 +302,328 @@ def test_z_checkpoints_resume_an_interrupted_batch(tmp_path, monkeypatch):
     for f in ckpt.glob("z-*.safetensors"):
         f.write_bytes(b"torn")
     assert compute_zs(lm, REQS, hp, ("{}",), progress=False, checkpoint_dir=ckpt).reused == 0
+
+
+# ---------------------------------------------------------------------------- weights that cannot go bad silently
+
+
+def _one_line(info, *names):
+    message = str(info.value)
+    assert "\n" not in message and all(n in message for n in names), message
+    return message
+
+
+@pytest.fixture(scope="module")
+def llama_batches():
+    """A tiny Llama and two MEMIT batches (layers 1-2) computed on it, unapplied."""
+    lm = make_tiny_model("llama")
+    hp = MemitHyperParams(layers=(1, 2), v_steps=3, mom2_weight=1.0)
+    first = compute_memit(lm, REQS[:2], hp, stats="identity", templates=("{}",), progress=False, apply=False)
+    second = compute_memit(lm, REQS[2:], hp, stats="identity", templates=("{}",), progress=False, apply=False)
+    return lm, hp, first, second
+
+
+def test_a_non_finite_update_or_z_is_refused_and_the_model_unchanged(monkeypatch):
+    import tracer.edit.memit as memit
+
+    lm = make_tiny_model("gpt2")
+    hp = MemitHyperParams(layers=(1, 2), v_steps=2)
+    w0 = _weights(lm, hp.layers)
+    real, calls = memit.solve_update, []
+
+    def nan_on_second_layer(*a, **k):
+        calls.append(1)
+        dw = real(*a, **k)
+        return dw.fill_(float("nan")) if len(calls) == 2 else dw
+
+    monkeypatch.setattr(memit, "solve_update", nan_on_second_layer)
+    with pytest.raises(EditError) as info:
+        compute_memit(lm, REQS[:1], hp, stats="identity", templates=("{}",), progress=False)
+    _one_line(info, "layer 2", "not finite", "unchanged")
+    assert all(torch.equal(a, b) for a, b in zip(w0, _weights(lm, hp.layers)))
+    monkeypatch.setattr(memit, "solve_update", real)
+    real_zs = memit.compute_zs
+
+    def nan_z(*a, **k):
+        res = real_zs(*a, **k)
+        res.z[0, 3] = float("nan")
+        return res
+
+    monkeypatch.setattr(memit, "compute_zs", nan_z)
+    with pytest.raises(EditError) as info:
+        compute_memit(lm, REQS[:2], hp, stats="identity", templates=("{}",), progress=False)
+    _one_line(info, "not finite", "Paris is the capital of")
+    assert all(torch.equal(a, b) for a, b in zip(w0, _weights(lm, hp.layers)))
+
+
+def _z_file(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["factscope_z"]), f.get_tensor("z")
+
+
+def _put_z_file(path, meta, z):
+    from safetensors.torch import save_file
+
+    save_file({"z": z}, str(path), metadata={"factscope_z": json.dumps(meta)})
+
+
+Z_CORRUPTIONS = {
+    "NaN z": (lambda m, z: (m, z.clone().fill_(float("nan"))), "non-finite"),
+    "z of another width": (lambda m, z: (m, torch.zeros(z.shape[0], z.shape[1] + 1)), "shape"),
+    "z of fewer rows": (lambda m, z: (m, z[:1].clone()), "shape"),
+    "z as float64": (lambda m, z: (m, z.double()), "float64"),
+    "keys not a list": (lambda m, z: ({**m, "keys": ",".join(m["keys"])}, z), "'keys'"),
+    "missing losses": (lambda m, z: ({k: v for k, v in m.items() if k != "losses"}, z), "'losses'"),
+    "losses of strings": (lambda m, z: ({**m, "losses": [["x"]] * len(m["keys"])}, z), "'losses'"),
+    "losses too few": (lambda m, z: ({**m, "losses": m["losses"][:1]}, z), "'losses'"),
+    "seconds a string": (lambda m, z: ({**m, "cpu_s": "1"}, z), "'cpu_s'"),
+    "metadata a list": (lambda m, z: ([m], z), "'keys'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(Z_CORRUPTIONS))
+def test_a_bad_z_checkpoint_is_skipped_with_a_warning_and_recomputed(tmp_path, caplog, case):
+    """A z file whose fields fail their checks is never used: a warning names it and the field, and its
+    requests are optimised again, giving the z of an uninterrupted run."""
+    lm = make_tiny_model("llama")
+    hp = MemitHyperParams(layers=(1, 2), v_steps=3, chunk_requests=2)
+    whole = compute_zs(lm, REQS[:2], hp, ("{}",), progress=False)
+    compute_zs(lm, REQS[:2], hp, ("{}",), progress=False, checkpoint_dir=tmp_path)
+    (path,) = tmp_path.glob("z-*.safetensors")
+    change, words = Z_CORRUPTIONS[case]
+    _put_z_file(path, *change(*_z_file(path)))
+    caplog.clear()
+    again = compute_zs(lm, REQS[:2], hp, ("{}",), progress=False, checkpoint_dir=tmp_path)
+    assert again.reused == 0 and torch.equal(again.z, whole.z) and again.losses == whole.losses
+    warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warning) == 1 and path.name in warning[0] and words in warning[0], warning
+
+
+def test_apply_writes_every_layer_or_none(llama_batches, monkeypatch):
+    import tracer.edit.memit as memit
+
+    lm, hp, first, _ = llama_batches
+    w0 = _weights(lm, hp.layers)
+
+    def variant(*deltas):
+        return MemitRecord(requests=first.requests, hparams=first.hparams, modules=first.modules, deltas=list(deltas),
+                           templates=first.templates, stats=first.stats, z_losses=first.z_losses, timings=first.timings)
+
+    d0, d1 = first.deltas
+    bad = {"another shape": (variant(d0, d1[:, :-1]), ("shape", "nothing was applied")),
+           "NaN": (variant(d0, d1.clone().fill_(float("nan"))), ("non-finite", "nothing was applied"))}
+    failures = []
+    for name, (record, words) in bad.items():
+        try:
+            with pytest.raises(EditError) as info:
+                record.apply(lm)
+            _one_line(info, *words)
+        except BaseException as e:  # noqa: BLE001 - collected below
+            failures.append(f"{name}: {type(e).__name__}")
+        if not all(torch.equal(a, b) for a, b in zip(w0, _weights(lm, hp.layers))):
+            failures.append(f"{name}: weights changed")
+            for w, o in zip([lm.model.get_submodule(m).weight for m in first.modules], w0):
+                with torch.no_grad():
+                    w.copy_(o)
+    assert failures == []
+    # a ΔW finite in float32 that overflows float16 weights
+    half = make_tiny_model("llama")
+    for m in first.modules:
+        half.model.get_submodule(m).half()
+    h0 = _weights(half, hp.layers)
+    with pytest.raises(EditError) as info:
+        variant(d0, torch.full_like(d1, 1e5)).apply(half)
+    _one_line(info, "non-finite in torch.float16", "nothing was applied")
+    assert all(torch.equal(a, b) for a, b in zip(h0, _weights(half, hp.layers)))
+    # a failure while writing the second layer restores the first, bit for bit
+    real, calls = memit._undo_for, []
+
+    def fail_second(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("out of memory")
+        return real(*a)
+
+    monkeypatch.setattr(memit, "_undo_for", fail_second)
+    with pytest.raises(MemoryError):
+        first.apply(lm)
+    assert not first.applied and all(torch.equal(a, b) for a, b in zip(w0, _weights(lm, hp.layers)))
+
+
+def test_revert_out_of_order_is_refused_and_names_the_batch_to_revert_first(llama_batches):
+    lm, hp, first, second = llama_batches
+    w0 = _weights(lm, hp.layers)
+    first.apply(lm)
+    w1 = _weights(lm, hp.layers)
+    second.apply(lm)
+    w2 = _weights(lm, hp.layers)
+    with pytest.raises(EditError) as info:
+        first.revert(lm)
+    _one_line(info, f"revert {second.id} first")
+    assert all(torch.equal(a, b) for a, b in zip(w2, _weights(lm, hp.layers)))  # nothing was written
+    second.revert(lm)
+    assert all(torch.equal(a, b) for a, b in zip(w1, _weights(lm, hp.layers)))
+    w = lm.model.get_submodule(first.modules[1]).weight
+    with torch.no_grad():
+        w.view(-1)[0] += 1.0  # a change behind the record's back
+    with pytest.raises(EditError) as info:
+        first.revert(lm)
+    _one_line(info, first.modules[1], "was changed since")
+    with torch.no_grad():
+        w.copy_(w1[1])
+    first.revert(lm)
+    assert all(torch.equal(a, b) for a, b in zip(w0, _weights(lm, hp.layers)))
+
+
+def test_an_applied_record_keeps_little_and_only_on_the_cpu(llama_batches):
+    """Exact revert needs only the elements where fl(W₁ − ΔW) misses W₀ (CPU), not a copy of the
+    weights' bits on the model's device: at most one weight's bytes per edited matrix, here far less."""
+    lm, hp, first, _ = llama_batches
+    weights = [lm.model.get_submodule(m).weight for m in first.modules]
+    matrix_bytes = sum(w.numel() * w.element_size() for w in weights)
+    first.apply(lm)
+    try:
+        held = [t for u in first.undo for t in (u.index, u.values) if t is not None]
+        assert all(t.device.type == "cpu" for t in held)
+        assert 0 < first.undo_bytes <= matrix_bytes / 2
+    finally:
+        first.revert(lm)
+    assert first.undo is None and first.undo_bytes == 0
+
+
+def test_undo_is_exact_where_subtraction_is_not():
+    """fl(fl(w + d) − d) misses w for many elements when d is large; the kept elements make it exact,
+    for float32, float16 and bfloat16, and the dense fallback too."""
+    from tracer.edit.memit import _undo, _undo_for
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for scale in (1e-3, 1.0, 100.0):
+            w0 = (torch.randn(48, 40, generator=g) * 0.02).to(dtype)
+            d = (torch.randn(48, 40, generator=g) * 0.02 * scale).to(dtype)
+            w = w0.clone().add_(d)
+            assert scale < 1 or not torch.equal(w - d, w0)
+            undo = _undo_for(w0, w, d)
+            _undo(w, d, undo)
+            assert torch.equal(w.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                               w0.view(torch.int16 if dtype != torch.float32 else torch.int32)), (dtype, scale)
+
+
+def _saved(record, path):
+    record.save(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return json.loads(Path(str(path) + ".json").read_text()), tensors
+
+
+def _put(path, meta, tensors):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path))
+    Path(str(path) + ".json").write_text(json.dumps(meta))
+    return path
+
+
+RECORD_FILE_CASES = {
+    "missing modules": (lambda m, t: m.pop("modules"), "lacks field 'modules'"),
+    "modules a string": (lambda m, t: m.update(modules="x"), "'modules' must be"),
+    "missing requests": (lambda m, t: m.pop("requests"), "lacks field 'requests'"),
+    "requests of numbers": (lambda m, t: m.update(requests=[1]), "'requests'"),
+    "hparams layers bad": (lambda m, t: m["hparams"].update(layers=["a"]), "hparams"),
+    "hparams unknown key": (lambda m, t: m["hparams"].update(bogus=1), "hparams"),
+    "hparams fewer layers": (lambda m, t: m["hparams"].update(layers=[1]), "'hparams' edits 1 layers"),
+    "hparams seed a string": (lambda m, t: m["hparams"].update(seed="0"), "'seed' must be an integer"),
+    "hparams lambda a bool": (lambda m, t: m["hparams"].update(mom2_weight=True), "'mom2_weight' must be a finite"),
+    "z_losses of strings": (lambda m, t: m.update(z_losses=[["x"]]), "'z_losses'"),
+    "timings NaN": (lambda m, t: m["timings"].update(z_s=float("nan")), "'timings'"),
+    "templates missing": (lambda m, t: m.pop("templates"), "lacks field 'templates'"),
+    "fingerprints keys": (lambda m, t: m.update(fingerprints={"x": "y"}), "'fingerprints'"),
+    "format 9": (lambda m, t: m.update(format=9), "format 2"),
+    "JSON a list": (lambda m, t: m.update(__list__=True), "JSON object"),
+    "missing tensor": (lambda m, t: t.pop("delta.1"), "lacks tensor 'delta.1'"),
+    "extra tensor": (lambda m, t: t.update({"delta.7": torch.zeros(2, 2)}), "unexpected tensor 'delta.7'"),
+    "delta one-dimensional": (lambda m, t: t.update({"delta.0": t["delta.0"][0]}), "'delta.0' must be"),
+    "deltas of two shapes": (lambda m, t: t.update({"delta.0": t["delta.0"][:, :-1].contiguous()}), "differ in shape"),
+    "delta NaN": (lambda m, t: t["delta.1"].view(-1).__setitem__(0, float("nan")), "non-finite"),
+    "delta edited": (lambda m, t: t["delta.1"].view(-1).__setitem__(0, 1.0), "does not verify"),
+    "lambda edited": (lambda m, t: m["hparams"].update(mom2_weight=7.0), "does not verify"),
+    "templates edited": (lambda m, t: m["templates"].append("Hi. {}"), "does not verify"),
+    "fingerprint edited": (lambda m, t: m["fingerprints"].update({"1": "0" * 16}), "does not verify"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECORD_FILE_CASES))
+def test_malformed_or_edited_record_files_are_one_line_errors(llama_batches, tmp_path, case):
+    _, _, first, _ = llama_batches
+    meta, tensors = _saved(first, tmp_path / "good.safetensors")
+    assert MemitRecord.load(tmp_path / "good.safetensors").id == first.id
+    change, words = RECORD_FILE_CASES[case]
+    change(meta, tensors)
+    if meta.pop("__list__", False):
+        meta = [meta]
+    path = _put(tmp_path / "bad.safetensors", meta, tensors)
+    with pytest.raises(EditError) as info:
+        MemitRecord.load(path)
+    _one_line(info, str(path), words)
+
+
+def test_truncated_missing_or_foreign_record_files_are_one_line_errors(llama_batches, tmp_path):
+    _, _, first, _ = llama_batches
+    path = tmp_path / "r.safetensors"
+    first.save(path)
+    body, meta = path.read_bytes(), Path(str(path) + ".json").read_text()
+    for name, write, words in (("truncated", lambda: path.write_bytes(body[: len(body) // 2]), "not a MEMIT record"),
+                               ("not safetensors", lambda: path.write_text("hello"), "not a MEMIT record"),
+                               ("JSON truncated", lambda: Path(str(path) + ".json").write_text(meta[:40]), "JSON"),
+                               ("JSON missing", lambda: Path(str(path) + ".json").unlink(), "does not exist")):
+        first.save(path)
+        write()
+        with pytest.raises(EditError) as info:
+            MemitRecord.load(path)
+        _one_line(info, str(path), words)
+
+
+def test_format_1_record_files_still_load(tmp_path):
+    """Records saved before ids covered every field load (by their own rule), apply and revert exactly."""
+    path = Path(__file__).parent / "data" / "legacy-edits" / "memit-format1.safetensors"
+    record = MemitRecord.load(path)
+    assert record.legacy_id == "9b6427dd0f4ad27f" and record.id != record.legacy_id
+    fresh = make_tiny_model("llama")
+    w0 = _weights(fresh, record.layers)
+    record.apply(fresh)
+    assert not all(torch.equal(a, b) for a, b in zip(w0, _weights(fresh, record.layers)))
+    record.revert(fresh)
+    assert all(torch.equal(a, b) for a, b in zip(w0, _weights(fresh, record.layers)))
+    record.save(tmp_path / "new.safetensors")
+    assert json.loads(Path(str(tmp_path / "new.safetensors") + ".json").read_text())["format"] == 2
+    assert MemitRecord.load(tmp_path / "new.safetensors").id == record.id
+    meta = json.loads(Path(str(path) + ".json").read_text())
+    meta["modules"] = meta["modules"][::-1]  # covered by the old rule too
+    (tmp_path / "old.safetensors").write_bytes(path.read_bytes())
+    Path(str(tmp_path / "old.safetensors") + ".json").write_text(json.dumps(meta))
+    with pytest.raises(EditError, match="does not verify"):
+        MemitRecord.load(tmp_path / "old.safetensors")
+
+
+def test_record_files_go_through_the_atomic_writers(llama_batches, tmp_path, monkeypatch):
+    import tracer.edit.memit as memit
+
+    _, _, first, _ = llama_batches
+    written = []
+
+    def spy(real):
+        def write(path, *args, **kwargs):
+            written.append(Path(path).name)
+            return real(path, *args, **kwargs)
+        return write
+
+    for name in ("save_safetensors_atomic", "write_json_atomic"):
+        monkeypatch.setattr(memit, name, spy(getattr(memit, name)))
+    first.save(tmp_path / "batch.safetensors")
+    assert sorted(written) == ["batch.safetensors", "batch.safetensors.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(written)
+    assert MemitRecord.load(tmp_path / "batch.safetensors").id == first.id

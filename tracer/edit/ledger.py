@@ -9,27 +9,36 @@
 
 Records are ROME's :class:`EditRecord` (ΔW = v uᵀ at one module) and MEMIT's
 :class:`~tracer.edit.memit.MemitRecord` (a dense ΔW at each of several modules). The ledger
-snapshots each module's weight before its first edit. Applying or reverting recomputes
+snapshots each module's weight before its first edit (on the CPU, in its own dtype) and keeps a
+hash of what it last wrote, to notice writes behind its back. Applying or reverting recomputes
 ``W = float(W0 + Σ_r ΔW_r)`` in float64 with the records in a canonical order (by id), so the
 result is a function of the set of applied records: any order of apply/revert gives the same
 bits, and reverting everything copies the snapshot back. Every check runs before any weight is
 written, so an edit that fails leaves the model untouched.
+
+A record's ``id`` is 16 hex digits of SHA-256 over every field of its ``to_dict()`` and all its
+tensors, so a file whose layer, fingerprint, k*, settings or anything else was edited does not
+load. Files written before that rule (ledger formats 1 and 2, MEMIT record format 1) are still
+read and verified by their own rule (module, request and factors or ΔW only). Every field read
+from a file is checked; a malformed one is an :class:`EditError` naming the file and the field.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
 from ..errors import EditError, UnknownLayerError
-from ..files import save_safetensors_atomic
+from ..files import save_safetensors_atomic, write_json_atomic
 from ..models import LanguageModel, as_model
 from ..stats import key_fingerprint
 
@@ -39,8 +48,109 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_LEDGER_FORMAT = 2          # 2: ROME and MEMIT records; 1 (ROME only) is still read
+_LEDGER_FORMAT = 3          # 3: ids over every field; 2 (ROME and MEMIT) and 1 (ROME only) are still read
+_LEGACY_LEDGER_FORMATS = (1, 2)
+_RECORD_FORMAT = 2          # an EditRecord dict's "format": 2 = the id covers every field; absent = the old id
 _TENSORS = ("u", "v", "k_star", "v_star")
+
+
+# ---------------------------------------------------------------------------- checked fields
+
+
+_MISSING = object()
+
+
+def _brief(value: Any) -> str:
+    text = json.dumps(value, default=repr) if not isinstance(value, torch.Tensor) else f"a tensor {tuple(value.shape)}"
+    return (text[:60] + "…") if len(text) > 60 else text
+
+
+def is_number(x: Any) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def list_of(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda x: isinstance(x, list) and all(ok(v) for v in x)
+
+
+def dict_of(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda x: isinstance(x, dict) and all(isinstance(k, str) and ok(v) for k, v in x.items())
+
+
+def checked_field(d: dict, name: str, ok: Callable[[Any], bool], accepted: str, source: str, default: Any = _MISSING):
+    """``d[name]`` if ``ok`` accepts it, else an :class:`EditError` naming ``source``, the field and
+    what is ``accepted``; a missing field is ``default`` or an error when there is none."""
+    if name not in d:
+        if default is not _MISSING:
+            return default
+        raise EditError(f"{source} lacks field {name!r} ({accepted}); the file is corrupted or not a factscope record")
+    if not ok(d[name]):
+        raise EditError(f"{source}: field {name!r} must be {accepted}, got {_brief(d[name])}")
+    return d[name]
+
+
+def checked_tensor(t: Any, name: str, source: str, ndim: int, shape: tuple | None = None) -> torch.Tensor:
+    """``t`` if it is a finite floating tensor with ``ndim`` dimensions (and ``shape`` where given)."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.ndim != ndim or min(t.shape, default=1) < 1:
+        what = f"a {t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise EditError(f"{source}: tensor {name!r} must be a non-empty {ndim}-D floating tensor, got {what}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise EditError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, its record needs {tuple(shape)}")
+    if not torch.isfinite(t).all():
+        raise EditError(f"{source}: tensor {name!r} has non-finite values; the file is corrupted")
+    return t
+
+
+def bits_view(t: torch.Tensor) -> torch.Tensor:
+    """The same bits as an integer tensor of the same width (bit-exact comparisons, hashing)."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def weight_hash(w: torch.Tensor) -> str:
+    """32 hex digits of SHA-256 over a weight's dtype, shape and bits."""
+    h = hashlib.sha256(f"{w.dtype}|{tuple(w.shape)}|".encode())
+    h.update(bits_view(w.detach()).contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def content_digest(content: dict, tensors: Sequence[tuple[str, torch.Tensor]]) -> str:
+    """16 hex digits of SHA-256 over ``content`` (as canonical JSON) and each tensor's name, dtype,
+    shape and bytes: the id rule of current records."""
+    text = json.dumps(json.loads(json.dumps(content)), sort_keys=True)  # int keys and tuples as JSON has them
+    h = hashlib.sha256(text.encode())
+    for name, t in tensors:
+        t = t.detach().contiguous().cpu()
+        h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def verify_content(record, d: dict, source: str, legacy: bool, kind: str) -> None:
+    """Check ``d`` (the dict a file holds) against ``record`` (built from it): its id by the rule of
+    its format and, for current files, every field equal to what the record gives back."""
+    if legacy:
+        if d["id"] != record.legacy_id:
+            raise EditError(f"{source}: {kind} {d['id']} does not verify (its content hashes to {record.legacy_id}); "
+                            "the file is corrupted")
+        return
+    back = json.loads(json.dumps(record.to_dict()))
+    got = json.loads(json.dumps({k: v for k, v in d.items() if k not in _TENSORS}))
+
+    def text(v):
+        return json.dumps(v, sort_keys=True) if v is not _MISSING else None
+
+    for key in sorted(set(back) | set(got)):
+        if key != "id" and text(back.get(key, _MISSING)) != text(got.get(key, _MISSING)):
+            raise EditError(f"{source}: field {key!r} does not verify against {kind} {d['id']}; the file is corrupted "
+                            "or was edited")
+    if d["id"] != record.id:
+        raise EditError(f"{source}: {kind} {d['id']} does not verify (its content hashes to {record.id}); "
+                        "the file is corrupted or was edited")
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,9 +183,14 @@ class EditRecord:
     seconds: dict = field(default_factory=dict)
     method: str = "ROME"
 
-    @property
+    @cached_property
     def id(self) -> str:
-        """16 hex digits of SHA-256 over the module, the request and the factors' bytes."""
+        """16 hex digits of SHA-256 over every field of :meth:`to_dict` and the four tensors (computed once)."""
+        return content_digest(self._content(), [(name, getattr(self, name).double()) for name in _TENSORS])
+
+    @property
+    def legacy_id(self) -> str:
+        """The id rule of ledger formats 1 and 2: the module, the request and the factors' bytes only."""
         h = hashlib.sha256(f"{self.module}|{json.dumps(self.request.to_dict(), sort_keys=True)}".encode())
         for t in (self.u, self.v):
             h.update(t.detach().double().contiguous().cpu().numpy().tobytes())
@@ -98,32 +213,80 @@ class EditRecord:
         """ΔW at module ``name`` (see :meth:`delta`); a record's modules are :attr:`modules`."""
         return self.delta()
 
+    def _content(self) -> dict:
+        return {"format": _RECORD_FORMAT, "method": self.method, "request": self.request.to_dict(),
+                "hparams": self.hparams.to_dict(), "model": self.model, "family": self.family,
+                "fingerprint": self.fingerprint, "layer": self.layer, "module": self.module,
+                "target_true": self.target_true, "statistics": dict(self.statistics),
+                "context_templates": list(self.context_templates), "loss": list(self.loss),
+                "loss_terms": {k: list(v) for k, v in self.loss_terms.items()}, "before": dict(self.before),
+                "after": dict(self.after), "seconds": dict(self.seconds),
+                "norms": {"u": float(self.u.norm()), "v": float(self.v.norm()), "delta_fro": float(self.u.norm() * self.v.norm())}}
+
     def to_dict(self, tensors: bool = False) -> dict:
-        d = {"id": self.id, "method": self.method, "request": self.request.to_dict(), "hparams": self.hparams.to_dict(),
-             "model": self.model, "family": self.family, "fingerprint": self.fingerprint, "layer": self.layer,
-             "module": self.module, "target_true": self.target_true, "statistics": dict(self.statistics),
-             "context_templates": list(self.context_templates), "loss": list(self.loss),
-             "loss_terms": {k: list(v) for k, v in self.loss_terms.items()}, "before": dict(self.before),
-             "after": dict(self.after), "seconds": dict(self.seconds),
-             "norms": {"u": float(self.u.norm()), "v": float(self.v.norm()), "delta_fro": float(self.u.norm() * self.v.norm())}}
+        d = {"id": self.id, **self._content()}
         if tensors:
             d.update({name: getattr(self, name).tolist() for name in _TENSORS})
         return d
 
     @classmethod
-    def from_dict(cls, d: dict, tensors: dict[str, torch.Tensor] | None = None) -> "EditRecord":
+    def from_dict(cls, d: dict, tensors: dict[str, torch.Tensor] | None = None, *, source: str = "edit record",
+                  legacy: bool | None = None) -> "EditRecord":
+        """The record of :meth:`to_dict` (tensors in ``d`` as lists, or given), every field checked and
+        the id verified (a dict without ``id`` is not verified). ``legacy``: verify by the rule of
+        ledger formats 1 and 2 (``None``: by ``d``'s ``format``). Errors name ``source``."""
         from .rome import EditRequest, ROMEHyperParams
 
-        tensors = tensors or {name: torch.tensor(d[name], dtype=torch.float64) for name in _TENSORS}
-        record = cls(request=EditRequest.from_dict(d["request"]), hparams=ROMEHyperParams.from_dict(d["hparams"]),
-                     model=d["model"], family=d["family"], fingerprint=d["fingerprint"], layer=int(d["layer"]),
-                     module=d["module"], target_true=d["target_true"], statistics=dict(d["statistics"]),
-                     context_templates=tuple(d["context_templates"]), loss=tuple(d["loss"]),
-                     loss_terms={k: tuple(v) for k, v in d.get("loss_terms", {}).items()}, before=dict(d.get("before", {})),
-                     after=dict(d.get("after", {})), seconds=dict(d.get("seconds", {})), method=d.get("method", "ROME"),
-                     **{name: tensors[name].double() for name in _TENSORS})
-        if "id" in d and d["id"] != record.id:
-            raise EditError(f"edit record {d['id']} does not verify (its factors hash to {record.id}); the file is corrupted")
+        if not isinstance(d, dict):
+            raise EditError(f"{source} must be a JSON object, got {type(d).__name__}")
+        if legacy is None:
+            legacy = "format" not in d
+        if not legacy:
+            checked_field(d, "format", lambda x: x == _RECORD_FORMAT, f"{_RECORD_FORMAT}", source)
+        number_list = list_of(is_number)
+        f = lambda name, ok, accepted, default=_MISSING: checked_field(d, name, ok, accepted, source, default)  # noqa: E731
+        request = f("request", lambda x: isinstance(x, dict), "a JSON object (prompt, subject, target_new, target_true)")
+        hparams = f("hparams", lambda x: isinstance(x, dict), "a JSON object of ROME settings")
+        try:
+            request = EditRequest.from_dict(request)
+        except (TypeError, ValueError) as e:
+            raise EditError(f"{source}: field 'request' is not a valid edit request ({str(e)[:120]})") from None
+        try:
+            hparams = ROMEHyperParams.from_dict(hparams)
+        except (TypeError, ValueError) as e:
+            raise EditError(f"{source}: field 'hparams' holds invalid ROME settings ({str(e)[:120]})") from None
+        if tensors is None:
+            tensors = {}
+            for name in _TENSORS:
+                values = f(name, number_list, "a list of finite numbers")
+                tensors[name] = torch.tensor(values, dtype=torch.float64)
+        for name in _TENSORS:
+            if name not in tensors:
+                raise EditError(f"{source} lacks tensor {name!r}; the file is corrupted")
+        u = checked_tensor(tensors["u"], "u", source, 1)
+        v = checked_tensor(tensors["v"], "v", source, 1)
+        k_star = checked_tensor(tensors["k_star"], "k_star", source, 1, tuple(u.shape))
+        v_star = checked_tensor(tensors["v_star"], "v_star", source, 1, tuple(v.shape))
+        record = cls(request=request, hparams=hparams,
+                     model=f("model", lambda x: isinstance(x, str), "a string"),
+                     family=f("family", lambda x: isinstance(x, str), "a string"),
+                     fingerprint=f("fingerprint", lambda x: isinstance(x, str), "a string"),
+                     layer=f("layer", lambda x: is_int(x) and x >= 0, "an integer >= 0"),
+                     module=f("module", lambda x: isinstance(x, str) and x != "", "a module name"),
+                     target_true=f("target_true", lambda x: isinstance(x, str), "a string"),
+                     statistics=dict(f("statistics", lambda x: isinstance(x, dict), "a JSON object")),
+                     context_templates=tuple(f("context_templates", list_of(lambda x: isinstance(x, str)), "a list of strings")),
+                     loss=tuple(f("loss", number_list, "a list of finite numbers")),
+                     loss_terms={k: tuple(v_) for k, v_ in f("loss_terms", dict_of(number_list),
+                                                             "a JSON object of number lists", {}).items()},
+                     before=dict(f("before", lambda x: isinstance(x, dict), "a JSON object", {})),
+                     after=dict(f("after", lambda x: isinstance(x, dict), "a JSON object", {})),
+                     seconds=dict(f("seconds", dict_of(is_number), "a JSON object of numbers", {})),
+                     method=f("method", lambda x: x == "ROME", "'ROME'", "ROME"),
+                     u=u.double(), v=v.double(), k_star=k_star.double(), v_star=v_star.double())
+        if "id" in d:
+            f("id", lambda x: isinstance(x, str), "a string")
+            verify_content(record, d, source, legacy, "edit record")
         return record
 
     def with_after(self, after: dict) -> "EditRecord":
@@ -141,8 +304,8 @@ class Ledger:
     def __init__(self, model: "LanguageModel | str"):
         self.lm = as_model(model)
         self._applied: list = []  # EditRecord and MemitRecord
-        self._original: dict[str, torch.Tensor] = {}
-        self._written: dict[str, torch.Tensor] = {}
+        self._original: dict[str, torch.Tensor] = {}  # each edited weight before its first edit, on the CPU
+        self._written: dict[str, str] = {}            # weight_hash of what the ledger last wrote there
 
     @property
     def records(self) -> tuple:
@@ -152,8 +315,11 @@ class Ledger:
     def __enter__(self) -> "Ledger":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.revert_all()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.revert_all()
+        else:
+            _revert_keeping(exc, self.revert_all)
 
     # ------------------------------------------------------------------ apply / revert
 
@@ -198,7 +364,7 @@ class Ledger:
                 self._write(name, weight, new[name])
             else:
                 with torch.no_grad():
-                    weight.copy_(self._original.pop(name))
+                    weight.copy_(self._original.pop(name).to(weight.device))
                 self._written.pop(name)
         self._applied = rest
 
@@ -214,9 +380,12 @@ class Ledger:
             for record in records:
                 self.apply(record, verify=verify)
                 done.append(record)
-        except Exception:
-            for record in reversed(done):
-                self.revert(record)
+        except Exception as e:
+            def undo():
+                for record in reversed(done):
+                    self.revert(record)
+
+            _revert_keeping(e, undo)
             raise
 
     def _touching(self, name: str) -> list:
@@ -239,11 +408,11 @@ class Ledger:
         return weight
 
     def _check_untouched(self, name: str, weight: torch.Tensor) -> None:
-        if name in self._written and not torch.equal(weight.detach(), self._written[name]):
+        if name in self._written and weight_hash(weight) != self._written[name]:
             raise EditError(f"{name} was changed outside this ledger since its last edit; use one ledger per model")
 
     def _compose(self, name: str, weight: torch.Tensor, records: list) -> torch.Tensor:
-        original = self._original.get(name, weight.detach())
+        original = self._original[name].to(weight.device) if name in self._original else weight.detach()
         total = original.double().clone()
         for r in sorted(records, key=lambda r: r.id):
             d = r.module_delta(name).to(total.device)
@@ -255,10 +424,10 @@ class Ledger:
 
     def _write(self, name: str, weight: torch.Tensor, new: torch.Tensor) -> None:
         if name not in self._original:
-            self._original[name] = weight.detach().clone()
+            self._original[name] = weight.detach().to("cpu", copy=True)
         with torch.no_grad():
             weight.copy_(new)
-        self._written[name] = new
+        self._written[name] = weight_hash(weight)
 
     # ------------------------------------------------------------------ files
 
@@ -280,8 +449,19 @@ class Ledger:
         target.mkdir(parents=True, exist_ok=True)
         self.lm.model.save_pretrained(target)
         self.lm.tokenizer.save_pretrained(target)
-        (target / "factscope-edits.json").write_text(json.dumps([r.to_dict() for r in self._applied], indent=1))
+        write_json_atomic(target / "factscope-edits.json", [r.to_dict() for r in self._applied], indent=1)
         return target
+
+
+def _revert_keeping(exc: BaseException, revert: Callable[[], None]) -> None:
+    """Run ``revert`` while ``exc`` propagates: if it fails too, the failure is logged and noted on
+    ``exc`` (which the caller re-raises), so the original error is the one the user sees."""
+    try:
+        revert()
+    except Exception as failure:
+        log.error("reverting the edits after %s failed too: %s: %s", type(exc).__name__, type(failure).__name__, failure)
+        exc.add_note(f"factscope: reverting the edits afterwards failed too ({type(failure).__name__}: {failure}); "
+                     "the model may still hold edited weights")
 
 
 def _memit_record_type():
@@ -319,29 +499,50 @@ def save_records(records: Sequence, path: str | os.PathLike) -> Path:
 
 def load_records(path: str | os.PathLike) -> list:
     """The records of a ledger file (ROME :class:`EditRecord` s and MEMIT batches), in their order,
-    each verified against its id; MEMIT batches come back unapplied."""
+    each verified against its id; MEMIT batches come back unapplied. A malformed file is an
+    :class:`EditError` naming the file and the field."""
     from safetensors import safe_open
 
     path = Path(path)
+    name = repr(str(path))
     if not path.is_file():
-        raise EditError(f"ledger file {str(path)!r} does not exist")
+        raise EditError(f"ledger file {name} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["factscope_ledger"])
+            text = (f.metadata() or {})["factscope_ledger"]
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(text)
     except Exception as e:
-        raise EditError(f"{str(path)!r} is not a factscope ledger ({type(e).__name__}: {str(e)[:80]})") from None
-    if meta.get("format") not in (1, _LEDGER_FORMAT):
-        raise EditError(f"{str(path)!r} has ledger format {meta.get('format')!r}; this version reads 1 and {_LEDGER_FORMAT}")
-    records = []
-    for i, d in enumerate(meta["records"]):
-        try:
-            if d.get("method") == "MEMIT":
-                records.append(_memit_record_type().from_dict(d, [tensors[f"{i}.delta.{j}"] for j in range(len(d["modules"]))]))
-            else:
-                records.append(EditRecord.from_dict(d, {name: tensors[f"{i}.{name}"] for name in _TENSORS}))
-        except KeyError as e:
-            raise EditError(f"{str(path)!r} lacks tensor {e.args[0]}; the file is corrupted") from None
+        raise EditError(f"{name} is not a factscope ledger ({type(e).__name__}: {str(e)[:80]})") from None
+    if not isinstance(meta, dict):
+        raise EditError(f"{name} is not a factscope ledger (its metadata is {type(meta).__name__}, not a JSON object)")
+    fmt = meta.get("format")
+    if fmt not in (*_LEGACY_LEDGER_FORMATS, _LEDGER_FORMAT):
+        raise EditError(f"{name} has ledger format {fmt!r}; this version reads 1, 2 and {_LEDGER_FORMAT}")
+    entries = checked_field(meta, "records", list_of(lambda x: isinstance(x, dict)), "a list of JSON objects", name)
+    legacy = fmt in _LEGACY_LEDGER_FORMATS
+    records, used = [], set()
+    for i, d in enumerate(entries):
+        source = f"{name} record {i}"
+        checked_field(d, "id", lambda x: isinstance(x, str), "the record's id (a string)", source)
+        if d.get("method") == "MEMIT":
+            modules = checked_field(d, "modules", list_of(lambda x: isinstance(x, str)), "a list of module names", source)
+            keys = [f"{i}.delta.{j}" for j in range(len(modules))]
+            missing = [k for k in keys if k not in tensors]
+            if missing:
+                raise EditError(f"{name} lacks tensor {missing[0]!r}; the file is corrupted")
+            records.append(_memit_record_type().from_dict(d, [tensors[k] for k in keys], source=source, legacy=legacy))
+        else:
+            keys = [f"{i}.{t}" for t in _TENSORS]
+            missing = [k for k in keys if k not in tensors]
+            if missing:
+                raise EditError(f"{name} lacks tensor {missing[0]!r}; the file is corrupted")
+            records.append(EditRecord.from_dict(d, {t: tensors[f"{i}.{t}"] for t in _TENSORS}, source=source,
+                                                legacy=legacy))
+        used.update(keys)
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise EditError(f"{name} holds tensor {extra[0]!r}, which no record names; the file is corrupted")
     return records
 
 
@@ -369,5 +570,8 @@ def edited(model: "LanguageModel | str", requests: Sequence, hparams=None, stats
             ledger.apply(record)
             records.append(record)
         yield records
-    finally:
+    except BaseException as e:
+        _revert_keeping(e, ledger.revert_all)
+        raise
+    else:
         ledger.revert_all()

@@ -18,8 +18,10 @@ For a batch of requests (subject, prompt template with ``{}``, new target):
    positive definite) — never an explicit inverse. C = E[k kᵀ] comes from :mod:`tracer.stats`,
    read once on the unedited model.
 
-A :class:`MemitRecord` keeps each layer's float32 ΔW plus the exact bit difference of the
-weights, so revert restores the original bits and re-applying gives the same bits again.
+A :class:`MemitRecord` keeps each layer's float32 ΔW (CPU). Applied, it also keeps on the CPU
+the few elements where fl(W₁ − ΔW) misses the original bits, and a hash of each weight it wrote:
+revert restores the original bits (after checking the weights are still what apply left), and
+re-applying gives the same bits again. Every ΔW is checked finite before a weight is written.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import json
 import logging
 import math
 import time
+import weakref
 from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
@@ -37,16 +40,19 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import EditError, HyperParameterError
+from ..files import save_safetensors_atomic, write_json_atomic
 from ..hooks import hooked, main_tensor
 from ..layers import get_module
 from ..models import LanguageModel, as_model, right_pad
 from ..stats import key_fingerprint, weights_fingerprint
+from .ledger import (bits_view, checked_field, checked_tensor, content_digest, dict_of, is_int, is_number, list_of,
+                     verify_content, weight_hash)
 
 log = logging.getLogger(__name__)
 
 #: start words of ROME/MEMIT's generated context templates
 TEMPLATE_STARTS = ("The", "Therefore", "Because", "I", "You")
-_FORMAT = 1
+_FORMAT = 2  # of a record: 2 = the id covers every field; 1 (id over modules, requests, ΔW) is still read
 
 
 # ---------------------------------------------------------------------------- settings
@@ -92,10 +98,23 @@ class MemitHyperParams:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MemitHyperParams":
+        """From :meth:`to_dict` (e.g. read from a file): every setting's type is checked first."""
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise HyperParameterError(f"unknown MEMIT settings {sorted(unknown)}; accepted: {sorted(names)}")
+        for name, value in d.items():
+            if name == "layers":
+                ok = isinstance(value, (list, tuple)) and all(is_int(x) and x >= 0 for x in value)
+                accepted = "a list of layer numbers"
+            elif name == "chunk_requests":
+                ok, accepted = value is None or is_int(value), "an integer or null"
+            elif name in _INT_SETTINGS:
+                ok, accepted = is_int(value), "an integer"
+            else:
+                ok, accepted = is_number(value), "a finite number"
+            if not ok:
+                raise HyperParameterError(f"MEMIT setting {name!r} must be {accepted}, got {value!r:.40}")
         return cls(**d)
 
     def rome_hparams(self):
@@ -126,6 +145,8 @@ class MemitHyperParams:
         base.update(overrides)
         return cls(**base)
 
+
+_INT_SETTINGS = {"mom2_n_tokens", "v_steps", "context_template_length", "context_templates_per_start", "memory_mb", "seed"}
 
 #: the embedded model's defaults: layer range from MLP causal traces; λ from a sweep on 20 held-out
 #: CounterFact records (1000-1019) in one batch — S 29.0 / 53.3 / 86.1 / 88.8 / 89.3 / 89.1 for
@@ -330,7 +351,7 @@ def compute_zs(model: "LanguageModel | str", requests: Sequence[Any], hp: MemitH
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         prefix = _z_key_prefix(lm, hp, templates)
         keys = [_request_key(prefix, r) for r in reqs]
-        found = _read_z_checkpoints(checkpoint_dir, set(keys))
+        found = _read_z_checkpoints(checkpoint_dir, set(keys), lm.hidden_size)
     todo = [i for i, k in enumerate(keys) if k not in found] if keys else list(range(len(reqs)))
     # chunks of requests with similar token extents: a chunk is padded to its longest row
     edit_reqs = {i: reqs[i].edit_request() for i in todo}
@@ -391,26 +412,66 @@ def _request_key(prefix: str, request: Request) -> str:
     return hashlib.sha256((prefix + json.dumps(asdict(request), sort_keys=True)).encode()).hexdigest()[:32]
 
 
-def _read_z_checkpoints(directory: Path, wanted: set[str]) -> dict[str, tuple[torch.Tensor, list[float], dict | None]]:
+def _read_z_checkpoints(directory: Path, wanted: set[str], hidden: int
+                        ) -> dict[str, tuple[torch.Tensor, list[float], dict | None]]:
     """``{request key: (z, loss curve, its share of the chunk's recorded seconds or None)}`` from the
-    chunk files in ``directory`` (unreadable ones skipped)."""
-    from safetensors import safe_open
-
+    chunk files in ``directory``. Every field of a file holding a wanted key is checked (z float32,
+    finite, shape (n, ``hidden``) for its n keys; keys, loss curves and seconds well-formed); a file
+    that fails is skipped with a warning naming it and the field, and its requests are optimised
+    again: the directory is a cache, and a torn or foreign entry costs only its time."""
     out = {}
     for path in sorted(directory.glob("z-*.safetensors")):
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads(f.metadata()["factscope_z"])
-                z = f.get_tensor("z")
-        except Exception as e:  # a torn or foreign file: recompute those requests
-            log.warning("skipping unreadable z checkpoint %s (%s)", path, type(e).__name__)
+            got = _read_z_file(path, wanted, hidden)
+        except _BadZFile as e:
+            log.warning("skipping z checkpoint %s: %s; its requests are optimised again", path, e)
             continue
-        n = len(meta["keys"])
-        share = {k: meta[k] / n for k in ("wall_s", "cpu_s")} if "cpu_s" in meta else None
-        for j, key in enumerate(meta["keys"]):
-            if key in wanted:
-                out[key] = (z[j], meta["losses"][j], share)
+        out.update(got)
     return out
+
+
+class _BadZFile(Exception):
+    pass
+
+
+def _read_z_file(path: Path, wanted: set[str], hidden: int) -> dict[str, tuple[torch.Tensor, list[float], dict | None]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get("factscope_z")
+            if text is None:
+                raise _BadZFile("no factscope_z metadata")
+            meta = json.loads(text)
+            if not isinstance(meta, dict) or not list_of(lambda k: isinstance(k, str))(meta.get("keys")) or not meta["keys"]:
+                raise _BadZFile("field 'keys' must be a non-empty list of strings")
+            if not wanted.intersection(meta["keys"]):
+                return {}
+            if set(f.keys()) != {"z"}:
+                raise _BadZFile(f"tensors {sorted(f.keys())}, expected just 'z'")
+            z = f.get_tensor("z")
+    except _BadZFile:
+        raise
+    except Exception as e:  # a torn or foreign file
+        raise _BadZFile(f"unreadable ({type(e).__name__})") from None
+    keys = meta["keys"]
+    n = len(keys)
+    if len(set(keys)) != n:
+        raise _BadZFile("field 'keys' repeats a key")
+    if z.dtype != torch.float32 or tuple(z.shape) != (n, hidden):
+        raise _BadZFile(f"z is {z.dtype} of shape {tuple(z.shape)}, expected float32 ({n}, {hidden}) for its {n} keys "
+                        "and this model")
+    if not torch.isfinite(z).all():
+        raise _BadZFile("z has non-finite values")
+    losses = meta.get("losses")
+    if not (list_of(list_of(is_number))(losses) and len(losses) == n):
+        raise _BadZFile(f"field 'losses' must be {n} lists of finite numbers")
+    share = None
+    if "cpu_s" in meta or "wall_s" in meta:
+        if not all(is_number(meta.get(k)) and meta[k] >= 0 for k in ("wall_s", "cpu_s")):
+            raise _BadZFile("fields 'wall_s' and 'cpu_s' must be numbers >= 0")
+        share = {k: meta[k] / n for k in ("wall_s", "cpu_s")}
+    return {key: (z[j], losses[j], share) for j, key in enumerate(keys) if key in wanted}
 
 
 def _write_z_checkpoint(directory: Path, keys: list[str], z: torch.Tensor, losses: list[list[float]],
@@ -465,12 +526,70 @@ def solve_update(keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor | N
 # ---------------------------------------------------------------------------- record
 
 
+@dataclass(frozen=True)
+class _Undo:
+    """What :meth:`MemitRecord.revert` needs to give one weight its bits back (on the CPU).
+
+    ``fl(W₁ − ΔW)`` in the weight's dtype equals the original weight W₀ except at a few elements:
+    ``index`` (flat positions, int32 or int64) holds them and ``values`` their original values. When
+    keeping those would cost half a copy of W₀ or more, ``index`` is None and ``values`` is W₀ itself. ``after``
+    is the SHA-256 of W₁, the weight as :meth:`MemitRecord.apply` left it.
+    """
+
+    index: torch.Tensor | None
+    values: torch.Tensor
+    after: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + (self.index.nbytes if self.index is not None else 0)
+
+
+def _undo_for(before: torch.Tensor, after: torch.Tensor, d: torch.Tensor) -> _Undo:
+    """The :class:`_Undo` that takes ``after`` (= fl(``before`` + ``d``)) back to ``before``, bit for bit."""
+    back = (after - d).reshape(-1)
+    flat = before.reshape(-1)
+    wrong = (bits_view(back) != bits_view(flat)).nonzero().squeeze(1)
+    n = flat.numel()
+    index_dtype = torch.int32 if n < 2**31 else torch.int64
+    index_bytes = 4 if index_dtype == torch.int32 else 8
+    if wrong.numel() * (index_bytes + flat.element_size()) >= n * flat.element_size() // 2:
+        return _Undo(None, before.detach().to("cpu", copy=True), weight_hash(after))
+    return _Undo(wrong.to("cpu", index_dtype), flat[wrong].to("cpu", copy=True), weight_hash(after))
+
+
+def _undo(w: torch.Tensor, d: torch.Tensor, undo: _Undo) -> None:
+    """Give ``w`` (the weight apply left, ``d`` the ΔW apply added, in its dtype) its original bits."""
+    if undo.index is None:
+        w.copy_(undo.values.to(w.device))
+        return
+    back = (w - d).contiguous()
+    back.view(-1)[undo.index.to(w.device, torch.long)] = undo.values.to(w.device)
+    w.copy_(back)
+
+
+#: ``{id(weight): [ids of the MEMIT batches applied to it with MemitRecord.apply, in order]}``, so a
+#: revert out of order can name the batch to revert first; an entry goes when its weight is freed
+_APPLIED: dict[int, list[str]] = {}
+
+
+def _applied_to(w: torch.Tensor) -> list[str]:
+    key = id(w)
+    if key not in _APPLIED:
+        _APPLIED[key] = []
+        weakref.finalize(w, _APPLIED.pop, key, None)
+    return _APPLIED[key]
+
+
 @dataclass(eq=False)
 class MemitRecord:
-    """One applied MEMIT batch: per-layer ΔW ("out d_k", float32) and the exact weight bit changes.
+    """One MEMIT batch: per-layer ΔW ("out d_k", float32, CPU) and the settings it was made with.
 
-    ``revert`` restores the bits the weights had before ``apply`` (in reverse order of batches for
-    bit-exactness when several records are stacked); ``apply`` adds ΔW to the current weights.
+    :meth:`apply` adds ΔW to every edited weight, or to none if any check fails; :meth:`revert`
+    restores the bits the weights had before, after checking that they are still those apply left
+    (records applied directly revert latest first; a :class:`tracer.edit.Ledger` reverts in any
+    order). While applied, a record keeps on the CPU the few elements where fl(W₁ − ΔW) differs
+    from W₀ (or W₀ itself when that is cheaper), and a hash of each weight it wrote.
     """
 
     requests: list[Request]
@@ -481,10 +600,10 @@ class MemitRecord:
     stats: list[dict]
     z_losses: list[list[float]]
     timings: dict[str, float]
-    bitdiff: list[torch.Tensor] | None = None
     applied: bool = False
     fingerprints: dict[int, str] = field(default_factory=dict)
     method: str = "MEMIT"
+    undo: list[_Undo] | None = field(default=None, init=False, repr=False)
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -492,12 +611,22 @@ class MemitRecord:
 
     @cached_property
     def id(self) -> str:
-        """16 hex digits of SHA-256 over the modules, the requests and the ΔW bytes (computed once)."""
+        """16 hex digits of SHA-256 over every field of :meth:`to_dict` and the ΔW (computed once)."""
+        return content_digest(self._content(), [(f"delta.{i}", d.detach().float()) for i, d in enumerate(self.deltas)])
+
+    @property
+    def legacy_id(self) -> str:
+        """The id rule of format-1 records: the modules, the requests and the ΔW bytes only."""
         h = hashlib.sha256(json.dumps({"modules": self.modules, "requests": [asdict(r) for r in self.requests]},
                                       sort_keys=True).encode())
         for d in self.deltas:
             h.update(d.detach().float().contiguous().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
+
+    @property
+    def undo_bytes(self) -> int:
+        """CPU bytes this record holds to revert exactly while applied (0 when not applied)."""
+        return sum(u.nbytes for u in self.undo) if self.undo else 0
 
     def module_delta(self, name: str) -> torch.Tensor:
         """ΔW at module ``name``, float64, shape "d_out d_k" (the ``nn.Linear`` layout) — what a
@@ -507,95 +636,181 @@ class MemitRecord:
     def _weights(self, lm: LanguageModel) -> list[torch.nn.Parameter]:
         return [get_module(lm.model, name).weight for name in self.modules]
 
-    def _stored(self, lm: LanguageModel, delta: torch.Tensor) -> torch.Tensor:
-        return delta.T if lm.layers.mlp_out_transposed else delta
+    def _stored(self, lm: LanguageModel, delta: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """ΔW in ``w``'s layout, dtype and device: what apply adds and revert takes away."""
+        return (delta.T if lm.layers.mlp_out_transposed else delta).to(w.device, w.dtype)
 
     @torch.no_grad()
     def apply(self, model: "LanguageModel | str") -> "MemitRecord":
+        """Add ΔW to every edited weight. Every check (modules, shapes, finite ΔW and finite result in
+        the weights' dtype) runs before the first write; if writing fails, the weights written are restored."""
         lm = as_model(model)
         if self.applied:
-            raise EditError("this MEMIT batch is already applied; revert it first")
+            raise EditError(f"MEMIT batch {self.id} is already applied; revert it first")
+        if len(self.deltas) != len(self.modules):
+            raise EditError(f"MEMIT batch {self.id} names {len(self.modules)} modules but has {len(self.deltas)} ΔW")
         ws = self._weights(lm)
-        diffs = []
-        for w, dw in zip(ws, self.deltas):
-            before = w.data.clone()
-            w.data.add_(self._stored(lm, dw).to(w.device, w.dtype))
-            diffs.append(_bits(w.data) - _bits(before))
-        self.bitdiff = diffs
+        for name, w, dw in zip(self.modules, ws, self.deltas):
+            stored = dw.T if lm.layers.mlp_out_transposed else dw
+            if tuple(stored.shape) != tuple(w.shape):
+                raise EditError(f"MEMIT batch {self.id} has ΔW of shape {tuple(dw.shape)} for {name}, whose weight "
+                                f"is {tuple(w.shape)}: it was computed for another model; nothing was applied")
+            if not torch.isfinite(dw).all():
+                raise EditError(f"MEMIT batch {self.id} has non-finite ΔW for {name}; nothing was applied")
+            if not torch.isfinite(w + self._stored(lm, dw, w)).all():
+                raise EditError(f"MEMIT batch {self.id} makes {name} non-finite in {w.dtype}; nothing was applied")
+        undo: list[_Undo] = []
+        try:
+            for w, dw in zip(ws, self.deltas):
+                d = self._stored(lm, dw, w)
+                before = w.detach().clone()
+                try:
+                    w.add_(d)
+                    undo.append(_undo_for(before, w.detach(), d))
+                except BaseException:
+                    w.copy_(before)
+                    raise
+        except BaseException:
+            for w, dw, u in reversed(list(zip(ws, self.deltas, undo))):
+                _undo(w, self._stored(lm, dw, w), u)
+            raise
+        for w in ws:
+            _applied_to(w).append(self.id)
+        self.undo = undo
         self.applied = True
         return self
 
     @torch.no_grad()
     def revert(self, model: "LanguageModel | str") -> "MemitRecord":
+        """Restore the weights' bits from before :meth:`apply`; refused (nothing written) when a weight
+        is no longer what apply left, naming the batch to revert first where one is known."""
         lm = as_model(model)
-        if not self.applied or self.bitdiff is None:
-            raise EditError("this MEMIT batch is not applied; nothing to revert")
-        for w, diff in zip(self._weights(lm), self.bitdiff):
-            w.data.copy_(_from_bits(_bits(w.data) - diff.to(w.device), w.dtype))
+        if not self.applied or self.undo is None:
+            raise EditError(f"MEMIT batch {self.id} is not applied; nothing to revert")
+        ws = self._weights(lm)
+        for name, w, u in zip(self.modules, ws, self.undo):
+            if weight_hash(w) != u.after:
+                stack = _applied_to(w)
+                later = stack[len(stack) - stack[::-1].index(self.id):] if self.id in stack else []
+                if later:
+                    raise EditError(f"MEMIT batch {self.id} cannot be reverted yet: batch {later[-1]} was applied "
+                                    f"after it at {name}; revert {later[-1]} first (latest first), or use a Ledger "
+                                    "to revert in any order")
+                raise EditError(f"{name} was changed since MEMIT batch {self.id} was applied (not by another batch's "
+                                "apply); undo that change first; nothing was reverted")
+        for w, dw, u in zip(ws, self.deltas, self.undo):
+            _undo(w, self._stored(lm, dw, w), u)
+            stack = _applied_to(w)
+            if self.id in stack:
+                del stack[len(stack) - 1 - stack[::-1].index(self.id)]
+        self.undo = None
         self.applied = False
         return self
 
-    def to_dict(self) -> dict:
-        return {"format": _FORMAT, "method": "MEMIT", "id": self.id, "requests": [asdict(r) for r in self.requests],
-                "hparams": self.hparams.to_dict(), "modules": self.modules, "templates": list(self.templates),
+    def _content(self) -> dict:
+        return {"format": _FORMAT, "method": "MEMIT", "requests": [asdict(r) for r in self.requests],
+                "hparams": self.hparams.to_dict(), "modules": list(self.modules), "templates": list(self.templates),
                 "stats": self.stats, "z_losses": self.z_losses, "timings": self.timings,
                 "fingerprints": {str(k): v for k, v in self.fingerprints.items()}}
 
+    def to_dict(self) -> dict:
+        return {"id": self.id, **self._content()}
+
     @classmethod
-    def from_dict(cls, meta: dict, deltas: Sequence[torch.Tensor]) -> "MemitRecord":
-        """The (unapplied) record from :meth:`to_dict` and its ΔW tensors; checked against ``meta["id"]``."""
-        if meta.get("format") != _FORMAT or meta.get("method") != "MEMIT":
-            raise EditError(f"not a MEMIT record of format {_FORMAT} (format {meta.get('format')!r}, method {meta.get('method')!r})")
-        if len(deltas) != len(meta["modules"]):
-            raise EditError(f"the MEMIT record names {len(meta['modules'])} modules but has {len(deltas)} ΔW tensors")
-        record = cls(requests=[Request(**r) for r in meta["requests"]], hparams=MemitHyperParams.from_dict(meta["hparams"]),
-                     modules=list(meta["modules"]), deltas=list(deltas), templates=tuple(meta["templates"]),
-                     stats=meta["stats"], z_losses=meta["z_losses"], timings=meta["timings"],
-                     fingerprints={int(k): v for k, v in meta.get("fingerprints", {}).items()})
-        if "id" in meta and meta["id"] != record.id:
-            raise EditError(f"MEMIT record {meta['id']} does not verify (its ΔW hash to {record.id}); the file is corrupted")
+    def from_dict(cls, meta: dict, deltas: Sequence[torch.Tensor], *, source: str = "MEMIT record",
+                  legacy: bool | None = None) -> "MemitRecord":
+        """The (unapplied) record from :meth:`to_dict` and its ΔW tensors, every field checked and
+        verified against ``meta["id"]`` (by the format-1 rule for format-1 records, or when
+        ``legacy``). Errors are :class:`EditError` s naming ``source`` and the field."""
+        if not isinstance(meta, dict):
+            raise EditError(f"{source} must be a JSON object, got {type(meta).__name__}")
+        fmt = meta.get("format")
+        if legacy is None:
+            legacy = fmt == 1
+        want = 1 if legacy else _FORMAT
+        if fmt != want or meta.get("method") != "MEMIT":
+            raise EditError(f"{source} is not a MEMIT record of format {want} (format {fmt!r:.40}, "
+                            f"method {meta.get('method')!r:.40})")
+
+        def f(name, ok, accepted, *default):
+            return checked_field(meta, name, ok, accepted, source, *default)
+
+        is_str = lambda x: isinstance(x, str)  # noqa: E731
+        modules = f("modules", lambda x: list_of(is_str)(x) and len(x) > 0, "a non-empty list of module names")
+        if len(deltas) != len(modules):
+            raise EditError(f"{source} names {len(modules)} modules but has {len(deltas)} ΔW tensors")
+        deltas = [checked_tensor(d, f"delta.{i}", source, 2).float() for i, d in enumerate(deltas)]
+        if len({tuple(d.shape) for d in deltas}) != 1:
+            raise EditError(f"{source}: its ΔW tensors differ in shape ({[tuple(d.shape) for d in deltas]}); "
+                            "the file is corrupted")
+        reqs = f("requests", lambda x: isinstance(x, list) and len(x) > 0 and all(
+            isinstance(r, dict) and set(r) == {"subject", "prompt", "target_new"} and all(map(is_str, r.values()))
+            for r in x), "a non-empty list of {subject, prompt, target_new} strings")
+        try:
+            requests = [Request.coerce(r) for r in reqs]
+            hparams = MemitHyperParams.from_dict(f("hparams", lambda x: isinstance(x, dict), "a JSON object"))
+        except (TypeError, ValueError) as e:
+            raise EditError(f"{source}: invalid requests or hparams ({str(e)[:120]})") from None
+        if [Request(**r) for r in reqs] != requests:
+            raise EditError(f"{source}: field 'requests' must hold prompts with '{{}}' in them")
+        if len(hparams.layers) != len(modules):
+            raise EditError(f"{source}: field 'hparams' edits {len(hparams.layers)} layers but 'modules' names "
+                            f"{len(modules)}")
+        fingerprints = f("fingerprints", dict_of(is_str), "a JSON object {layer: fingerprint}", {})
+        try:
+            fingerprints = {int(k): v for k, v in fingerprints.items()}
+        except ValueError:
+            raise EditError(f"{source}: field 'fingerprints' must be keyed by layer numbers") from None
+        record = cls(requests=requests, hparams=hparams, modules=list(modules), deltas=deltas,
+                     templates=tuple(f("templates", lambda x: list_of(is_str)(x) and len(x) > 0, "a list of strings")),
+                     stats=f("stats", list_of(lambda x: isinstance(x, dict)), "a list of JSON objects"),
+                     z_losses=f("z_losses", list_of(list_of(is_number)), "a list of loss curves (finite numbers)"),
+                     timings=f("timings", dict_of(is_number), "a JSON object of numbers"),
+                     fingerprints=fingerprints)
+        if "id" in meta:
+            f("id", is_str, "a string")
+            verify_content(record, meta, source, legacy, "MEMIT record")
         return record
 
     def save(self, path: str | Path) -> Path:
-        """``path`` (.safetensors with the ΔW) and ``path`` + ``.json`` (everything else)."""
-        from safetensors.torch import save_file
-
+        """``path`` (.safetensors with the ΔW) and ``path`` + ``.json`` (everything else), each atomically."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({f"delta.{i}": d.contiguous().cpu() for i, d in enumerate(self.deltas)}, str(path))
-        Path(str(path) + ".json").write_text(json.dumps(self.to_dict(), indent=1))
+        save_safetensors_atomic(path, {f"delta.{i}": d.detach().float().contiguous().cpu() for i, d in enumerate(self.deltas)},
+                                {"factscope_memit": json.dumps({"format": _FORMAT, "id": self.id})})
+        write_json_atomic(Path(str(path) + ".json"), self.to_dict(), indent=1)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "MemitRecord":
-        from safetensors.torch import load_file
+        """The record :meth:`save` wrote (unapplied); a missing, malformed or altered file is an
+        :class:`EditError` naming the file and what is wrong."""
+        from safetensors import safe_open
 
         path = Path(path)
-        meta = json.loads(Path(str(path) + ".json").read_text())
-        if meta.get("format") != _FORMAT or meta.get("method") != "MEMIT":
-            raise EditError(f"{path} is not a MEMIT record of format {_FORMAT}")
-        tensors = load_file(str(path))
+        meta_path = Path(str(path) + ".json")
+        for p in (path, meta_path):
+            if not p.is_file():
+                raise EditError(f"MEMIT record file {str(p)!r} does not exist")
         try:
-            deltas = [tensors[f"delta.{i}"] for i in range(len(meta["modules"]))]
-        except KeyError as e:
-            raise EditError(f"{path} lacks tensor {e.args[0]}; the file is corrupted") from None
-        return cls.from_dict(meta, deltas)
-
-
-def _from_bits(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if dtype == torch.float32:
-        return bits.to(torch.int32).view(dtype)
-    if dtype in (torch.float16, torch.bfloat16):
-        return bits.to(torch.int16).view(dtype)
-    return bits.view(dtype)
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    if t.dtype == torch.float32:
-        return t.view(torch.int32).to(torch.int64)
-    if t.dtype in (torch.float16, torch.bfloat16):
-        return t.view(torch.int16).to(torch.int64)
-    return t.view(torch.int64)
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise EditError(f"{str(meta_path)!r} is not a MEMIT record's JSON ({type(e).__name__}: {str(e)[:80]})") from None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise EditError(f"{str(path)!r} is not a MEMIT record's safetensors file ({type(e).__name__}: {str(e)[:80]})") from None
+        source = repr(str(path))
+        if not isinstance(meta, dict):
+            raise EditError(f"{str(meta_path)!r} must hold a JSON object, got {type(meta).__name__}")
+        modules = checked_field(meta, "modules", list_of(lambda x: isinstance(x, str)), "a list of module names", source)
+        names = [f"delta.{i}" for i in range(len(modules))]
+        odd = [k for k in names if k not in tensors] or sorted(set(tensors) - set(names))
+        if odd:
+            raise EditError(f"{source} {'lacks' if odd[0] in names else 'holds an unexpected'} tensor {odd[0]!r}; "
+                            "the file is corrupted or belongs to another record")
+        return cls.from_dict(meta, [tensors[k] for k in names], source=source)
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -680,10 +895,14 @@ def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: Mem
     t_stats = time.perf_counter() - t0
     templates = tuple(templates) if templates is not None else context_templates(lm, hp)
     zres = compute_zs(lm, reqs, hp, templates, progress=progress, checkpoint_dir=checkpoint_dir)
+    bad = [i for i, ok in enumerate(torch.isfinite(zres.z).all(1).tolist()) if not ok]
+    if bad:
+        raise EditError(f"the target vectors z of {len(bad)} requests are not finite (first: {reqs[bad[0]].text!r}); "
+                        "the model was left unchanged (lower v_lr or check the checkpoint files)")
     fingerprints = {layer: key_fingerprint(lm, layer) for layer in hp.layers}  # the model the batch is computed on
     modules = [lm.layers.mlp_out_name(l) for l in hp.layers]
     weights = [get_module(lm.model, n).weight for n in modules]
-    originals = [w.data.clone() for w in weights]
+    originals = [w.detach().to("cpu", copy=True) for w in weights]  # restored on failure and before the record applies
     deltas: list[torch.Tensor] = []
     batch_rows = max(8, hp.chunk_requests * len(templates) if hp.chunk_requests else 256)
     t1 = time.perf_counter()
@@ -697,19 +916,24 @@ def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: Mem
                 resid = (zres.z - cur) / (len(hp.layers) - i)  # "n hidden"
                 dw = solve_update(keys, resid, statistics[layer][0], hp.mom2_weight).float()  # "hidden d_k"
                 w = weights[i]
-                w.data.add_(dw.T.to(w.dtype) if lm.layers.mlp_out_transposed else dw.to(w.dtype))
+                stored = (dw.T if lm.layers.mlp_out_transposed else dw).to(w.dtype)
+                if not (torch.isfinite(dw).all() and torch.isfinite(w + stored).all()):
+                    raise EditError(f"the MEMIT update for layer {layer} is not finite in {w.dtype} (keys or C "
+                                    "degenerate, or λ too small); the model was left unchanged")
+                w.data.add_(stored)
                 deltas.append(dw.cpu())
     except BaseException:
         with torch.no_grad():
             for w, o in zip(weights, originals):
-                w.data.copy_(o)
+                w.data.copy_(o.to(w.device))
         raise
     finally:
         bar.close()
-    # the record re-applies ΔW from the original weights so its bit difference is exact
+    # the record re-applies ΔW from the original weights (all layers or none), keeping what revert needs
     with torch.no_grad():
         for w, o in zip(weights, originals):
-            w.data.copy_(o)
+            w.data.copy_(o.to(w.device))
+    del originals
     record = MemitRecord(requests=reqs, hparams=hp, modules=modules, deltas=deltas, templates=templates,
                          stats=[statistics[l][1] for l in hp.layers], z_losses=zres.losses,
                          timings={"statistics_s": t_stats, "z_s": zres.seconds, "z_reused": zres.reused,
