@@ -20,6 +20,8 @@ WRITER = Path("tracer/files.py")
 ALLOWED: dict[tuple[str, str], str] = {
     ("tracer/models.py", "config.save_pretrained"): "fills write_directory_atomic's new private folder",
     ("tracer/models.py", "tokenizer.save_pretrained"): "fills write_directory_atomic's new private folder",
+    ("tracer/edit/ledger.py", "self.lm.model.save_pretrained"): "fills write_directory_atomic's new private folder",
+    ("tracer/edit/ledger.py", "self.lm.tokenizer.save_pretrained"): "fills write_directory_atomic's new private folder",
 }
 
 _ALWAYS_METHODS = {"write_text", "write_bytes", "touch", "save_pretrained", "save_file", "tofile"}

@@ -65,6 +65,7 @@ def parse_hparams(items: list[str]) -> dict:
 def run(args: argparse.Namespace) -> int:
     from tracer.errors import HyperParameterError
     from tracer.evaluate import run_evaluation
+    from tracer.evaluate.records import load_cases
     from tracer.evaluate.report import summary_markdown
     from tracer.models import load_model
 
@@ -85,8 +86,9 @@ def run(args: argparse.Namespace) -> int:
         options["layers"] = parse_layers(args.layers)
     if args.stats == "identity" and args.method in ("rome", "memit"):
         options["stats"] = "identity"
+    cases = load_cases(args.dataset, args.data, limit=args.limit)  # a bad file is refused before the model loads
     lm = load_model(args.model, device=args.device)
-    summary = run_evaluation(lm, args.method, args.dataset, args.out, limit=args.limit, batch_size=batch,
+    summary = run_evaluation(lm, args.method, args.dataset, args.out, limit=args.limit, batch_size=batch, cases=cases,
                              data_path=args.data, generation=not args.no_generation,
                              generation_prompts=args.generation_prompts, seed=args.seed, method_options=options)
     print(summary_markdown([summary]), end="")

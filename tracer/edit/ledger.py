@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 
 from ..errors import EditError, UnknownLayerError
-from ..files import save_safetensors_atomic, write_json_atomic
+from ..files import save_safetensors_atomic, write_directory_atomic, write_json_atomic
 from ..models import LanguageModel, as_model
 from ..stats import key_fingerprint
 
@@ -442,15 +442,23 @@ class Ledger:
         return load_records(path)
 
     def export(self, directory: str | os.PathLike) -> Path:
-        """Save the edited model and its tokenizer with ``save_pretrained`` into a new directory."""
+        """Save the edited model and its tokenizer with ``save_pretrained`` into a new directory
+        (written beside it and renamed into place whole)."""
         target = Path(directory)
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
             raise EditError(f"{str(target)!r} exists and is not an empty directory; pick a new directory for the edited model")
-        target.mkdir(parents=True, exist_ok=True)
-        self.lm.model.save_pretrained(target)
-        self.lm.tokenizer.save_pretrained(target)
-        write_json_atomic(target / "factscope-edits.json", [r.to_dict() for r in self._applied], indent=1)
-        return target
+        if target.is_dir():
+            target.rmdir()  # empty: the whole folder is put in place at once below
+
+        def fill(folder: Path) -> None:
+            self.lm.model.save_pretrained(folder)
+            self.lm.tokenizer.save_pretrained(folder)
+            write_json_atomic(folder / "factscope-edits.json", [r.to_dict() for r in self._applied], indent=1)
+
+        try:
+            return write_directory_atomic(target, fill)
+        except FileExistsError:
+            raise EditError(f"{str(target)!r} appeared while the model was being written; pick a new directory") from None
 
 
 def _revert_keeping(exc: BaseException, revert: Callable[[], None]) -> None:

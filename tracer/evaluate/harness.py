@@ -90,15 +90,19 @@ def run_evaluation(
     seed: int = 0,
     method_options: dict | None = None,
     progress: bool = True,
+    cases: Sequence[Case] | None = None,
 ) -> dict:
     """Evaluate ``method`` on ``dataset`` and write per-case JSON and the summary; returns the summary.
 
     ``batch_size`` is how many cases one edit holds (MEMIT: the batch, ``None`` = all cases; ROME and FT-L use 1, as in
     the papers; ``none`` ignores it). Generations (fluency, consistency) need the dataset's
     generation prompts (full CounterFact only); ``generation_prompts`` caps how many per case.
+    ``cases`` are the records to evaluate when the caller has read them already (by
+    :func:`~tracer.evaluate.records.load_cases`); by default they are read from ``data_path``.
     """
+    if cases is None:  # read (and check) the records before a model is loaded
+        cases = load_cases(dataset, data_path, limit=limit)
     lm = as_model(model)
-    cases = load_cases(dataset, data_path, limit=limit)
     if batch_size is None:  # MEMIT: all cases in one batch
         batch_size = max(1, len(cases)) if method == "memit" else 1
     if batch_size < 1:

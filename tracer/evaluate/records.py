@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..datapaths import COUNTERFACT, COUNTERFACT_10K, ZSRE, data_file
-from ..errors import FactscopeError, HyperParameterError
+from ..errors import DatasetError, FactscopeError, HyperParameterError
 
 Dataset = Literal["counterfact", "counterfact-10k", "zsre"]
 DATASETS: tuple[str, ...] = ("counterfact", "counterfact-10k", "zsre")
@@ -83,47 +83,106 @@ def load_cases(dataset: str, path: str | Path | None = None, *, limit: int | Non
     if not path.is_file():
         raise FactscopeError(f"dataset file {path} does not exist; pass --data PATH to a {dataset} JSON file "
                              "(or set FACTSCOPE_DATA to a folder holding it)")
-    raw = json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{path} is not a readable JSON file ({e}); pass a {dataset} JSON list of records") from None
+    if not isinstance(raw, list):
+        raise DatasetError(f"{path} holds a JSON {type(raw).__name__}, not a list of {dataset} records")
     raw = raw[:limit] if limit is not None else raw
     convert = {"counterfact": _counterfact, "counterfact-10k": _counterfact_10k, "zsre": _zsre}[dataset]
-    try:
-        return [convert(r, i) for i, r in enumerate(raw)]
-    except (KeyError, TypeError) as e:
-        raise FactscopeError(f"{path} is not in the {dataset} format (missing field {e}); see tracer/evaluate/records.py") from None
+    cases = []
+    for i, r in enumerate(raw):
+        try:
+            cases.append(convert(_Record(r), i))
+        except _BadField as e:
+            raise DatasetError(f"{path}: record {i} is not in the {dataset} format ({e}); "
+                               "see tracer/evaluate/records.py") from None
+    return cases
+
+
+class _BadField(Exception):
+    """A missing or mistyped field of one record (becomes a DatasetError naming file and record)."""
+
+
+class _Record:
+    """Typed access to one record's fields: ``r.text("requested_rewrite", "subject")``."""
+
+    def __init__(self, raw: object):
+        if not isinstance(raw, dict):
+            raise _BadField(f"a JSON {type(raw).__name__}, not an object")
+        self.raw = raw
+
+    def _get(self, path: tuple[str, ...], default: object = ...) -> object:
+        value = self.raw
+        for key in path:
+            if not isinstance(value, dict) or key not in value:
+                if default is not ...:
+                    return default
+                raise _BadField(f"missing field {'.'.join(path)!r}")
+            value = value[key]
+        return value
+
+    def text(self, *path: str, default: str | None = None) -> str:
+        value = self._get(path, ... if default is None else default)
+        if not isinstance(value, str):
+            raise _BadField(f"field {'.'.join(path)!r} must be a string, got {type(value).__name__}")
+        return value
+
+    def texts(self, *path: str, optional: bool = False) -> tuple[str, ...]:
+        value = self._get(path, () if optional else ...)
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise _BadField(f"field {'.'.join(path)!r} must be a list of strings")
+        return tuple(value)
+
+    def integer(self, *path: str) -> int:
+        value = self._get(path)
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
+            raise _BadField(f"field {'.'.join(path)!r} must be an integer, got {value!r:.40}")
+        return int(value)
 
 
 def _template(prompt: str, subject: str) -> str:
+    """The rewrite template: ``prompt`` with ``{}`` for the subject."""
+    if not subject.strip():
+        raise _BadField("the subject is empty")
     if "{}" in prompt:
         return prompt
     if subject not in prompt:
-        raise FactscopeError(f"subject {subject!r} does not occur in prompt {prompt!r}")
+        raise _BadField(f"subject {subject!r:.60} does not occur in prompt {prompt!r:.80}")
     return prompt.replace(subject, "{}", 1)
 
 
-def _counterfact(r: dict, _: int) -> Case:
-    rw = r["requested_rewrite"]
-    n = len(r["neighborhood_prompts"])
+def _counterfact(r: _Record, _: int) -> Case:
+    n = len(r.texts("neighborhood_prompts"))
+    true = r.text("requested_rewrite", "target_true", "str")
     return Case(
-        case_id=int(r["case_id"]), dataset="counterfact", subject=rw["subject"], prompt=rw["prompt"],
-        target_new=rw["target_new"]["str"], target_true=rw["target_true"]["str"],
-        paraphrase_prompts=tuple(r["paraphrase_prompts"]), neighborhood_prompts=tuple(r["neighborhood_prompts"]),
-        specificity_targets=(rw["target_true"]["str"],) * n, attribute_prompts=tuple(r.get("attribute_prompts", ())),
-        generation_prompts=tuple(r.get("generation_prompts", ())), relation_id=rw.get("relation_id", ""),
+        case_id=r.integer("case_id"), dataset="counterfact", subject=r.text("requested_rewrite", "subject"),
+        prompt=_template(r.text("requested_rewrite", "prompt"), r.text("requested_rewrite", "subject")), target_new=r.text("requested_rewrite", "target_new", "str"),
+        target_true=true, paraphrase_prompts=r.texts("paraphrase_prompts"),
+        neighborhood_prompts=r.texts("neighborhood_prompts"), specificity_targets=(true,) * n,
+        attribute_prompts=r.texts("attribute_prompts", optional=True),
+        generation_prompts=r.texts("generation_prompts", optional=True),
+        relation_id=r.text("requested_rewrite", "relation_id", default=""),
     )
 
 
-def _counterfact_10k(r: dict, _: int) -> Case:
+def _counterfact_10k(r: _Record, _: int) -> Case:
+    subject = r.text("subject")
     return Case(
-        case_id=int(r["case_id"]), dataset="counterfact-10k", subject=r["subject"],
-        prompt=_template(r["prompt"], r["subject"]), target_new=r["target_new"], target_true=r["ground_truth"],
-        paraphrase_prompts=(r["rephrase_prompt"],), neighborhood_prompts=(r["locality_prompt"],),
-        specificity_targets=(r["locality_ground_truth"],),
+        case_id=r.integer("case_id"), dataset="counterfact-10k", subject=subject,
+        prompt=_template(r.text("prompt"), subject), target_new=r.text("target_new"),
+        target_true=r.text("ground_truth"), paraphrase_prompts=(r.text("rephrase_prompt"),),
+        neighborhood_prompts=(r.text("locality_prompt"),), specificity_targets=(r.text("locality_ground_truth"),),
     )
 
 
-def _zsre(r: dict, i: int) -> Case:
+def _zsre(r: _Record, i: int) -> Case:
+    subject, answers = r.text("subject"), r.texts("answers")
+    if not answers:
+        raise _BadField("field 'answers' is empty")
     return Case(
-        case_id=i, dataset="zsre", subject=r["subject"], prompt=_template(r["src"], r["subject"]),
-        target_new=r["answers"][0], paraphrase_prompts=(r["rephrase"],),
-        neighborhood_prompts=(r["loc"] + "?",), specificity_targets=(r["loc_ans"],),
+        case_id=i, dataset="zsre", subject=subject, prompt=_template(r.text("src"), subject),
+        target_new=answers[0], paraphrase_prompts=(r.text("rephrase"),),
+        neighborhood_prompts=(r.text("loc") + "?",), specificity_targets=(r.text("loc_ans"),),
     )
