@@ -170,10 +170,14 @@ def test_panel_figures_show_hostile_text_literally(lm, tmp_path, monkeypatch):
     assert fig.yaxis[0].major_label_overrides[1].text == HOSTILE_TOKENS[1]
     assert repr(HOSTILE) in fig.select_one({"name": "trace_subtitle"}).text.text
     assert "<script>" not in trace_panel.status.value
+    lens_panel = LensPanel(lm, prompt=f"{HOSTILE} {PROMPT}", targets=HOSTILE_TEXTS[1])
+    lens_panel.run()
+    assert math_exposures(lens_panel.layouts[0][0]) == []
 
     monkeypatch.setenv("FACTSCOPE_CACHE", str(tmp_path / "cache"))
     edit_panel = EditPanel(lm, subject="The Eiffel Tower", prompt="{} is in", target=HOSTILE,
-                           paraphrases=(HOSTILE_TEXTS[1] + " The Eiffel Tower stands in",), neighbours=(HOSTILE_TEXTS[3],),
+                           paraphrases=(HOSTILE_TEXTS[1] + " The Eiffel Tower stands in",),
+                           neighbours=(HOSTILE_TEXTS[3],),
                            hparams={"stats_tokens": 2000, "v_num_grad_steps": 2})
     try:
         edit_panel.run()

@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 from bokeh.models import Div
+
 from test_figures import make_lens, make_trace
 from test_text import HOSTILE_TEXTS, math_exposures, texts
-
 from tracer.cli import main
 from widgets.report import build_report, library_versions, report_html, save_report
 
@@ -19,7 +19,7 @@ CHECKS = [{"prompt": "The Eiffel Tower is located in the city of", "kind": "rewr
 
 def network_sources(text: str) -> list[str]:
     """``src``/``href`` attributes of script and link tags that point to the network."""
-    return re.findall(r"<(?:script|link)\b[^>]*\b(?:src|href)\s*=\s*[\"']?((?:https?:)?//[^\"' >]+)", text, flags=re.IGNORECASE)
+    return re.findall(r"<(?:script|link)\b[^>]*\b(?:src|href)\s*=\s*[\"']?((?:https?:)?//[^\"' >]+)", text, flags=re.I)
 
 
 def make_report(**overrides) -> str:

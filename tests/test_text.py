@@ -13,11 +13,13 @@ import math
 from html.parser import HTMLParser
 
 import pytest
+from bokeh.embed import file_html
 from bokeh.layouts import column
-from bokeh.models import (ColorBar, ColumnDataSource, Div, LinearColorMapper, Markdown, MathText, MathTextGlyph,
-                          Paragraph, PlainText, Slider, TeXGlyph)
+from bokeh.models import (ColorBar, ColumnDataSource, Div, FactorRange, LinearColorMapper, Markdown, MathText,
+                          MathTextGlyph, Paragraph, PlainText, Slider, TeXGlyph)
 from bokeh.models.widgets.markups import Markup
 from bokeh.plotting import figure
+from bokeh.resources import INLINE
 
 from tracer.evaluate.report import summary_html, summary_markdown
 from widgets.text import html_div, literal, plain
@@ -45,7 +47,8 @@ def math_exposures(obj) -> list[str]:
     """``"Model.property: text"`` for every text in ``obj`` (a Bokeh model or layout) and the
     models it references that Bokeh could render as TeX. Exempt: PlainText, Div/Paragraph with
     ``disable_math``, data-source columns (glyphs, legends and tooltips draw them as text;
-    tooltip values HTML-escaped) and model names (identifiers, never drawn)."""
+    tooltip values HTML-escaped), categorical factors (tick labels drawn as plain text boxes)
+    and model names (identifiers, never drawn)."""
     out = []
     for m in obj.references():
         if isinstance(m, (MathText, MathTextGlyph, Markdown)):
@@ -59,6 +62,8 @@ def math_exposures(obj) -> list[str]:
             if isinstance(m, ColumnDataSource) and name == "data":
                 continue
             if name in ("name", "tags", "css_classes"):  # identifiers, never drawn
+                continue
+            if isinstance(m, FactorRange) and name == "factors":  # CategoricalTickFormatter: TextBox, no TeX
                 continue
             for s in _strings(value):
                 if any(d in s for d in DELIMITERS):
@@ -91,6 +96,18 @@ def test_literal_neutralises_every_tex_path():
     before = {m.id for m in layout.references()}
     literal(layout)
     assert {m.id for m in layout.references()} == before  # idempotent: nothing replaced twice
+
+
+def test_categorical_token_labels_are_plain():
+    """Tokens as categorical factors are drawn as plain text boxes; their overrides become PlainText
+    and nothing on the page asks for MathJax."""
+    tokens = ["$$", "\\href{javascript:document.title=1}{x}", "$$ ", "\\(", "\\)"]
+    fig = figure(x_range=FactorRange(*tokens), title=HOSTILE)
+    fig.vbar(x=tokens, top=[1, 2, 3, 4, 5])
+    fig.xaxis.major_label_overrides = {tokens[1]: tokens[1]}
+    literal(fig)
+    assert math_exposures(fig) == [] and list(fig.x_range.factors) == tokens
+    assert "bokeh-mathjax" not in file_html(fig, resources=INLINE, title="t")
 
 
 def test_literal_refuses_models_that_always_interpret_text():

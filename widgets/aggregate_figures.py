@@ -8,7 +8,8 @@
 Pure builders: results in, Bokeh models out. The page reuses the report header of
 :mod:`widgets.report` and, like it, inlines Bokeh's JavaScript (no CDN; works offline) and shows
 every text literally (:mod:`widgets.text`: model names, kinds and settings are never TeX or HTML).
-Each line's data source is named ``aie-<kind>-<bucket>`` (``sev-<kind>`` in the severed comparison) so tests and panels can find it.
+Each line's data source is named ``aie-<kind>-<bucket>`` (``sev-<kind>`` in the severed comparison)
+so tests and panels can find it.
 """
 from __future__ import annotations
 
@@ -167,7 +168,8 @@ def averages_layout(averages: Mapping[str, EffectAverages], *, title: str = "Ave
 
 def averages_html(averages: Mapping[str, EffectAverages], **kw) -> str:
     """Standalone HTML (Bokeh's JavaScript inlined from ``bokeh.resources.INLINE``; works offline)."""
-    return file_html(literal(averages_layout(averages, **kw)), resources=INLINE, title=kw.get("title", "Average causal effects"))
+    layout = literal(averages_layout(averages, **kw))  # again here: whatever a part forgot, the page shows literally
+    return file_html(layout, resources=INLINE, title=kw.get("title", "Average causal effects"))
 
 
 def write_html(averages: Mapping[str, EffectAverages], path: str | Path, **kw) -> Path:
