@@ -10,8 +10,8 @@ Bokeh interprets strings as TeX through MathJax in two ways (Bokeh 3.9's source,
   titles, labels) is split by ``parse_delimited_string`` at ``$$…$$``, ``\\[…\\]``, ``\\(…\\)``
   and drawn as TeX; a :class:`~bokeh.models.PlainText` is drawn as it is;
 * a :class:`~bokeh.models.Div` / :class:`~bokeh.models.Paragraph` runs MathJax over its text
-  (``\\href{javascript:…}`` becomes a live link; HTML escaping does not stop it) unless
-  ``disable_math`` is set.
+  (the same delimiters; ``\\href{javascript:…}`` becomes a live link; HTML escaping does not
+  stop it) unless ``disable_math`` is set.
 
 Data-source columns (tooltip values, legend fields, ``text`` glyphs, categorical factors) are
 drawn as plain text (tooltip values HTML-escaped). :func:`literal` walks a model and everything
@@ -39,7 +39,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 #: models that always interpret their text as TeX or Markdown (Markdown is in newer Bokehs only)
 INTERPRETING = tuple(m for m in (getattr(bokeh.models, "Markdown", None), MathText, MathTextGlyph) if m is not None)
-#: the delimiters either TeX path recognises
+#: the delimiters either TeX path recognises (Bokeh's ``find_tex`` turns off MathJax's
+#: environments, references and escapes, checked in a browser)
 TEX_DELIMITERS = ("$$", "\\[", "\\]", "\\(", "\\)")
 
 
@@ -68,8 +69,10 @@ def _as_plain(value):
         return plain(value)
     if isinstance(value, dict):
         return {k: _as_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_as_plain(v) for v in value)
+    if isinstance(value, list):
+        return [_as_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_as_plain(v) for v in value)
     return value
 
 
