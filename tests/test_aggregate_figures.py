@@ -1,6 +1,7 @@
 """widgets.aggregate_figures: the figures carry the averages' numbers; the HTML is self-contained."""
 from __future__ import annotations
 
+import html
 from dataclasses import replace
 
 import numpy as np
@@ -80,3 +81,24 @@ def test_layout_skips_per_bucket_plots_of_last_subject_only_severed_traces(avera
     cut = layout.select_one({"name": "sev-hidden-severed-mlp"}).data["aie"]
     assert np.isfinite(cut).all()
     assert summary_rows(last_only)[3]["AIE peak, last token"] == "not traced"
+
+
+def test_hostile_names_stay_literal(averages):
+    """A model name, kind, title or setting from a dataset run is never TeX or HTML on the page."""
+    from bokeh.models import Div
+    from test_text import HOSTILE, HOSTILE_TEXTS, math_exposures, texts
+
+    from widgets.aggregate_figures import averages_layout
+
+    hostile = {k: replace(a, model=HOSTILE) for k, a in averages.items()}
+    hostile[HOSTILE_TEXTS[1]] = replace(averages["attn"], kind=HOSTILE_TEXTS[2], model=HOSTILE)
+    layout = averages_layout(hostile, title=HOSTILE_TEXTS[3], settings={HOSTILE_TEXTS[1]: HOSTILE_TEXTS[2]})
+    assert math_exposures(layout) == []
+    assert {d.disable_math for d in layout.select({"type": Div})} == {True}
+    fig = average_effect_figure(hostile[HOSTILE_TEXTS[1]])
+    assert math_exposures(fig) == [] and HOSTILE_TEXTS[2] in fig.title.text.text
+    shown = texts(layout)
+    for text in HOSTILE_TEXTS:
+        assert html.escape(text) in shown
+    page = averages_html(hostile, title=HOSTILE)
+    assert "bokeh-mathjax" not in page and f"<title>{html.escape(HOSTILE)}</title>" in page

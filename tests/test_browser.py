@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from notebook_runs import ROOT, executed, kernel_env
-from test_report import make_report
+from test_report import make_report, run_tiny_report
+from test_text import HOSTILE
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -109,6 +110,62 @@ def test_report_in_chromium(browser, tmp_path):
         text = tip.inner_text()
         assert "layer" in text and "p(answer)" in text and "gap restored" in text
         w.page.screenshot(path=str(shots_dir(tmp_path) / "report.png"), full_page=True)
+        assert w.errors == []
+        assert w.external() == []
+    finally:
+        w.close()
+
+
+#: every element of the page, in the document and in every shadow root (Bokeh 3 draws into shadow
+#: DOM), walked recursively: links and sources that run script, MathJax output, and the texts shown
+PAGE_SCAN = """() => {
+  const out = {scripted: [], math: [], texts: []};
+  const walk = (root) => {
+    for (const el of root.querySelectorAll("*")) {
+      for (const attr of el.getAttributeNames()) {
+        if (attr === "href" || attr === "src" || attr.endsWith(":href") || attr === "action" || attr === "formaction") {
+          const value = (el.getAttribute(attr) || "").replace(/[\\s\\u0000-\\u001f]/g, "").toLowerCase();
+          if (value.startsWith("javascript:")) out.scripted.push(`${el.tagName} ${attr}=${value}`);
+        }
+      }
+      const tag = el.tagName.toLowerCase();
+      if (tag.startsWith("mjx-") || el.classList.contains("MathJax") || el.hasAttribute("data-mml-node")) {
+        out.math.push(tag);
+      }
+      if (tag === "td" || tag === "th" || tag === "h1" || tag === "h2") out.texts.push(el.textContent);
+      if (el.shadowRoot) walk(el.shadowRoot);
+    }
+  };
+  walk(document);
+  return out;
+}"""
+
+
+def test_hostile_prompt_report_shows_literal_text(browser, tiny_model_dir, tmp_path, monkeypatch):
+    """Issue 15: a prompt holding TeX with a javascript: link, through `factscope report` on a tiny
+    model, shows as typed; nothing on the page (shadow roots included) links to javascript:, and
+    MathJax typesets nothing."""
+    monkeypatch.setenv("FACTSCOPE_CACHE", str(tmp_path / "cache"))
+    prompt = f"{HOSTILE} The Eiffel Tower is located in the city of"
+    report = tmp_path / "hostile.html"
+    assert run_tiny_report(tiny_model_dir, report, "--prompt", prompt, "--subject", "The Eiffel Tower",
+                           "--target", " Rome", "--no-edited-trace") == 0
+    w = Watched(browser)
+    try:
+        w.page.goto(report.as_uri())
+        w.page.locator(".bk-Figure").first.wait_for(state="visible")
+        # Playwright's locators pierce shadow roots; the prompt's plain part is there, fixed or not
+        w.page.locator("td", has_text="The Eiffel Tower is located in the city of").first.wait_for(state="visible")
+        w.page.wait_for_timeout(1000)  # MathJax, were it on the page, typesets after the first paint
+        scan = w.page.evaluate(PAGE_SCAN)
+        assert scan["scripted"] == []
+        assert scan["math"] == []
+        assert [t for t in scan["texts"] if HOSTILE in t] == [prompt, prompt]  # settings table and edit table
+        cell = w.page.locator("td", has_text=HOSTILE).first
+        assert cell.is_visible() and cell.inner_text().strip() == prompt
+        cell.click()  # where the TeX link was drawn
+        w.page.screenshot(path=str(shots_dir(tmp_path) / "hostile-report.png"), full_page=True)
+        assert w.page.title() == "factscope: The Eiffel Tower \u2192 Rome"
         assert w.errors == []
         assert w.external() == []
     finally:

@@ -53,14 +53,14 @@ def test_trace_heatmap_matches_result(kind):
         assert data["fraction"][i] == pytest.approx((result.scores[t, l] - 0.1) / 0.6)
         assert data["token"][i] == token_label(result.tokens[t])
         assert data["subject"][i] == (1 <= t < 3)
-    labels = fig.yaxis[0].major_label_overrides
+    labels = {i: label.text for i, label in fig.yaxis[0].major_label_overrides.items()}  # PlainText: never TeX
     assert labels == {0: "The", 1: "\u2423E *", 2: "iff *", 3: "el", 4: "\u2423is\\n", 5: "\u2423in"}
     box = fig.select_one({"name": "subject_box"}).data
     assert (box["top"], box["bottom"]) == ([0.5], [2.5])
     mapper = fig.select_one(LinearColorMapper)
     assert mapper.low == result.low_score  # colour scale anchored at the corrupted score
     assert mapper.high == pytest.approx(result.scores.max())
-    subtitle = fig.select_one({"name": "trace_subtitle"}).text
+    subtitle = fig.select_one({"name": "trace_subtitle"}).text.text
     assert "Paris" in subtitle and "0.100" in subtitle and "0.700" in subtitle
     tooltips = dict(fig.select_one(HoverTool).tooltips)
     assert set(tooltips) == {"token", "layer", "p(answer)", "gap restored"}
@@ -73,9 +73,9 @@ def test_update_trace_heatmap_replaces_data_in_place():
     update_trace_heatmap(fig, other)
     assert fig.select_one({"name": "trace"}) is source  # same source, new data
     assert source.data["score"] == other.scores.ravel().tolist()
-    assert fig.y_range.start == 7.5 and fig.yaxis[0].major_label_overrides[4] == "\u2423is\\n *"
+    assert fig.y_range.start == 7.5 and fig.yaxis[0].major_label_overrides[4].text == "\u2423is\\n *"
     assert fig.select_one(LinearColorMapper).palette[0] != fig.select_one(LinearColorMapper).palette[-1]
-    assert "MLP" in fig.title.text
+    assert "MLP" in fig.title.text.text
 
 
 def test_trace_grid_has_one_heatmap_per_kind():

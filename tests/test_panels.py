@@ -45,7 +45,7 @@ def test_trace_panel_runs_and_updates_in_place(lm):
     assert panel.figures["hidden"] is fig and fig.select_one({"name": "trace"}) is source  # updated, not rebuilt
     assert panel.plots.children[0] is views[0]
     np.testing.assert_array_equal(np.asarray(source.data["score"]), again["hidden"].scores.ravel())
-    assert fig.yaxis[0].major_label_overrides[len(again["hidden"].tokens) - 1].endswith(" *")  # new subject marked
+    assert fig.yaxis[0].major_label_overrides[len(again["hidden"].tokens) - 1].text.endswith(" *")  # new subject marked
     assert panel.progress.value == panel.progress.max
 
 
@@ -150,3 +150,41 @@ def test_ledger_view_lists_a_memit_batch_and_undo_reverts_it(lm, tmp_path, monke
     assert "0\u20131" in panel.ledger_view.value  # its layer range
     panel.undo()
     assert all(torch.equal(lm.model.get_submodule(m).weight, w) for m, w in original.items())
+
+
+def test_panel_figures_show_hostile_text_literally(lm, tmp_path, monkeypatch):
+    """Tokens, answers, targets and prompts typed into (or produced by) a panel are never TeX in
+    its Bokeh figures and never markup in its HTML lines."""
+    from dataclasses import replace
+
+    from test_figures import make_trace
+    from test_report import HOSTILE_TOKENS
+    from test_text import HOSTILE, HOSTILE_TEXTS, math_exposures
+    from widgets.panels import EditPanel
+
+    trace_panel = TracePanel(lm, prompt=PROMPT, samples=2, noise="0.5")
+    trace_panel.show({"hidden": replace(make_trace("hidden"), tokens=HOSTILE_TOKENS, answer=HOSTILE,
+                                                  subject_span=(4, 6))})
+    fig = trace_panel.figures["hidden"]
+    assert math_exposures(fig) == []
+    assert fig.yaxis[0].major_label_overrides[1].text == HOSTILE_TOKENS[1]
+    assert repr(HOSTILE) in fig.select_one({"name": "trace_subtitle"}).text.text
+    assert "<script>" not in trace_panel.status.value
+    lens_panel = LensPanel(lm, prompt=f"{HOSTILE} {PROMPT}", targets=HOSTILE_TEXTS[1])
+    lens_panel.run()
+    assert math_exposures(lens_panel.layouts[0][0]) == []
+
+    monkeypatch.setenv("FACTSCOPE_CACHE", str(tmp_path / "cache"))
+    edit_panel = EditPanel(lm, subject="The Eiffel Tower", prompt="{} is in", target=HOSTILE,
+                           paraphrases=(HOSTILE_TEXTS[1] + " The Eiffel Tower stands in",),
+                           neighbours=(HOSTILE_TEXTS[3],),
+                           hparams={"stats_tokens": 2000, "v_num_grad_steps": 2})
+    try:
+        edit_panel.run()
+        assert math_exposures(edit_panel.layout_) == []
+        assert HOSTILE.strip() in edit_panel.layout_.select_one({"name": "edit_new"}).title.text.text
+        for widget in (edit_panel.status, edit_panel.ledger_view):
+            assert "<script>" not in widget.value and "<b>&amp;" not in widget.value
+        assert "&lt;script&gt;" in edit_panel.layout_.select_one({"name": "edit_table"}).text
+    finally:
+        edit_panel.ledger.revert_all()

@@ -1,11 +1,15 @@
 """widgets/report.py and ``factscope report``: one offline HTML file with traces, edit and lens."""
 from __future__ import annotations
 
+import html
 import re
+from dataclasses import replace
 
 import pytest
+from bokeh.models import Div
 
 from test_figures import make_lens, make_trace
+from test_text import HOSTILE_TEXTS, math_exposures, texts
 from tracer.cli import main
 from widgets.report import build_report, library_versions, report_html, save_report
 
@@ -47,6 +51,42 @@ def test_report_layout_has_every_figure():
     names = {m.name for m in layout.references() if getattr(m, "name", None)}
     assert {"trace_hidden", "trace_mlp", "edit_new", "edit_true", "lens_top", "lens_lines", "edited_heading"} <= names
     assert "settings" not in names  # no settings given, no settings table
+
+
+#: the hostile tokens of a prompt that starts with HOSTILE (each one a tick label and a tooltip value)
+HOSTILE_TOKENS = ["$$", "\\href{javascript:document.title=1}", "{\\Huge\\text{click}}", "$$", " E", "iff"]
+
+
+def hostile_report_kwargs() -> dict:
+    """Every user, dataset and model string of a report made hostile (TeX in each delimiter
+    form, HTML, right-to-left text, a control character)."""
+    a, b, c, d = HOSTILE_TEXTS
+    traces = {k: replace(make_trace(k), tokens=HOSTILE_TOKENS, prompt="".join(HOSTILE_TOKENS), subject=b, answer=a,
+                         subject_span=(4, 6)) for k in ("hidden", "mlp", "attn")}
+    lens = [replace(make_lens(i), tokens=HOSTILE_TOKENS[:4], targets=[a, b], label=c,
+                    top_tokens=[[HOSTILE_TOKENS[p]] * 5 for p in range(4)]) for i in range(2)]
+    checks = [{"prompt": a, "kind": d, "before": {"top1": b, "p_new": 0.01, "p_true": 0.7},
+               "after": {"top1": c, "p_new": 0.9, "p_true": 0.02}}]
+    return dict(model=a, traces=traces, edited_traces=traces, edit_checks=checks,
+                generations=[{"prompt": a, "before": b, "after": d}], new_target=a, true_target=b, lens=lens,
+                settings={"prompt": a, b: c, "subject": d}, title=f"factscope: {a} \u2192 {c}")
+
+
+def test_report_shows_every_hostile_text_literally():
+    """No text of the report reaches MathJax: every model passes math_exposures, the page leaves
+    out Bokeh's MathJax bundle, and the strings are there as typed (HTML-escaped in the tables)."""
+    kwargs = hostile_report_kwargs()
+    layout = build_report(**kwargs)
+    assert math_exposures(layout) == []
+    shown = texts(layout)
+    for text in HOSTILE_TEXTS:
+        assert html.escape(text) in shown  # in the escaped tables of the Divs
+    ticks = next(iter(layout.select({"name": "trace_hidden"}))).yaxis[0].major_label_overrides
+    assert [ticks[i].text for i in range(3)] == HOSTILE_TOKENS[:3]  # token tick labels as typed, as PlainText
+    assert {d.disable_math for d in layout.select({"type": Div})} == {True}
+    page = report_html(**kwargs)
+    assert "bokeh-mathjax" not in page  # Bokeh adds MathJax only for text it would typeset
+    assert "<script>alert" not in page and page.count("<title>") == 1
 
 
 def test_save_report_writes_file(tmp_path):

@@ -6,8 +6,10 @@
     write_html(averages, "averages.html")               # standalone, all JavaScript inlined
 
 Pure builders: results in, Bokeh models out. The page reuses the report header of
-:mod:`widgets.report` and, like it, inlines Bokeh's JavaScript (no CDN; works offline). Each line's data source is named
-``aie-<kind>-<bucket>`` (``sev-<kind>`` in the severed comparison) so tests and panels can find it.
+:mod:`widgets.report` and, like it, inlines Bokeh's JavaScript (no CDN; works offline) and shows
+every text literally (:mod:`widgets.text`: model names, kinds and settings are never TeX or HTML).
+Each line's data source is named ``aie-<kind>-<bucket>`` (``sev-<kind>`` in the severed comparison)
+so tests and panels can find it.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from bokeh.embed import file_html
 from bokeh.layouts import column, row
-from bokeh.models import ColumnDataSource, Div, HoverTool, Range1d
+from bokeh.models import ColumnDataSource, HoverTool, Range1d
 from bokeh.palettes import Category10
 from bokeh.plotting import figure
 from bokeh.resources import INLINE
@@ -29,6 +31,7 @@ from tracer.files import write_text_atomic
 
 from .figures import TABLE_CSS
 from .report import build_report
+from .text import html_div, literal, literal_models
 
 #: ROME's line colours (tab10 in the order first, middle, last subject, first after, further, last)
 BUCKET_COLORS = dict(zip(BUCKETS, [Category10[10][i] for i in (0, 1, 2, 4, 5, 3)]))
@@ -46,7 +49,7 @@ def _line_data(avg: EffectAverages, bucket: str) -> dict[str, list]:
 
 
 def _title(avg: EffectAverages) -> str:
-    what = KIND_TITLES.get(avg.kind, avg.kind).format(w=avg.window)
+    what = KIND_TITLES[avg.kind].format(w=avg.window) if avg.kind in KIND_TITLES else avg.kind  # a name, not a format
     return f"Average indirect effect of {what} ({avg.n_facts} facts)"
 
 
@@ -58,6 +61,7 @@ def _y_range(averages: Sequence[EffectAverages]) -> Range1d:
     return Range1d(min(lo, 0.0) - pad, hi + pad)
 
 
+@literal_models
 def average_effect_figure(avg: EffectAverages, *, buckets: Sequence[str] = BUCKETS, width: int = 430,
                           height: int = 300, y_range: Range1d | None = None, legend: bool = True) -> figure:
     """Average indirect effect per layer, one line per bucket, shaded bootstrap CI."""
@@ -82,6 +86,7 @@ def average_effect_figure(avg: EffectAverages, *, buckets: Sequence[str] = BUCKE
     return fig
 
 
+@literal_models
 def average_effects_row(averages: Mapping[str, EffectAverages], kinds: Sequence[str] = ("hidden", "mlp", "attn"),
                         **kw):
     """The plain kinds side by side on one y scale (the paper's line-plot figure)."""
@@ -93,6 +98,7 @@ def average_effects_row(averages: Mapping[str, EffectAverages], kinds: Sequence[
                  for i, a in enumerate(present)], name="average-effects")
 
 
+@literal_models
 def severed_comparison(averages: Mapping[str, EffectAverages], bucket: str = "last_subject", *, width: int = 520,
                        height: int = 300) -> figure:
     """Average indirect effect at ``bucket`` of the plain hidden trace vs its severed variants."""
@@ -134,6 +140,7 @@ def _table(rows: list[dict]) -> str:
     return f"{TABLE_CSS}<table class='fs-table'><tr>{head}</tr>{body}</table>"
 
 
+@literal_models
 def averages_layout(averages: Mapping[str, EffectAverages], *, title: str = "Average causal effects",
                     settings: Mapping[str, object] | None = None, date: _dt.datetime | None = None):
     """The report header of :func:`widgets.report.build_report` (model, date, versions, settings),
@@ -144,7 +151,7 @@ def averages_layout(averages: Mapping[str, EffectAverages], *, title: str = "Ave
     settings = {"facts": first.n_facts, "bootstrap resamples": first.n_boot, "confidence": first.confidence,
                 "bootstrap seed": first.seed, **(settings or {})}
     parts = [build_report(model=first.model, settings=settings, title=title, date=date),
-             Div(text=_table(summary_rows(averages)), name="averages-summary")]
+             html_div(_table(summary_rows(averages)), name="averages-summary")]
     if any(k in averages for k in ("hidden", "mlp", "attn")):
         parts.append(average_effects_row(averages))
     if "hidden" in averages and any(k.startswith("hidden-severed-") for k in averages):
@@ -161,7 +168,8 @@ def averages_layout(averages: Mapping[str, EffectAverages], *, title: str = "Ave
 
 def averages_html(averages: Mapping[str, EffectAverages], **kw) -> str:
     """Standalone HTML (Bokeh's JavaScript inlined from ``bokeh.resources.INLINE``; works offline)."""
-    return file_html(averages_layout(averages, **kw), resources=INLINE, title=kw.get("title", "Average causal effects"))
+    layout = literal(averages_layout(averages, **kw))  # again here: whatever a part forgot, the page shows literally
+    return file_html(layout, resources=INLINE, title=kw.get("title", "Average causal effects"))
 
 
 def write_html(averages: Mapping[str, EffectAverages], path: str | Path, **kw) -> Path:

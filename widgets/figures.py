@@ -7,7 +7,9 @@
     edit = edit_comparison(checks)          # before/after probabilities and generations
 
 Every builder names its data sources (``source.name``), so panels and tests can find them with
-``fig.select_one({"name": ...})`` and update ``source.data`` in place.
+``fig.select_one({"name": ...})`` and update ``source.data`` in place. Every text a builder or
+updater shows (titles, tick labels, tables) is literal: :mod:`widgets.text` turns off TeX on
+all of it (``@literal_models``), and updaters assign :func:`widgets.text.plain` texts directly.
 """
 from __future__ import annotations
 
@@ -16,13 +18,15 @@ from typing import Mapping, Sequence
 
 import numpy as np
 from bokeh.layouts import column, row
-from bokeh.models import (BasicTicker, ColorBar, ColumnDataSource, Div, FactorRange, FixedTicker,
-                          HoverTool, LinearColorMapper, Range1d, TapTool, Title)
+from bokeh.models import (BasicTicker, ColorBar, ColumnDataSource, FactorRange, FixedTicker, HoverTool,
+                          LinearColorMapper, PlainText, Range1d, TapTool, Title)
 from bokeh.palettes import Blues256, Category10, Greens256, Purples256, Reds256
 from bokeh.plotting import figure
 
 from tracer.lens import LensResult
 from tracer.trace_result import TraceResult
+
+from .text import html_div, literal_models, plain
 
 #: one colour map per kind, light (corrupted score) to dark (highest restored score), as ROME
 PALETTES = {"hidden": tuple(reversed(Purples256)), "mlp": tuple(reversed(Greens256)),
@@ -37,9 +41,10 @@ def token_label(token: str) -> str:
     return "\u2423" + text[1:] if text.startswith(" ") and text.strip() else (text or "\u2205")
 
 
-def _row_labels(tokens: Sequence[str], span: tuple[int, int] | None) -> dict[int, str]:
+def _row_labels(tokens: Sequence[str], span: tuple[int, int] | None) -> dict[int, PlainText]:
+    """Tick labels of the token rows, as plain text (a token such as ``$$`` is not TeX)."""
     start, end = span if span else (0, 0)
-    return {i: token_label(t) + (" *" if start <= i < end else "") for i, t in enumerate(tokens)}
+    return {i: plain(token_label(t) + (" *" if start <= i < end else "")) for i, t in enumerate(tokens)}
 
 
 # ---------------------------------------------------------------------------------------- trace
@@ -75,6 +80,7 @@ def _trace_subtitle(result: TraceResult) -> str:
             f"clean {result.high_score:.3f}")
 
 
+@literal_models
 def trace_heatmap(result: TraceResult, *, width: int | None = None) -> figure:
     """Heat map of a causal trace: tokens as rows (subject rows marked ``*`` and boxed), layers as
     columns; colour from the corrupted score (lightest) to the highest score; hover shows token,
@@ -121,10 +127,11 @@ def _set_trace_axes(fig: figure, mapper: LinearColorMapper, result: TraceResult)
     n_tok = len(result.tokens)
     fig.yaxis.ticker = FixedTicker(ticks=list(range(n_tok)))
     fig.yaxis.major_label_overrides = _row_labels(result.tokens, result.subject_span)
-    fig.title.text = _trace_title(result)
-    fig.select_one({"name": "trace_subtitle"}).text = _trace_subtitle(result)
+    fig.title.text = plain(_trace_title(result))
+    fig.select_one({"name": "trace_subtitle"}).text = plain(_trace_subtitle(result))
 
 
+@literal_models
 def update_trace_heatmap(fig: figure, result: TraceResult) -> None:
     """Show ``result`` in a figure made by :func:`trace_heatmap`, updating its sources in place."""
     n_tok, n_layers = result.scores.shape
@@ -138,6 +145,7 @@ def update_trace_heatmap(fig: figure, result: TraceResult) -> None:
     _set_trace_axes(fig, mapper, result)
 
 
+@literal_models
 def trace_grid(results: Mapping[str, TraceResult] | Sequence[TraceResult]):
     """The traces of :func:`tracer.trace.trace_all` side by side (hidden, mlp, attn)."""
     items = list(results.values()) if isinstance(results, Mapping) else list(results)
@@ -171,6 +179,7 @@ def lens_curve_data(lens: LensResult, position: int = -1) -> dict[str, list]:
     }
 
 
+@literal_models
 def lens_figure(lens: LensResult, *, position: int = -1, width: int | None = None):
     """Layer-by-layer view: the top decoded token at each (position, layer), coloured by its
     probability, and below it the probability of each chosen target at ``position`` across
@@ -207,6 +216,7 @@ def lens_figure(lens: LensResult, *, position: int = -1, width: int | None = Non
     return column(grid, lines, name="lens")
 
 
+@literal_models
 def update_lens_figure(layout, lens: LensResult, *, position: int = -1) -> None:
     """Show ``lens`` in a layout made by :func:`lens_figure`, updating its sources in place."""
     n_pos, n_layers = lens.top_probs.shape
@@ -219,8 +229,8 @@ def update_lens_figure(layout, lens: LensResult, *, position: int = -1) -> None:
     grid.height = 110 + 22 * n_pos
     grid.yaxis.ticker = FixedTicker(ticks=list(range(n_pos)))
     grid.yaxis.major_label_overrides = _row_labels(lens.tokens, None)
-    grid.title.text = f"Layer-by-layer top token ({lens.label})"
-    lines.title.text = _lines_title(lens, position)
+    grid.title.text = plain(f"Layer-by-layer top token ({lens.label})")
+    lines.title.text = plain(_lines_title(lens, position))
 
 
 def _lines_title(lens: LensResult, position: int) -> str:
@@ -228,6 +238,7 @@ def _lines_title(lens: LensResult, position: int) -> str:
     return f"Probability of chosen tokens after each layer, at position {label!r} ({lens.label})"
 
 
+@literal_models
 def lens_comparison(lenses: Sequence[LensResult], *, target: str | int = 0, position: int = -1,
                     width: int = 520) -> figure:
     """Probability of one target at ``position`` across layers, one line per lens (e.g. the
@@ -304,6 +315,7 @@ def _edit_titles(new_target: str, true_target: str) -> tuple[str, str]:
             f"P({true_target.strip()}) before (grey) and after (red) the edit")
 
 
+@literal_models
 def edit_comparison(checks, *, new_target: str = "new", true_target: str = "true",
                     generations: Sequence[Mapping] = (), width: int = 640):
     """Before/after comparison of an edit.
@@ -332,11 +344,12 @@ def edit_comparison(checks, *, new_target: str = "new", true_target: str = "true
         fig.xaxis.major_label_orientation = 0.9
         fig.xgrid.visible = False
         figs.append(fig)
-    table = Div(text=_checks_table(rows), width=width, name="edit_table")
-    gen = Div(text=_generations_table(generations), width=width, name="edit_generations")
+    table = html_div(_checks_table(rows), width=width, name="edit_table")
+    gen = html_div(_generations_table(generations), width=width, name="edit_generations")
     return column(row(*figs), table, gen, name="edit")
 
 
+@literal_models
 def update_edit_comparison(layout, checks, *, new_target: str = "new", true_target: str = "true",
                            generations: Sequence[Mapping] = ()) -> None:
     """Show other checks in a layout made by :func:`edit_comparison`, updating it in place."""
@@ -349,7 +362,7 @@ def update_edit_comparison(layout, checks, *, new_target: str = "new", true_targ
     for name, title in zip(("edit_new", "edit_true"), _edit_titles(new_target, true_target)):
         fig = layout.select_one({"name": name})
         fig.x_range.factors = factors
-        fig.title.text = title
+        fig.title.text = plain(title)
     layout.select_one({"name": "edit_table"}).text = _checks_table(rows)
     layout.select_one({"name": "edit_generations"}).text = _generations_table(list(generations) or gens)
 

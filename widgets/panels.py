@@ -26,7 +26,9 @@ from tracer.models import LanguageModel, as_model
 from tracer.subject import guess_subject, tokenize_with_subject
 from tracer.trace_result import KINDS
 
-from .figures import lens_figure, token_label, trace_heatmap, update_lens_figure, update_trace_heatmap
+from .figures import (edit_comparison, lens_figure, token_label, trace_heatmap, update_edit_comparison,
+                      update_lens_figure, update_trace_heatmap)
+from .text import literal
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,12 @@ def setup_notebook(threads: int | None = None) -> None:
 
         torch.set_num_threads(int(threads))
     output_notebook(resources=INLINE, hide_banner=True)
+
+
+def _view(layout) -> BokehModel:
+    """A Bokeh layout inside the widget layout, every text of it literal (no TeX, see
+    :mod:`widgets.text`); the figures' updaters keep it so."""
+    return BokehModel(literal(layout))
 
 
 def _error_line(text: str) -> str:
@@ -223,7 +231,7 @@ class TracePanel(_Panel):
             else:
                 update_trace_heatmap(fig, result)
             if kind not in self._views:
-                self._views[kind] = BokehModel(fig)
+                self._views[kind] = _view(fig)
         self.plots.children = [self._views[k] for k in self.results]
 
     def _tap_callback(self, kind: str):
@@ -242,7 +250,7 @@ class TracePanel(_Panel):
         lens = restored_lens(self.lm, result, int(token), int(layer))
         if self.lens_layout is None:
             self.lens_layout = lens_figure(lens)
-            self.lens_box.children = [BokehModel(self.lens_layout)]
+            self.lens_box.children = [_view(self.lens_layout)]
         else:
             update_lens_figure(self.lens_layout, lens)
         self.status.value = html.escape(f"layer-by-layer view of: {lens.label}")
@@ -291,7 +299,7 @@ class LensPanel(_Panel):
             self.progress.value = 2
         while len(self.layouts) < len(lenses):
             layout = lens_figure(lenses[len(self.layouts)], width=560)
-            self.layouts.append((layout, BokehModel(layout)))
+            self.layouts.append((layout, _view(layout)))
         for (layout, _), lens in zip(self.layouts, lenses):
             update_lens_figure(layout, lens)
         self.views.children = [view for _, view in self.layouts[:len(lenses)]]
@@ -345,7 +353,7 @@ class EditPanel(_Panel):
         self.layer = W.BoundedIntText(value=suggest_layer(trace) if trace is not None else default_layer, min=0,
                                       max=self.lm.n_layers - 1, description="layer", layout=W.Layout(width="160px"))
         self.layer_hint = W.HTML(value=(f"suggested by the MLP trace (ROME default {default_layer})" if trace is not None
-                                        else f"ROME default for {self.lm.layers.family}"))
+                                        else f"ROME default for {html.escape(self.lm.layers.family)}"))
         self.paraphrases = W.Textarea(value="\n".join(paraphrases), description="paraphrases",
                                       layout=W.Layout(width="640px", height="50px"))
         self.neighbours = W.Textarea(value="\n".join(neighbours), description="neighbours",
@@ -385,13 +393,9 @@ class EditPanel(_Panel):
         self.ledger.apply(record)
         self.checks.append(check)
         if self.layout_ is None:
-            from .figures import edit_comparison
-
             self.layout_ = edit_comparison(check)
-            self.comparison.children = [BokehModel(self.layout_)]
+            self.comparison.children = [_view(self.layout_)]
         else:
-            from .figures import update_edit_comparison
-
             update_edit_comparison(self.layout_, check)
         self._show_ledger()
         after = check.prompts[0].after
@@ -445,7 +449,7 @@ def _ledger_row(r) -> str:
 
 
 def show(obj) -> None:
-    """Display a Bokeh figure or layout in the notebook (``bokeh.plotting.show``)."""
+    """Display a Bokeh figure or layout in the notebook (``bokeh.plotting.show``), its texts literal."""
     from bokeh.plotting import show as _show
 
-    _show(obj)
+    _show(literal(obj))

@@ -6,6 +6,8 @@
 The page holds the traces (and the traces of the edited model), the edit's before/after checks,
 the layer-by-layer view, and a header with the model name, settings, library versions and date.
 Bokeh's JavaScript comes from ``bokeh.resources.INLINE``; nothing is loaded from the network.
+Every text on the page is literal (:mod:`widgets.text`): a prompt such as ``$$\\href{…}$$`` shows as
+typed, never as TeX or HTML.
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ from typing import Mapping, Sequence
 
 from bokeh.embed import file_html
 from bokeh.layouts import column
-from bokeh.models import Div
 from bokeh.resources import INLINE
 
 from tracer.lens import LensResult
@@ -26,6 +27,7 @@ from tracer.files import write_text_atomic
 from tracer.trace_result import TraceResult
 
 from .figures import TABLE_CSS, edit_comparison, lens_comparison, lens_figure, trace_grid
+from .text import html_div, literal, literal_models
 
 VERSIONED = ("factscope", "torch", "transformers", "bokeh", "numpy")
 
@@ -46,10 +48,11 @@ def _kv_table(items: Mapping[str, object]) -> str:
     return f"<table class='fs-table'>{rows}</table>"
 
 
-def _heading(text: str, name: str) -> Div:
-    return Div(text=f"<h2 style='font:bold 18px sans-serif;margin:18px 0 4px'>{html.escape(text)}</h2>", name=name)
+def _heading(text: str, name: str):
+    return html_div(f"<h2 style='font:bold 18px sans-serif;margin:18px 0 4px'>{html.escape(text)}</h2>", name=name)
 
 
+@literal_models
 def build_report(
     *,
     model: str,
@@ -68,11 +71,11 @@ def build_report(
     date = date or _dt.datetime.now().astimezone()
     meta = {"model": model, "date": date.isoformat(timespec="seconds"), **library_versions()}
     parts = [
-        Div(text=f"{TABLE_CSS}<h1 style='font:bold 22px sans-serif'>{html.escape(title)}</h1>"
+        html_div(f"{TABLE_CSS}<h1 style='font:bold 22px sans-serif'>{html.escape(title)}</h1>"
                  f"{_kv_table(meta)}", name="report_header"),
     ]
     if settings:
-        parts += [_heading("Settings", "settings_heading"), Div(text=TABLE_CSS + _kv_table(settings), name="settings")]
+        parts += [_heading("Settings", "settings_heading"), html_div(TABLE_CSS + _kv_table(settings), name="settings")]
     if traces:
         parts += [_heading("Causal traces", "traces_heading"), trace_grid(traces)]
     if edit_checks:
@@ -90,7 +93,7 @@ def build_report(
 
 def report_html(**kwargs) -> str:
     """The report as one HTML string with Bokeh's JavaScript and CSS inlined."""
-    layout = build_report(**kwargs)
+    layout = literal(build_report(**kwargs))  # again here: whatever a part forgot, the page shows literally
     return file_html(layout, resources=INLINE, title=kwargs.get("title", "factscope report"))
 
 

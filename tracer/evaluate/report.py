@@ -5,15 +5,31 @@
 Rows: the unedited model (the "pre" measurements of the first summary) and each summary's edited
 model ("post"). Values are mean ± std over cases, × 100, as in the ROME and MEMIT tables; S has
 no std (it is the harmonic mean of the means).
+
+Names (method, model, dataset, title) are data: the HTML page escapes them and has no script (so
+nothing can typeset them as TeX); the Markdown table backslash-escapes Markdown, HTML and math
+punctuation (GitHub renders ``$…$`` and ``$$…$$`` as math), so a name cannot add a column or markup.
 """
 from __future__ import annotations
 
 import html
+import json
 import math
+import re
 from typing import Sequence
 
 CF_COLUMNS = ("S", "ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS")
 ZSRE_COLUMNS = ("Efficacy", "Paraphrase", "Specificity")
+
+
+#: what Markdown (CommonMark/GFM and GitHub's math) could read as syntax in a table cell; parentheses
+#: stay as they are, since ``\(`` would open inline math in MathJax renderers
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]{}<>#|$~!&])")
+
+
+def _md(text: object) -> str:
+    """``text`` as literal text of a Markdown table cell (one line, punctuation escaped)."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
 
 
 def _cell(stat: dict | None, with_std: bool = True) -> str:
@@ -51,14 +67,15 @@ def summary_rows(summaries: Sequence[dict]) -> tuple[list[str], list[list[str]]]
 
 
 def summary_markdown(summaries: Sequence[dict]) -> str:
+    """The table in Markdown, every cell and name escaped (:func:`_md`), then dataset, model, date."""
     header, rows = summary_rows(summaries)
     if not header:
         return ""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines = ["| " + " | ".join(map(_md, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(_md, r)) + " |" for r in rows]
     meta = summaries[0]
     lines.append("")
-    lines.append(f"{meta['settings']['dataset']}, model {meta['settings']['model']}, {meta['date']}")
+    lines.append(f"{_md(meta['settings']['dataset'])}, model {_md(meta['settings']['model'])}, {_md(meta['date'])}")
     return "\n".join(lines) + "\n"
 
 
@@ -71,8 +88,6 @@ def summary_html(summaries: Sequence[dict], title: str = "factscope evaluation")
     header, rows = summary_rows(summaries)
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    import json
-
     settings = "".join(f"<h3>{html.escape(s['settings']['method'])}</h3><pre>{html.escape(json.dumps(s['settings'], indent=1, default=str))}</pre>"
                        for s in summaries)
     date = html.escape(summaries[0]["date"]) if summaries else ""
