@@ -18,6 +18,7 @@ _WHERE = {
     "save_report": "report", "report_html": "report", "build_report": "report",
     "TracePanel": "panels", "EditPanel": "panels", "LensPanel": "panels", "setup_notebook": "panels",
     "suggest_layer": "panels", "show": "panels", "export_notebook": "export",
+    "literal": "text", "plain": "text", "html_div": "text",
 }
 __all__ = sorted(_WHERE)
 

@@ -122,8 +122,9 @@ def handler(args: argparse.Namespace) -> int:
 
 def _statistics_label(stats: dict) -> str:
     """``second_moment over 100000 tokens of enwiki_....jsonl.gz`` from an edit record's statistics."""
-    if "n_tokens" not in stats:
-        return str(stats.get("label") or stats.get("kind") or stats)
+    if "n_tokens" not in stats or stats.get("kind") == "identity":
+        return "identity (C = I, no key statistics)" if stats.get("kind") == "identity" else \
+            str(stats.get("label") or stats.get("kind") or stats)
     corpus = str(stats.get("corpus", "")).split(":")[0]
     return f"{stats.get('kind', 'C')} over {stats['n_tokens']} tokens of {Path(corpus).name or 'text'}"
 
