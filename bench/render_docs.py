@@ -1,0 +1,388 @@
+"""Render the result tables of README.md and docs/*.md from bench/results/*.json.
+
+    python bench/render_docs.py            # rewrite the tables in place
+    python bench/render_docs.py --check    # exit 1 (and name the files) when a table is out of date
+
+A table lives between two marker comments in a Markdown file::
+
+    <!-- table:trace_speed -->
+    ...whatever is here is replaced...
+    <!-- /table -->
+
+``table:NAME`` renders ``bench/results/NAME.json`` with ``RENDERERS[NAME]`` (a table, sometimes a
+line of figures after it, and a line naming the file, command and date). Rendering is idempotent:
+the text between the markers is a function of the JSON file alone, so a hand-edited number is
+overwritten here and fails ``tests/test_render_docs.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tracer.files import write_text_atomic  # noqa: E402
+
+RESULTS_DIR = ROOT / "bench" / "results"
+#: the Markdown files whose tables are rendered
+DOCS = ("README.md", "docs/tracing.md", "docs/editing.md", "docs/evaluation.md", "docs/defaults.md",
+        "docs/benchmarks.md")
+MARKER = re.compile(r"(<!-- table:([A-Za-z0-9_-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
+
+
+# ------------------------------------------------------------------------------------ formatting
+
+
+def cell(x: Any) -> str:
+    """A table cell: ``|`` escaped, line breaks folded, None as a dash."""
+    if x is None:
+        return "–"
+    return str(x).replace("|", "\\|").replace("\n", " ")
+
+
+def table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def num(x: float | None, digits: int = 1, unit: str = "") -> str | None:
+    """``1,234.5 s``-style figures; None stays None (a dash)."""
+    if x is None:
+        return None
+    return f"{x:,.{digits}f}{unit}"
+
+
+def short(x: float | None, digits: int = 3) -> str | None:
+    """``.083``: probabilities and effects without the leading zero; 1 stays ``1``."""
+    if x is None:
+        return None
+    if x == 1:
+        return "1"
+    text = f"{x:.{digits}f}"
+    return text.replace("0.", ".", 1) if text.startswith(("0.", "-0.")) else text
+
+
+def sci(x: float, digits: int = 1) -> str:
+    """``2.0e-6``: scientific notation without exponent padding."""
+    mantissa, exp = f"{x:.{digits}e}".split("e")
+    return f"{mantissa}e{int(exp)}"
+
+
+def mean_std(d: dict | None) -> str | None:
+    return None if d is None else f"{d['mean']:.1f} ± {d['std']:.1f}"
+
+
+def arrow(before: dict | None, after: dict | None, key: str) -> str | None:
+    if before is None or after is None:
+        return None
+    return f"{before[key]:g} → {after[key]:g}"
+
+
+def triple(d: dict | None) -> str | None:
+    return None if d is None else f"{d['ES']:g} / {d['PS']:g} / {d['NS']:g}"
+
+
+def method_label(row: dict) -> str:
+    return f"{row['method']} (batch {row['batch']})" if row.get("batch") else row["method"]
+
+
+# ------------------------------------------------------------------------------------ renderers
+
+
+def trace_speed(r: dict) -> list[str]:
+    f = r["figures"]
+    naive, batched = f["naive"], f["batched"]
+    diff = f.get("max_abs_score_difference")
+    peak = "peak GPU memory" if f.get("device") == "cuda" else "peak RSS"
+    return table(["mode", "time", "forward passes", peak], [
+        ["naive (one forward per restoration, as ROME)", num(naive["seconds"], 1, " s"), num(naive["forwards"], 0),
+         num(naive["peak_mib"], 0, " MiB")],
+        ["batched", num(batched["seconds"], 1, " s"), num(batched["forwards"], 0), num(batched["peak_mib"], 0, " MiB")],
+        ["**speed-up**", f"**{naive['seconds'] / batched['seconds']:.1f}×**", "",
+         f"max |score difference| {sci(diff)}" if diff is not None else ""],
+    ])
+
+
+def trace_precision(r: dict) -> list[str]:
+    f = r["figures"]
+    ref = f["runs"][0]["clean_p"]
+    rows = [[run["name"], num(run.get("cpu_s"), 1), f"{run['speedup']:.2f}×", f"{run['clean_p']:.3f}",
+             f"{(run['clean_p'] / ref - 1) * 100:+.0f} %", f"{run['max_abs_cell_difference']:.4g}"] for run in f["runs"]]
+    g = f["gemm_gflops"]
+    return table(["weights", "CPU-s", "speed-up", "clean p", "change", "max \\|cell − float32\\|"], rows) + [
+        "", f"Matrix products on one core: float32 {g['float32']:.0f} GFLOP/s, bfloat16 {g['bfloat16']:.0f} GFLOP/s "
+            f"({g['bfloat16'] / g['float32']:.1f}×). Fact: “{f['fact']}”, kind {f['kind']}."]
+
+
+def aggregate_speed(r: dict) -> list[str]:
+    def secs(x):
+        if isinstance(x, dict):
+            return f"<{x['below']:g} s"
+        return f"{x:.3g} s" if x < 1 else f"{x:.1f} s"
+
+    rows = [[f"{row['facts']:,} facts, {row['stage']}", secs(row["numpy_s"]), secs(row["numba_s"]), f"{row['ratio']:.2g}×",
+             "yes" if row["identical"] else "**no**"] for row in r["figures"]["rows"]]
+    return table([f"aggregation ({r['figures']['layers']} layers)", "NumPy", "numba", "ratio", "identical"], rows)
+
+
+def layer_values(r: dict, label_key: str, digits: int, mean_row: bool = False) -> list[str]:
+    f = r["figures"]
+    header = ["fact" if label_key == "fact" else "at the last subject token"] + [f"L{i}" for i in f["layers"]]
+    with_peak = any("peak" in row for row in f["rows"])
+    if with_peak:
+        header.append("peak")
+    rows = []
+    for row in f["rows"]:
+        cells = []
+        for layer, v in zip(f["layers"], row["values"]):
+            text = short(v, digits)
+            cells.append(f"**{text}**" if with_peak and layer == row.get("peak") and text is not None else text)
+        if with_peak:
+            peak = row.get("peak")
+            ci = row.get("peak_ci")
+            cells.append("(no effect)" if peak is None else
+                         f"{peak} [{short(ci[0], digits)}, {short(ci[1], digits)}]" if ci else str(peak))
+        rows.append([row[label_key], *cells])
+    if mean_row:
+        means = [sum(row["values"][i] for row in f["rows"]) / len(f["rows"]) for i in range(len(f["layers"]))]
+        rows.append(["mean", *[short(m, digits) for m in means]])
+    return table(header, rows)
+
+
+def known_facts_averages(r: dict) -> list[str]:
+    f = r["figures"]
+    t, cost, sev, last = f["total_effect"], f["cpu_s_per_fact"], f["severed_early"], f["last_token"]
+    lo, hi = sev["layers"]
+    return layer_values(r, "label", 3) + [
+        "", f"{f['facts']} facts ({f['failures']} failures). Average total effect {t['mean']:.3f} "
+            f"[{t['ci'][0]:.3f}, {t['ci'][1]:.3f}] (clean {t['clean']:.3f}, corrupted {t['corrupted']:.3f}). "
+            f"Mean hidden-state effect at the last subject token over layers {lo}–{hi}: {sev['hidden']:.3f}; "
+            f"{sev['mlp_severed']:.3f} with the MLPs above severed ({sev['mlp_share_removed']:.0%} less), "
+            f"{sev['attn_severed']:.3f} with attention severed ({sev['attn_share_removed']:.0%} less). "
+            f"At the last token attention peaks at layer {last['attention_peak_layer']} ({last['attention_peak']:.3f}) "
+            f"and the hidden state jumps at layer {last['hidden_jump']['layer']} ({last['hidden_jump']['before']:.3f} → "
+            f"{last['hidden_jump']['after']:.3f}). "
+            f"Cost: {cost['mean']:.1f} CPU-s per fact on average (median {cost['median']:.1f}), "
+            f"{f['cpu_hours_total']:.1f} CPU-hours in all."]
+
+
+def rome_layer_traces(r: dict) -> list[str]:
+    return layer_values(r, "fact", 3)
+
+
+def memit_layer_traces(r: dict) -> list[str]:
+    return layer_values(r, "fact", 2, mean_row=True)
+
+
+def stats_tokens(r: dict) -> list[str]:
+    f = r["figures"]
+    rows = []
+    for row in f["rows"]:
+        label = "0 (C = I)" if row["tokens"] == 0 else f"{row['tokens']:,}"
+        rows.append([f"**{label}**" if row["tokens"] == f.get("default") else label, f"{row['efficacy']:.2f}",
+                     f"{row['paraphrase']:.2f}", f"{row['neighbourhood']:.2f}", f"{row['p_new_rewrite']:.3f}",
+                     f"{row['p_new_paraphrase']:.3f}"])
+    return table(["C from tokens", "efficacy", "paraphrase", "neighbourhood", "mean P(new) rewrite",
+                  "mean P(new) paraphrase"], rows)
+
+
+def _sweep(r: dict, name: str, fmt: Callable[[float], str]) -> list[str]:
+    f = r["figures"]
+    rows = []
+    for row in f["rows"]:
+        if row["value"] is None:
+            label = "unedited"
+        else:
+            label = fmt(row["value"]) + (f" ({row['note']})" if row.get("note") else "")
+            if row["value"] == f.get("default"):
+                label = f"**{label}**"
+        rows.append([label, *[f"{row[k]:.1f}" for k in ("S", "ES", "PS", "NS", "EM", "PM", "NM")]])
+    return table([name, "S", "ES", "PS", "NS", "EM", "PM", "NM"], rows)
+
+
+def memit_lambda(r: dict) -> list[str]:
+    return _sweep(r, "λ", lambda v: f"{v:,.0f}")
+
+
+def ftl_epsilon(r: dict) -> list[str]:
+    return _sweep(r, "ε (= lr)", lambda v: f"{v:.0e}".replace("e-0", "e-"))
+
+
+def counterfact(r: dict) -> list[str]:
+    rows = [[method_label(row), row["n"], f"{row['S']:.1f}",
+             *[mean_std(row[k]) for k in ("ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS")],
+             num(row["s_per_edit"], 2)] for row in r["figures"]["rows"]]
+    return table(["method", "n", "S", "ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS", "s / edit"], rows)
+
+
+def zsre(r: dict) -> list[str]:
+    rows = [[method_label(row), row["n"], mean_std(row["efficacy"]), mean_std(row["paraphrase"]),
+             mean_std(row["specificity"]), num(row["s_per_edit"], 2)] for row in r["figures"]["rows"]]
+    return table(["method", "n", "Efficacy", "Paraphrase", "Specificity", "s / edit"], rows)
+
+
+def memit_scale(r: dict) -> list[str]:
+    rows = []
+    for row in r["figures"]["rows"]:
+        n, reused = row["n"], row.get("z_reused", 0)
+        if row.get("cpu_s_estimated"):
+            cpu = f"≈ {row['cpu_s']:,.0f} s (≈ {row['cpu_s'] / n:.1f} s/edit)"
+        elif reused and row.get("z_reused_cpu_s") is not None:
+            total = row["cpu_s"] + row["z_reused_cpu_s"]
+            cpu = f"{row['cpu_s']:,.1f} s + {row['z_reused_cpu_s']:,.0f} s of reused z ({total / n:.1f} s/edit)"
+        elif reused >= n:
+            cpu = f"{row['cpu_s']:,.1f} s (all z reused)"
+        elif reused:
+            cpu = f"{row['cpu_s']:,.1f} s ({row['cpu_s'] / (n - reused):.1f} s/new edit)"
+        else:
+            cpu = f"{row['cpu_s']:,.1f} s ({row['cpu_s'] / n:.1f} s/edit)"
+        if "z_ahead_cpu_s" in row:
+            z = f"≈ {row['z_ahead_cpu_s']:,.0f} CPU-s ahead ({row['z_ahead_note']})"
+        elif reused and row.get("z_reused_cpu_s"):
+            z = f"{row['z_s']:,.1f} s + {row['z_reused_cpu_s']:,.0f} CPU-s reused"
+        else:
+            z = f"{row['z_s']:,.1f} s" + (f" ({n - reused} new)" if reused else "")
+        threads = row.get("threads")
+        update = f"{row['update_s']:,.1f} s" + (f" ({threads} threads)" if threads and threads != r.get("threads") else "")
+        peak = f"{row['peak_rss_mb'] / 1024:.1f} GB" if "peak_rss_mb" in row else f"{row['peak_rss_gb']:.1f} GB"
+        ppl = row.get("perplexity")
+        rows.append([f"{n:,}", num(row.get("wall_s"), 1, " s"), cpu, z, update, peak,
+                     *[arrow(row["before"], row["after"], k) for k in ("ES", "PS", "NS")],
+                     f"{ppl['before']:.2f} → {ppl['after']:.2f}" if ppl else None])
+    return table(["edits", "wall", "CPU", "z optimisation", "keys + solve", "peak RSS", "ES", "PS", "NS", "perplexity"], rows)
+
+
+def memit_sequential(r: dict) -> list[str]:
+    f = r["figures"]
+    rows = []
+    for row in f["rows"]:
+        norms = " ".join(f"{v:.3f}" for v in row["norm_ratio"]) if row["norm_ratio"] else "1"
+        this = row["this_batch"]
+        this_text = None if this is None else \
+            f"{this['before']['ES']:g}/{this['before']['PS']:g}/{this['before']['NS']:g} → " \
+            f"{this['after']['ES']:g}/{this['after']['PS']:g}/{this['after']['NS']:g}"
+        first = triple(row["first_batch"]) + (" (unedited)" if row["edits"] == 0 else "")
+        rows.append([row["edits"], norms, f"{row['perplexity']:.2f}", this_text, first])
+    layers = f"{f['layers'][0]} … {f['layers'][-1]}"
+    return table(["edits", f"‖W‖ / ‖W₀‖, layers {layers}", "perplexity", "this batch: ES / PS / NS",
+                  "first batch: ES / PS / NS"], rows)
+
+
+def rome_sequential(r: dict) -> list[str]:
+    rows = []
+    for row in r["figures"]["rows"]:
+        b, a = row["before"], row["after"]
+        first = row["first"]
+        first_text = {"same": "(the same cases)", None: None}.get(first, first) if not isinstance(first, dict) else triple(first)
+        wall = f"{row['wall_s']:,} s"
+        if row.get("wall_text"):
+            wall = row["wall_text"]
+        elif row.get("resumed_from") is not None:
+            wall = f"+{row['wall_s']:,} s for edits {row['resumed_from'] + 1}–{row['edits']}"
+        rows.append([row["edits"], f"{row['norm_ratio']:.3f}", f"{row['perplexity']:.2f}",
+                     f"{b['ES']:g}/{b['PS']:g}/{b['NS']:g} → {a['ES']:g}/{a['PS']:g}/{a['NS']:g}", first_text, wall])
+    return table(["edits", "‖W₄‖ / ‖W₀‖", "perplexity", "last ≤ 100: ES / PS / NS unedited → edited",
+                  "first 100: ES / PS / NS", "wall"], rows)
+
+
+def z_order(r: dict) -> list[str]:
+    f = r["figures"]
+    what = f"{f['requests']:,} requests" + (f" ({f['rows']:,} rows, layer {f['layer']})" if f["stage"] == "keys" else
+                                            f", {f['steps']} v* steps")
+    real, cpu = f["real_tokens"], f["cpu_s"]
+    extra = f" (keys equal to {sci(f['max_abs_difference'], 0)})" if f.get("max_abs_difference") is not None else ""
+    return table(["stage", "work", "real tokens fed: file order → grouped", "CPU-s file order", "CPU-s grouped", "speed-up"], [
+        [f["stage"], what, f"{real['file_order'] * 100:.0f} % → {real['grouped'] * 100:.0f} %",
+         " / ".join(f"{x:.1f}" for x in cpu["file_order"]), " / ".join(f"{x:.1f}" for x in cpu["grouped"]),
+         f"**{f['ratio_file_order_over_grouped']:.2f}×**{extra}"]])
+
+
+def edit_speed(r: dict) -> list[str]:
+    f = r["figures"]
+    v, peak = f["v_star_s"], f["peak_over_load_mb"]
+    return table(["engine", f"v* optimisation ({f['steps']} steps)", "peak RSS above the loaded model"], [
+        ["fast (prefix cache, blocks above the edit layer only)", num(v["fast"], 1, " s"), f"+{peak['fast']:,.0f} MB"],
+        ["reference (ROME's full forward passes)", num(v["reference"], 1, " s"), f"+{peak['reference']:,.0f} MB"],
+        ["**speed-up**", f"**{v['reference'] / v['fast']:.1f}×**", ""]])
+
+
+RENDERERS: dict[str, Callable[[dict], list[str]]] = {
+    "trace_speed": trace_speed, "trace_speed_busy": trace_speed, "trace_precision": trace_precision,
+    "aggregate_speed": aggregate_speed, "known_facts_averages": known_facts_averages,
+    "rome_layer_traces": rome_layer_traces, "memit_layer_traces": memit_layer_traces, "stats_tokens": stats_tokens,
+    "memit_lambda": memit_lambda, "ftl_epsilon": ftl_epsilon, "counterfact": counterfact, "zsre": zsre,
+    "memit_scale": memit_scale, "memit_sequential": memit_sequential, "rome_sequential": rome_sequential,
+    "z_order": z_order, "z_order_keys": z_order, "edit_speed": edit_speed,
+}
+
+
+# ------------------------------------------------------------------------------------ documents
+
+
+def provenance(r: dict, name: str, doc: Path, results_dir: Path) -> str:
+    """One line under a table: the JSON file (linked relative to ``doc``), command, date, threads, machine."""
+    link = os.path.relpath(results_dir / f"{name}.json", doc.parent).replace(os.sep, "/")
+    date = str(r.get("date") or "date not recorded")
+    date = date[:10] if re.match(r"^\d{4}-\d\d-\d\dT", date) else date
+    parts = [date]
+    if r.get("threads"):
+        parts.append(f"{r['threads']} torch thread{'s' if r['threads'] != 1 else ''}")
+    m = r.get("machine") or {}
+    where = m.get("gpu") or ", ".join(str(x) for x in (m.get("note") or m.get("cpu"),) if x)
+    if where:
+        parts.append(where)
+    if r.get("commit"):
+        parts.append(f"commit {r['commit'][:7]}" + (" (with local changes)" if r.get("dirty") else ""))
+    if r.get("source"):
+        parts.append("transcribed from an earlier README")
+    command = f"`{r['command']}`" if r.get("command") else "command not recorded"
+    text = "; ".join(parts).replace("<", "&lt;")
+    return f"<sub>Source: [{name}.json]({link}): {command}; {text}.</sub>"
+
+
+def render_block(name: str, doc: Path, results_dir: Path = RESULTS_DIR) -> str:
+    """The Markdown between the markers of table ``name`` in ``doc``."""
+    if name not in RENDERERS:
+        raise KeyError(f"{doc}: no renderer for table {name!r}; known: {', '.join(sorted(RENDERERS))}")
+    r = json.loads((results_dir / f"{name}.json").read_text(encoding="utf-8"))
+    lines = RENDERERS[name](r)
+    return "\n".join(lines) + "\n\n" + provenance(r, name, doc, results_dir) + "\n"
+
+
+def render_text(text: str, doc: Path, results_dir: Path = RESULTS_DIR) -> str:
+    """``text`` with every marked table rendered from ``results_dir``."""
+    return MARKER.sub(lambda m: m.group(1) + render_block(m.group(2), doc, results_dir) + m.group(4), text)
+
+
+def tables_in(text: str) -> list[str]:
+    return [m.group(2) for m in MARKER.finditer(text)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 when a file is out of date")
+    args = ap.parse_args(argv)
+    stale = []
+    for rel in DOCS:
+        doc = ROOT / rel
+        text = doc.read_text(encoding="utf-8")
+        new = render_text(text, doc)
+        if new != text:
+            stale.append(rel)
+            if not args.check:
+                write_text_atomic(doc, new)
+    if stale:
+        print(("out of date: " if args.check else "rendered: ") + ", ".join(stale))
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
