@@ -20,6 +20,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
+from results import add_result_arguments, save_result  # noqa: E402
 from tracer.aggregate import RaggedTraces, bucket_effects  # noqa: E402
 
 
@@ -49,11 +50,14 @@ def main() -> None:
     p.add_argument("--n-boot", type=int, default=100)
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--repeat", type=int, default=3)
+    add_result_arguments(p, "aggregate_speed")
     args = p.parse_args()
 
     t0 = time.perf_counter()
     bucket_effects(synthetic(10, args.layers), n_boot=2, backend="numba")
-    print(f"numba first call (JIT or cache load): {time.perf_counter() - t0:.2f} s")
+    jit_s = time.perf_counter() - t0
+    print(f"numba first call (JIT or cache load): {jit_s:.2f} s")
+    rows = []
     print(f"{'facts':>8} {'stage':<22} {'numpy s':>9} {'numba s':>9} {'ratio':>7}  identical")
     for n in args.sizes:
         r = synthetic(n, args.layers)
@@ -63,6 +67,10 @@ def main() -> None:
             t_nb, b = best_of(lambda: bucket_effects(r, n_boot=n_boot, backend="numba"), repeat)
             same = all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)
             print(f"{n:>8} {stage:<22} {t_np:>9.3f} {t_nb:>9.3f} {t_np / t_nb:>6.1f}x  {same}", flush=True)
+            rows.append({"facts": n, "stage": stage, "numpy_s": t_np, "numba_s": t_nb, "ratio": t_np / t_nb,
+                         "identical": bool(same)})
+    save_result(args, args.result_name, {"layers": args.layers, "n_boot": args.n_boot, "repeat": args.repeat,
+                                         "numba_first_call_s": jit_s, "rows": rows}, threads=1)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 
+from results import add_result_arguments, save_result  # noqa: E402  (bench/ is the script's folder)
+
 PHASES = ("load", "stats-cold", "stats-warm", "edit-fast", "edit-rome")
 
 
@@ -60,6 +62,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
+    add_result_arguments(p, "edit_speed")
     args = p.parse_args()
     if args.phase:
         print(json.dumps(_phase(args.phase, args)))
@@ -84,6 +87,11 @@ def main() -> None:
           f"= {rome['v_star_s'] / fast['v_star_s']:.1f}x; whole edit {rome['seconds'] / fast['seconds']:.1f}x")
     print(f"statistics: cold {results['stats-cold']['seconds']:.1f} s, cached {results['stats-warm']['seconds']:.2f} s")
     print(f"after the edit: fast {fast['after']}, ROME's forward {rome['after']}")
+    save_result(args, args.result_name, {
+        "model": "smollm2-135m", "steps": args.steps, "stats_tokens": args.stats_tokens,
+        "v_star_s": {"fast": fast["v_star_s"], "reference": rome["v_star_s"]},
+        "peak_over_load_mb": {"fast": fast["peak_rss_mb"] - base, "reference": rome["peak_rss_mb"] - base},
+        "phases": results}, threads=args.threads)
 
 
 if __name__ == "__main__":

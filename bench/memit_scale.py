@@ -45,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from results import add_result_arguments, save_result  # noqa: E402
 from tracer.dataset_trace import parse_shard  # noqa: E402
 from tracer.files import write_json_atomic  # noqa: E402
 from tracer.edit import Ledger  # noqa: E402
@@ -93,6 +94,7 @@ def main() -> None:
     ap.add_argument("--z-only", action="store_true",
                     help="only optimise (and checkpoint) z for the first max(--sizes) cases, then stop")
     ap.add_argument("--shard", default=None, help="with --z-only: K/N, this process takes cases K, K+N, K+2N, ...")
+    add_result_arguments(ap, None)  # writes memit_scale, memit_sequential and rome_sequential (NAME_ prefixed with --result-name)
     args = ap.parse_args()
     if args.z_only and args.checkpoint is None:
         ap.error("--z-only needs --checkpoint (that is where the z go)")
@@ -138,14 +140,24 @@ def main() -> None:
     statistics = load_statistics(lm, hp, None)
     print(f"threads {args.threads}; layers {list(hp.layers)}; lambda {hp.mom2_weight}; statistics {time.perf_counter() - t:.1f} s")
     results = []
+    ppl0 = round(perplexity(lm, texts), 3)  # every section starts from (and reverts to) the unedited model
+    sections = {"memit_scale": [], "memit_sequential": [], "rome_sequential": []}  # rows as docs/editing.md shows them
 
-    def emit(row: dict) -> None:
-        """Print a result row and keep ``--json`` up to date (an interrupted run keeps its rows)."""
+    def emit(row: dict, section: str, doc_row: dict) -> None:
+        """Print a result row and keep ``--json`` and bench/results/ up to date (an interrupted run keeps its rows)."""
         results.append(row)
         print(json.dumps(row), flush=True)
         if args.json:
             write_json_atomic(args.json, results, indent=1)
-    ppl0 = round(perplexity(lm, texts), 3)  # every section starts from (and reverts to) the unedited model
+        sections[section].append(doc_row)
+        name = f"{args.result_name}_{section}" if args.result_name else section
+        figures = {"model": lm.name, "dataset": "counterfact-10k", "eval": args.eval, "layers": list(hp.layers),
+                   "lambda": hp.mom2_weight, "rows": sections[section]}
+        if section == "memit_sequential":
+            figures.update(batch=args.seq_batch)
+        if section == "rome_sequential":
+            figures.update(layer=rhp.layer)
+        save_result(args, name, figures, threads=args.threads)
     for n in sizes:
         ev = cases[:min(n, args.eval)]
         before = scores(lm, ev)
@@ -159,7 +171,7 @@ def main() -> None:
                **{k: round(rec.timings[k], 1) for k in ("z_reused_cpu_s", "z_reused_wall_s", "z_reused_untimed") if k in rec.timings},
                "s_per_edit": round(wall / n, 3), "peak_rss_mb": round(peak_mb()), **gpu_peak(lm), "before": before, "after": after,
                "perplexity": {"before": ppl0, "after": round(ppl, 3)}}
-        emit(row)
+        emit(row, "memit_scale", row)
     if results:
         base = results[0]
         for r in results:
@@ -170,6 +182,8 @@ def main() -> None:
         first = batches[0]
         unedited = [scores(lm, b) for b in batches]  # each batch's cases on the unedited model
         print(json.dumps({"memit_sequential": 0, "perplexity": ppl0, "first_batch": unedited[0]}), flush=True)
+        sections["memit_sequential"].append({"edits": 0, "norm_ratio": None, "perplexity": ppl0, "this_batch": None,
+                                             "first_batch": unedited[0]})
 
         def read_out(rec, health) -> None:
             just = seq[health.n_edits - len(rec.requests):health.n_edits][:args.eval]
@@ -178,7 +192,10 @@ def main() -> None:
                    "norm_ratio": {m.split(".")[-3]: round(v, 4) for m, v in health.norm_ratio.items()},
                    "this_batch": {"before": unedited[health.batch - 1], "after": scores(lm, just)},
                    "first_batch": scores(lm, first), "peak_rss_mb": round(peak_mb())}
-            emit(row)
+            norms = [v for _, v in sorted(row["norm_ratio"].items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else kv[0])]
+            emit(row, "memit_sequential", {"edits": health.n_edits, "norm_ratio": norms, "perplexity": row["perplexity"],
+                                           "this_batch": row["this_batch"], "first_batch": row["first_batch"],
+                                           "batch_s": row["batch_s"], "peak_rss_mb": row["peak_rss_mb"]})
 
         records, _ = sequential_memit(lm, seq, args.seq_batch, hp, texts=texts, on_batch=read_out,
                                       checkpoint_dir=args.checkpoint)
@@ -225,7 +242,9 @@ def main() -> None:
                        "before": unedited[i], "after": edited_so_far(i)}
                 if args.eval and i > args.eval:  # are the first edits still there?
                     row["first"] = scores(lm, cases[:args.eval])
-                emit(row)
+                emit(row, "rome_sequential", {"edits": i, "norm_ratio": row["norm_ratio"], "perplexity": row["perplexity"],
+                                              "before": row["before"], "after": row["after"], "first": row.get("first"),
+                                              "wall_s": row["wall_s"], "resumed_from": len(done) or None})
         ledger.revert_all()
 
 

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from results import add_result_arguments, save_result  # noqa: E402
 from tracer import load_model  # noqa: E402
 from tracer.datapaths import KNOWNS, data_file  # noqa: E402
 from tracer.trace import trace  # noqa: E402
@@ -41,6 +42,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fact", type=int, default=5, help="index into the known facts")
     ap.add_argument("--kind", default="hidden", choices=("hidden", "mlp", "attn"))
+    add_result_arguments(ap, "trace_precision")
     args = ap.parse_args()
     torch.set_num_threads(1)
     f32, bf16 = gemm_gflops(torch.float32), gemm_gflops(torch.bfloat16)
@@ -50,7 +52,7 @@ def main() -> None:
         json.loads(data_file(KNOWNS).read_text())
     fact = facts[args.fact]
     print(f"fact: {fact['prompt']!r} (subject {fact['subject']!r}), kind {args.kind}")
-    ref = None
+    ref, runs = None, []
     for name, dtype, ctx in (("float32", torch.float32, nullcontext),
                              ("autocast bf16", torch.float32, lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
                              ("bfloat16 model", torch.bfloat16, nullcontext)):
@@ -64,6 +66,10 @@ def main() -> None:
         diff = float(np.nanmax(np.abs(r.scores - ref.scores)))
         print(f"{name:<15} {cpu:6.1f} CPU-s  x{ref_cpu / cpu:.2f}  clean p {r.high_score:.4f} "
               f"({(r.high_score / ref.high_score - 1) * 100:+.0f} %)  max |cell - float32| {diff:.4f}")
+        runs.append({"name": name, "cpu_s": cpu, "speedup": ref_cpu / cpu, "clean_p": r.high_score,
+                     "max_abs_cell_difference": diff})
+    save_result(args, args.result_name, {"gemm_gflops": {"float32": f32, "bfloat16": bf16}, "fact": fact["prompt"],
+                                         "kind": args.kind, "runs": runs}, threads=1)
 
 
 if __name__ == "__main__":

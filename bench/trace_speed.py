@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from results import add_result_arguments, save_result  # noqa: E402
 from tracer.datapaths import KNOWNS, data_file  # noqa: E402
 
 
@@ -68,7 +69,7 @@ def _run(args, naive: bool, queue) -> None:
     seconds = time.perf_counter() - started
     peak = (torch.cuda.max_memory_allocated() / 2**20 if lm.device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    queue.put({"seconds": seconds, "forwards": forwards, "peak_mib": peak, "scores": scores})
+    queue.put({"seconds": seconds, "forwards": forwards, "peak_mib": peak, "scores": scores, "device": lm.device.type})
 
 
 def _measure(args, naive: bool) -> dict:
@@ -88,6 +89,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default=None)
     ap.add_argument("--random-config", choices=["gpt2-xl"], default=None)
+    add_result_arguments(ap, None)
     args = ap.parse_args()
     import numpy as np
 
@@ -102,6 +104,13 @@ def main() -> None:
         print(f"  {name:38s} {r['seconds']:8.1f} s  {r['forwards']:6d} forward passes  peak {r['peak_mib']:8.0f} MiB")
     print(f"  speed-up batched vs naive: {naive['seconds'] / batched['seconds']:.2f}x   "
           f"max |score difference| {diff:.2e}")
+    device = batched["device"]
+    name = args.result_name or ("trace_speed" if (model, device) == ("smollm2-135m", "cpu") else f"trace_speed_{model}_{device}")
+    figures = {"model": model, "device": device, "facts": args.facts, "samples": args.samples,
+               "kinds": ["hidden", "mlp", "attn"], "fact_prompts": [f["prompt"] for f in _facts(args.facts)],
+               **{mode: {k: r[k] for k in ("seconds", "forwards", "peak_mib")} for mode, r in (("naive", naive), ("batched", batched))},
+               "max_abs_score_difference": diff}
+    save_result(args, name, figures, threads=args.threads)
 
 
 if __name__ == "__main__":

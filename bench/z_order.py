@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from results import add_result_arguments, save_result  # noqa: E402
 from tracer.edit.memit import (MemitHyperParams, Request, _auto_chunk, _extent, _key_rows, _KeyRows,  # noqa: E402
                                _keys_and_z, compute_zs, context_templates)
 from tracer.edit.rome import compute_v  # noqa: E402
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--stage", choices=("z", "keys"), default="z")
+    add_result_arguments(ap, None)
     args = ap.parse_args()
     if min(args.n, args.steps, args.repeats) < 1 or args.start < 0:
         ap.error("--n, --steps and --repeats must be >= 1 and --start >= 0")
@@ -57,7 +59,7 @@ def main() -> None:
     hp = dataclasses.replace(MemitHyperParams.for_model(lm), v_steps=args.steps, early_stop_loss=0.0)
     templates = context_templates(lm, hp)
     if args.stage == "keys":
-        return keys_stage(lm, [Request.coerce(c) for c in cases], hp, templates, args.repeats)
+        return keys_stage(lm, [Request.coerce(c) for c in cases], hp, templates, args)
     chunk = _auto_chunk(lm, hp, len(templates))
     reqs = [Request.coerce(c).edit_request() for c in cases]
     extents = [_extent(lm, r)[0] for r in reqs]
@@ -74,11 +76,16 @@ def main() -> None:
         t = time.process_time()
         compute_zs(lm, cases, hp, templates, progress=False)
         cpu["grouped"].append(round(time.process_time() - t, 1))
-    print(json.dumps({"cpu_s": cpu, "ratio_file_order_over_grouped":
-                      round(sum(cpu["file_order"]) / sum(cpu["grouped"]), 2)}), flush=True)
+    ratio = round(sum(cpu["file_order"]) / sum(cpu["grouped"]), 2)
+    print(json.dumps({"cpu_s": cpu, "ratio_file_order_over_grouped": ratio}), flush=True)
+    save_result(args, args.result_name or "z_order", {
+        "stage": "z", "requests": len(reqs), "start": args.start, "steps": args.steps, "repeats": args.repeats,
+        "chunk": chunk, "real_tokens": {"file_order": real_share(extents, chunk), "grouped": real_share(sorted(extents), chunk)},
+        "cpu_s": cpu, "ratio_file_order_over_grouped": ratio}, threads=1)
 
 
-def keys_stage(lm, reqs, hp, templates, repeats: int) -> None:
+def keys_stage(lm, reqs, hp, templates, args) -> None:
+    repeats = args.repeats
     grouped = _key_rows(lm, reqs, templates)
     in_order = _KeyRows([grouped.rows[j] for j in grouped.where.argsort()], torch.arange(len(grouped.rows)),
                         grouped.n_requests, grouped.n_templates)
@@ -95,8 +102,13 @@ def keys_stage(lm, reqs, hp, templates, repeats: int) -> None:
             out[name] = _keys_and_z(lm, rows, layer, z_layer, batch_rows)
             cpu[name].append(round(time.process_time() - t, 1))
     diff = max(float((a - b).abs().max()) for a, b in zip(out["file_order"], out["grouped"]))
-    print(json.dumps({"cpu_s": cpu, "max_abs_difference": diff, "ratio_file_order_over_grouped":
-                      round(sum(cpu["file_order"]) / sum(cpu["grouped"]), 2)}), flush=True)
+    ratio = round(sum(cpu["file_order"]) / sum(cpu["grouped"]), 2)
+    print(json.dumps({"cpu_s": cpu, "max_abs_difference": diff, "ratio_file_order_over_grouped": ratio}), flush=True)
+    save_result(args, args.result_name or "z_order_keys", {
+        "stage": "keys", "requests": len(reqs), "start": args.start, "rows": len(grouped.rows), "batch_rows": batch_rows,
+        "layer": layer, "repeats": repeats,
+        "real_tokens": {k: real_share(v, batch_rows) for k, v in lengths.items()},
+        "cpu_s": cpu, "ratio_file_order_over_grouped": ratio, "max_abs_difference": diff}, threads=1)
 
 
 if __name__ == "__main__":
