@@ -175,12 +175,20 @@ def test_error_table_lists_every_error_class():
     assert missing == [], f"README's error table lacks {missing}"
 
 
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors of a Markdown file."""
+    headings = re.findall(r"^#+ (.+)$", path.read_text(encoding="utf-8"), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
 def test_nothing_points_outside_the_repository():
     for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         text = doc.read_text(encoding="utf-8")
         assert "../shared" not in text and "/work/" not in text, doc.name
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)]*))?\)", text):
             if re.match(r"[a-z]+://", target):
                 continue
-            path = (doc.parent / target).resolve()
+            path = (doc.parent / target).resolve() if target else doc
             assert path.is_relative_to(ROOT) and path.exists(), f"{doc.name}: link {target} leads nowhere inside the repository"
+            if anchor:
+                assert anchor in _anchors(path), f"{doc.name}: {target}#{anchor} names no heading"
