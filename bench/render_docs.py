@@ -256,8 +256,9 @@ def memit_scale(r: dict) -> list[str]:
         ppl = row.get("perplexity")
         rows.append([f"{n:,}", num(row.get("wall_s"), 1, " s"), cpu, z, update, peak,
                      *[arrow(row["before"], row["after"], k) for k in ("ES", "PS", "NS")],
+                     arrow(row["before"], row["after"], "S") if "S" in row["before"] and "S" in row["after"] else None,
                      f"{ppl['before']:.2f} → {ppl['after']:.2f}" if ppl else None])
-    return table(["edits", "wall", "CPU", "z optimisation", "keys + solve", "peak RSS", "ES", "PS", "NS", "perplexity"], rows)
+    return table(["edits", "wall", "CPU", "z optimisation", "keys + solve", "peak RSS", "ES", "PS", "NS", "S", "perplexity"], rows)
 
 
 def memit_sequential(r: dict) -> list[str]:
