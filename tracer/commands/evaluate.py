@@ -12,7 +12,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model alias, Hugging Face id, directory or .gguf")
     p.add_argument("--method", required=True, choices=("none", "ft-l", "rome", "memit"))
     p.add_argument("--dataset", required=True, choices=("counterfact", "counterfact-10k", "zsre"))
-    p.add_argument("--data", type=Path, default=None, help="dataset file (default: the copy in $FACTSCOPE_DATA, else ../shared/data)")
+    p.add_argument("--data", type=Path, default=None, help="dataset file (default: the copy in $FACTSCOPE_DATA, else the data folder beside the checkout)")
     p.add_argument("--limit", type=int, default=None, help="first N records only")
     p.add_argument("--batch-size", type=int, default=None,
                    help="edits per MEMIT batch (default: all --limit records; ROME and FT-L always 1)")

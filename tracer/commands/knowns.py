@@ -12,7 +12,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model alias, Hugging Face id, directory or .gguf")
     p.add_argument("--facts", type=Path, default=None,
                    help="known_1000.json-format file (default: known_1000.json in $FACTSCOPE_DATA, else in "
-                        "../shared/data when only its owner can write there)")
+                        "the data folder beside the checkout, when only its owner can write there)")
     p.add_argument("--out", type=Path, required=True, help="output JSON ({'filter': ..., 'facts': [...]})")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per forward pass (default 32)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")

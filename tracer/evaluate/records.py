@@ -1,6 +1,6 @@
 """Evaluation records: CounterFact (full and reduced 10k) and zsRE, read into one typed shape.
 
-    cases = load_cases("counterfact", limit=200)          # $FACTSCOPE_DATA (or ../shared/data)/counterfact/...
+    cases = load_cases("counterfact", limit=200)          # from $FACTSCOPE_DATA (or the data folder beside the checkout)
     cases[0].rewrite_prompt      # "Ferrari F40, developed by"
     cases[0].target_new          # "Microsoft"
 
