@@ -62,3 +62,24 @@ def test_check_edit_before_after_and_restores(tiny_lm, record):
 def test_check_edit_rejects_non_records(tiny_lm):
     with pytest.raises(EditError, match="EditRecord"):
         check_edit(tiny_lm, REQUEST)
+
+
+def test_long_prompts_are_refused_before_any_forward_pass(tiny_lm, record):
+    """A paraphrase, check or generation prompt that does not fit the model's positions (with the
+    target appended, or the generated tokens) is refused by name before the first pass."""
+    calls = []
+    handle = tiny_lm.model.get_input_embeddings().register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        long = "word " * 200
+        n = len(tiny_lm.encode(long))
+        with pytest.raises(PromptError, match=rf"paraphrase prompt 2 'word word .* has {n} tokens .* at most 128"):
+            check_edit(tiny_lm, record, paraphrases=["The Eiffel Tower stands in", long])
+        # a prompt that fits alone, but not with the tokens generated after it
+        fits = "word " * 30
+        n = len(tiny_lm.encode(fits))
+        assert n < 128
+        with pytest.raises(PromptError, match=r"generation prompt 1 .* more are needed for the generated tokens"):
+            check_edit(tiny_lm, record, generation_prompts=[fits], max_new_tokens=129 - n)
+        assert calls == []
+    finally:
+        handle.remove()

@@ -11,6 +11,7 @@ from conftest import make_tiny_model
 from tracer.errors import HyperParameterError, PromptError
 from tracer.hooks import active_hook_count
 from tracer.lens import LensResult, logit_lens, restored_lens
+from tracer.limits import JobTooLargeError
 
 PROMPT = "The Eiffel Tower is located in the city of"
 
@@ -83,6 +84,12 @@ def test_bad_input(tiny_lm):
         logit_lens(tiny_lm, PROMPT, targets=[""])
     with pytest.raises(HyperParameterError):
         logit_lens(tiny_lm, PROMPT, runs=0)
+    long = "word " * 200
+    with pytest.raises(PromptError, match=rf"the prompt 'word word .* has {len(tiny_lm.encode(long))} tokens but the model "
+                                          r"reads at most 128"):
+        logit_lens(tiny_lm, long)
+    with pytest.raises(JobTooLargeError, match="runs=10000000 is more than"):
+        logit_lens(tiny_lm, PROMPT, runs=10_000_000)
 
 
 @pytest.mark.parametrize("kind", ["hidden", "mlp", "attn"])

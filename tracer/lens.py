@@ -28,6 +28,7 @@ import torch
 from .errors import HyperParameterError, PromptError
 from .hooks import TensorFn, hooked, record_outputs
 from .layers import get_module
+from .limits import Estimate, ModelShape, check_count, check_memory, forward_bytes, prompt_ids
 from .models import LanguageModel, as_model
 
 log = logging.getLogger(__name__)
@@ -147,9 +148,15 @@ def logit_lens(
     lm = as_model(model)
     if not isinstance(prompt, str) or not prompt.strip():
         raise PromptError("the prompt is empty; pass the text whose next token the model predicts")
-    ids = lm.encode(prompt)
-    if len(ids) > lm.max_length:
-        raise PromptError(f"the prompt has {len(ids)} tokens; the model accepts at most {lm.max_length}")
+    ids = prompt_ids(lm, prompt)
+    runs = check_count("runs", runs)
+    shape = ModelShape.of(lm)
+    # the recorded block outputs, one forward pass with full logits, one layer's decoded probabilities
+    parts = (("block outputs", runs * len(ids) * shape.hidden * shape.n_layers * shape.itemsize),
+             ("forward pass", forward_bytes(shape, runs, len(ids), logit_positions=len(ids))),
+             ("decoded layer", 3 * runs * len(ids) * shape.vocab * 4))
+    check_memory(Estimate("this logit lens", sum(p for _, p in parts), parts), lm.device,
+                 hint=f"lower runs ({runs}) or shorten the prompt ({len(ids)} tokens)")
     n_layers = lm.n_layers
     names = [lm.layers.block_name(i) for i in range(n_layers)]
     recorders, store = record_outputs(names)
@@ -160,8 +167,6 @@ def logit_lens(
         else:
             hooks[name] = rec
     device = lm.device
-    if not isinstance(runs, int) or runs < 1:
-        raise HyperParameterError(f"runs must be a positive integer, got {runs!r}")
     input_ids = torch.tensor([ids], device=device).expand(runs, -1)
     with hooked(lm.model, outputs=hooks):
         out = lm.model(input_ids=input_ids)
