@@ -64,6 +64,7 @@ def test_cli_edit_writes_json_ledger_and_model(tiny_dir, tmp_path, capsys):
     (["--layer", "99"], "does not exist"),
     (["--target", " "], "target_new is empty"),
     (["--steps", "0"], "--steps"),
+    (["--steps", "100000000"], "--steps=100000000 is more than the 10000"),
     (["--json", "/nonexistent-dir/x.json"], "directory does not exist"),
 ])
 def test_cli_edit_bad_input_exits_2(tiny_dir, capsys, args, message):

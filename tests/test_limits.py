@@ -179,12 +179,33 @@ def test_scoring_refuses_a_batch_that_cannot_fit(gpt2, monkeypatch):
         score_targets(gpt2, [(PROMPT, " Paris")])
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "tracer.cli", *args], capture_output=True, text=True, timeout=300)
+def test_memory_cap_from_the_environment(monkeypatch):
+    monkeypatch.setenv("FACTSCOPE_MEMORY_LIMIT", "1.5GB")
+    assert limits.memory_cap() == 1_500_000_000 and limits.available_memory("cpu") <= 1_500_000_000
+    for raw, want in (("2000000", 2_000_000), ("500 MB", 500_000_000), ("4k", 4000)):
+        monkeypatch.setenv("FACTSCOPE_MEMORY_LIMIT", raw)
+        assert limits.memory_cap() == want
+    for bad in ("lots", "-1GB", "0", "nan"):
+        monkeypatch.setenv("FACTSCOPE_MEMORY_LIMIT", bad)
+        with pytest.raises(HyperParameterError, match="FACTSCOPE_MEMORY_LIMIT=.* is not a size"):
+            limits.memory_cap()
+    monkeypatch.delenv("FACTSCOPE_MEMORY_LIMIT")
+    assert limits.memory_cap() is None
+
+
+def _cli(*args, env=None):
+    import os
+
+    return subprocess.run([sys.executable, "-m", "tracer.cli", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--samples", "20000000"], r"this trace needs about [\d.]+ TB of cpu memory \(largest part: .*\) but .* is available"),
+    # a count beyond its range is refused before the model loads
+    (["--samples", "20000000"], r"--samples=20000000 is more than the 100000 factscope accepts; use a value in \[1, 100000\]"),
+    # within the range but more memory than allowed: the estimate and the limit
+    (["--samples", "5000", "--memory", "50MB"],
+     r"this trace needs about [\d.]+ (MB|GB) of cpu memory \(largest part: .*\) but 50.0 MB is available; lower samples \(5000\)"),
     (["--seed", "4294967296"], r"--seed must be a whole number in \[0, 4294967295\]"),
     (["--prompt", LONG + "The Eiffel Tower"], r"the prompt has \d+ tokens but the model reads at most 128"),
 ])
@@ -194,10 +215,11 @@ def test_cli_trace_refuses_in_one_line(tiny_model_dir, extra, message):
     base = {"--prompt": PROMPT, "--samples": "2"}
     for flag, value in zip(extra[::2], extra[1::2]):
         base[flag] = value
+    env = {"FACTSCOPE_MEMORY_LIMIT": base.pop("--memory")} if "--memory" in base else {}
     args = ["trace", "--model", str(tiny_model_dir), "--device", "cpu", "--subject", SUBJECT, "--noise", "0.5"]
     for flag, value in base.items():
         args += [flag, value]
-    proc = _cli(*args)
+    proc = _cli(*args, env=env)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("factscope trace: error:")]
     assert len(errors) == 1 and re.search(message, errors[0]), proc.stderr[-2000:]
@@ -205,11 +227,14 @@ def test_cli_trace_refuses_in_one_line(tiny_model_dir, extra, message):
 
 
 @pytest.mark.embedded
-def test_cli_trace_embedded_refuses_twenty_million_samples():
-    proc = _cli("trace", "--prompt", PROMPT, "--subject", SUBJECT, "--samples", "20000000", "--device", "cpu")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("factscope trace: error:")]
-    assert len(errors) == 1 and "this trace needs about" in errors[0] and "is available" in errors[0]
+def test_cli_trace_embedded_refuses_too_large_jobs():
+    for samples, message in (("20000000", "--samples=20000000 is more than the 100000"),
+                             ("100000", "this trace needs about 228.1 GB")):  # above the 100 GB cap
+        proc = _cli("trace", "--prompt", PROMPT, "--subject", SUBJECT, "--samples", samples, "--device", "cpu",
+                    env={"FACTSCOPE_MEMORY_LIMIT": "100GB"})
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("factscope trace: error:")]
+        assert len(errors) == 1 and message in errors[0]
 
 
 def test_forward_bytes_counts_attention_scores_only_when_materialised():

@@ -14,6 +14,7 @@ them before a job starts; they are not a profiler.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -40,6 +41,7 @@ COUNT_LIMITS: dict[str, tuple[int, int]] = {
     "n_boot": (0, 100_000),        # bootstrap resamples (the averages use 1,000)
     "batch_tokens": (1, 1 << 26),  # rows x positions per forward pass of the trace engine
     "runs": (1, 100_000),          # copies of a prompt in one logit-lens batch
+    "steps": (1, 10_000),          # optimisation steps of v* / z (ROME uses 20-25)
 }
 
 
@@ -93,8 +95,9 @@ def check_seed(seed, name: str = "seed") -> int:
 
 
 def check_count(name: str, value, limits: tuple[int, int] | None = None) -> int:
-    """``value`` as an int inside ``limits`` (default :data:`COUNT_LIMITS` ``[name]``); else an error."""
-    lo, hi = limits if limits is not None else COUNT_LIMITS[name]
+    """``value`` as an int inside ``limits`` (default :data:`COUNT_LIMITS` ``[name]``, a leading
+    ``--`` and dashes ignored, so ``"--n-boot"`` names ``n_boot``); else an error."""
+    lo, hi = limits if limits is not None else COUNT_LIMITS[name.lstrip("-").replace("-", "_")]
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise HyperParameterError(f"{name} must be a whole number in [{lo}, {hi}], got {value!r}")
     if int(value) < lo:
@@ -116,9 +119,40 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} PB"  # pragma: no cover
 
 
+#: environment variable capping the memory factscope plans to use (bytes, or e.g. ``8GB``, ``500MB``)
+MEMORY_LIMIT_ENV = "FACTSCOPE_MEMORY_LIMIT"
+_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12}
+
+
+def memory_cap() -> int | None:
+    """``$FACTSCOPE_MEMORY_LIMIT`` in bytes (None when unset): a cap below what the machine has,
+    for shared machines and for planning."""
+    raw = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+    if not raw:
+        return None
+    number = raw.rstrip("bBkKmMgGtT ")
+    unit = raw[len(number):].strip().upper()
+    unit = unit if unit in _UNITS else unit + "B"
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise HyperParameterError(f"{MEMORY_LIMIT_ENV}={raw!r} is not a size; use bytes or a number with kB, MB, GB or TB, e.g. 8GB")
+    return int(value)
+
+
 def available_memory(device: "torch.device | str" = "cpu") -> int | None:
-    """Bytes a new job can allocate on ``device`` now; None when unknown (then nothing is refused)."""
-    device = torch.device(device)
+    """Bytes a new job can allocate on ``device`` now, at most :func:`memory_cap`; None when
+    unknown and uncapped (then nothing is refused)."""
+    measured = _measured_memory(torch.device(device))
+    cap = memory_cap()
+    if cap is None or measured is None:
+        return cap if measured is None else measured
+    return min(cap, measured)
+
+
+def _measured_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)

@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 from ..errors import EditError, HyperParameterError
-from ..limits import prompt_ids
+from ..limits import check_count, prompt_ids
 from ..models import cache_dir
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,8 @@ def _check_outputs(args) -> None:
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
             raise EditError(f"--save-model {args.save_model!r} exists and is not an empty directory; pick a new directory "
                             "(the source model's files are never overwritten)")
-    if args.steps is not None and args.steps < 1:
-        raise HyperParameterError(f"--steps must be >= 1, got {args.steps}")
+    if args.steps is not None:
+        check_count("--steps", args.steps)
     if args.stats_tokens is not None and args.stats_tokens < 0:
         raise HyperParameterError(f"--stats-tokens must be >= 0, got {args.stats_tokens}")
 
