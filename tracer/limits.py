@@ -229,13 +229,15 @@ def forward_bytes(shape: ModelShape, rows: int, positions: int, prefix: int = 0,
     """Peak activation bytes of one no-grad forward pass of ``rows x positions`` tokens.
 
     Per layer (freed before the next): residual, norm, attention and hook copies (``4 hidden``),
-    MLP inner activations (``2 intermediate``), and with eager attention the attention scores
-    ``rows x heads x positions x (prefix + positions)`` (fused attention does not materialise
-    them); plus float32 logits and their softmax at ``logit_positions`` positions per row.
+    MLP inner activations (``2 intermediate``; gate, up and their product), and with eager
+    attention the scores ``rows x heads x positions x (prefix + positions)`` (fused attention does
+    not materialise them), all doubled because an operation's input and output coexist; plus the
+    logits, their float32 copy and softmax at ``logit_positions`` positions per row. Checked
+    against the peak resident memory of a real trace (tests and the commit notes).
     """
-    per_token = 4 * shape.hidden + 2 * shape.intermediate
-    scores = shape.heads * positions * (prefix + positions) if shape.eager_attention else 0
-    return rows * (positions * per_token + scores) * shape.itemsize + rows * logit_positions * shape.vocab * 4 * 2
+    per_token = 2 * (4 * shape.hidden + 2 * shape.intermediate)
+    scores = 2 * shape.heads * positions * (prefix + positions) if shape.eager_attention else 0
+    return rows * (positions * per_token + scores) * shape.itemsize + rows * logit_positions * shape.vocab * 4 * 3
 
 
 def trace_estimate(shape: ModelShape, *, n_tokens: int, subject: tuple[int, int], samples: int, n_kinds: int = 1,
@@ -268,7 +270,9 @@ def trace_estimate(shape: ModelShape, *, n_tokens: int, subject: tuple[int, int]
         rows = per_batch * samples
         batch = (forward_bytes(shape, rows, suffix, prefix)
                  + rows * suffix * shape.hidden * item  # starting states repeated per row
-                 + 2 * layers * rows * n_tokens * shape.kv_dim * item)  # prefix cache + the suffix's keys/values
+                 # the prefix cache repeated per row and the suffix's keys/values, copied when a
+                 # layer appends to its cache (old and new coexist)
+                 + 2 * 2 * layers * rows * n_tokens * shape.kv_dim * item)
     parts = (("noise", noise), ("clean states", clean), ("corrupted states", states + kv),
              ("forward pass", max(corrupted_pass, batch)))
     # work: the two full runs, then per kind every traced token t >= b restores each layer's window,
