@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from tracer.aggregate import (BUCKETS, EffectAverages, RaggedTraces, aggregate, bucket_effects, bucket_masks,
                               layer_table, trace_label)
-from tracer.errors import DatasetError
+from tracer.errors import DatasetError, HyperParameterError
 from tracer.trace_result import NoiseSpec, TraceResult
 
 
@@ -147,6 +147,7 @@ def test_one_token_buckets_match_rome_formula():
     for name, pos in (("first_subject", lambda t: t.subject_span[0]), ("last_subject", lambda t: t.subject_span[1] - 1),
                       ("last", lambda t: len(t.tokens) - 1)):
         rome = np.mean([t.scores[pos(t)] for t in traces], axis=0) - low  # avg(scores[...]) - avg(low)
+        # float64 means of 40 values in [-1, 1] added in other orders: 2 gamma(40, 2**-53) ~ 9e-15 < 1e-12
         np.testing.assert_allclose(avg.bucket(name), rome, rtol=0, atol=1e-12)
     np.testing.assert_allclose(avg.total_effect, np.mean([t.high_score - t.low_score for t in traces]), atol=1e-12)
 
@@ -217,3 +218,18 @@ def test_untraced_rows_count_in_no_bucket():
         assert b.total_effect == pytest.approx(a.total_effect, abs=1e-12)
         assert b.peak_text("last") == "not traced" and b.peak_text("last_subject").startswith("layer ")
         assert "| – |" in layer_table({"x": b}, "last")
+
+
+def test_bootstrap_sizes_and_seeds_are_refused_before_reading():
+    """n_boot and seed are checked first (no trace needed); the resample array's memory too."""
+    from tracer.limits import JobTooLargeError
+
+    with pytest.raises(JobTooLargeError, match=r"n_boot=1000000000 is more than the 100000"):
+        aggregate([], n_boot=10 ** 9)
+    with pytest.raises(HyperParameterError, match=r"seed must be a whole number in \[0, 4294967295\]"):
+        aggregate([], seed=2 ** 32)
+    with pytest.raises(HyperParameterError, match=r"seed must be"):
+        bucket_effects(ragged_from([(3, 0, 1)]), n_boot=2, seed=-1)
+    r = ragged_from([(3, 0, 1), (4, 1, 3)])
+    same = bucket_effects(r, n_boot=5, seed=2 ** 32 - 1)["boot"]
+    np.testing.assert_array_equal(same, bucket_effects(r, n_boot=5, seed=2 ** 32 - 1)["boot"])

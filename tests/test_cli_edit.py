@@ -64,6 +64,7 @@ def test_cli_edit_writes_json_ledger_and_model(tiny_dir, tmp_path, capsys):
     (["--layer", "99"], "does not exist"),
     (["--target", " "], "target_new is empty"),
     (["--steps", "0"], "--steps"),
+    (["--steps", "100000000"], "--steps=100000000 is more than the 10000"),
     (["--json", "/nonexistent-dir/x.json"], "directory does not exist"),
 ])
 def test_cli_edit_bad_input_exits_2(tiny_dir, capsys, args, message):
@@ -118,3 +119,25 @@ def test_cli_embedded_eiffel_tower(tmp_path, capsys, embedded):
     checks = json.loads(js.read_text())["checks"]
     assert checks[0]["before"]["top1"] == " Paris" and checks[0]["after"]["top1"] == " Rome"
     assert checks[1]["after"]["top1"] == " Paris" and checks[1]["after"]["p_true"] > checks[1]["after"]["p_new"]
+
+
+def test_cli_edit_refuses_a_long_check_prompt_before_editing(tiny_dir, capsys, monkeypatch):
+    """A --check prompt longer than the model's positions is refused by name before the edit is
+    computed (it used to fail with an IndexError after the whole edit)."""
+    import tracer.edit.rome as rome
+
+    def no_edit(*args, **kwargs):
+        raise AssertionError("rome_edit must not run")
+
+    monkeypatch.setattr(rome, "rome_edit", no_edit)
+    long = "The Louvre is located in the city of " * 40
+    code, out, err = _run(["edit", "--model", str(tiny_dir), "--no-stats", "--steps", "2", "--subject", "The Eiffel Tower",
+                           "--prompt", "{} is located in the city of", "--target", " Rome",
+                           "--check", "The Louvre is in", "--check", long], capsys)
+    assert code == 2
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("factscope edit: error: --check prompt 2 'The Louvre")
+    assert "but the model reads at most 128" in errors[0]
+    code, out, err = _run(["edit", "--model", str(tiny_dir), "--no-stats", "--subject", "The Eiffel Tower",
+                           "--prompt", "{} is located in " + "the city of " * 40, "--target", " Rome"], capsys)
+    assert code == 2 and "the --prompt 'The Eiffel Tower is located in the city" in err and "context template" in err

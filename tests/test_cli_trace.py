@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from float32 import prob_tol
 
 from tracer.cli import main
 from tracer.models import load_model
@@ -32,7 +33,8 @@ def test_trace_all_writes_three_results(tiny_dir, tmp_path, capsys):
     lm = load_model(str(tiny_dir), device="cpu")
     direct = trace_all(lm, "The Eiffel Tower is located in", "Eiffel Tower", samples=3, noise=0.5, window=2, progress=False)
     for d in payload:
-        np.testing.assert_allclose(np.array(d["scores"]), direct[d["kind"]].scores, atol=1e-6)
+        # the same computation in the same process, and JSON round-trips doubles: the same bits
+        np.testing.assert_array_equal(np.array(d["scores"]), direct[d["kind"]].scores)
         assert d["subject_span"] == list(direct[d["kind"]].subject_span) and d["answer"] == direct[d["kind"]].answer
 
 
@@ -42,7 +44,9 @@ def test_naive_flag_gives_same_numbers(tiny_dir, tmp_path):
     assert main(common + ["--json", str(tmp_path / "a.json")]) == 0
     assert main(common + ["--naive", "--json", str(tmp_path / "b.json")]) == 0
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
-    np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-5)
+    # float32 sums in other orders (batch shapes, key/value cache): the bound of tests/float32.py
+    np.testing.assert_allclose(a["scores"], b["scores"], atol=prob_tol(load_model(str(tiny_dir), device="cpu"),
+                                                                        len(a["tokens"])), rtol=0)
     assert a["n_forward"] < b["n_forward"]
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA, make_tiny_model
+from float32 import prob_tol
 from tracer.errors import HyperParameterError, PromptError, SubjectNotFoundError
 from tracer.hooks import active_hook_count, hooked
 from tracer.trace import _plan_batches, trace, trace_all
@@ -26,8 +27,9 @@ def test_batched_equals_naive_all_kinds(tiny_lm, severed):
     for kind in kinds:
         a, b = batched[kind], naive[kind]
         assert a.scores.shape == (len(a.tokens), tiny_lm.n_layers)
-        np.testing.assert_allclose(a.scores, b.scores, atol=1e-5, rtol=0)
-        assert a.low_score == pytest.approx(b.low_score, abs=1e-6)
+        # other batch shapes and a key/value cache: float32 sums in other orders (tests/float32.py, ~1e-3)
+        np.testing.assert_allclose(a.scores, b.scores, atol=prob_tol(tiny_lm, len(a.tokens)), rtol=0)
+        assert a.low_score == b.low_score  # both from the same corrupted run: the same bits
         assert a.n_forward < b.n_forward
     # the restorations actually move the answer: not all cells equal the corrupted score
     assert np.ptp(batched[kinds[0]].scores) > 1e-3
@@ -42,7 +44,8 @@ def test_small_batches_and_noise_options_match_naive():
         many = trace_all(lm, prompt, SUBJECT, batch_tokens=24, **settings)  # many batches, from different layers
         naive = trace_all(lm, prompt, SUBJECT, naive=True, **settings)
         for kind in many:
-            np.testing.assert_allclose(many[kind].scores, naive[kind].scores, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(many[kind].scores, naive[kind].scores, atol=prob_tol(lm, len(many[kind].tokens)),
+                                       rtol=0)  # see test_batched_equals_naive_all_kinds
             assert many[kind].n_forward > 8
 
 
@@ -53,7 +56,9 @@ def test_first_and_last_cells_have_exact_meaning():
     # restoring a token before the subject changes nothing: the corrupted score
     assert np.all(r.scores[:b] == r.low_score)
     # restoring the last token's output at the last layer gives back the clean distribution
-    assert r.scores[-1, -1] == pytest.approx(r.high_score, abs=1e-5)
+    # the restored state is the clean one, copied; only the final norm (two sums over hidden) and the
+    # unembedding (hidden terms) run on another batch shape: 3 x hidden summands, not the whole path
+    assert r.scores[-1, -1] == pytest.approx(r.high_score, abs=prob_tol(lm, len(r.tokens), length=3 * lm.hidden_size))
     assert r.answer == lm.decode(r.answer_id)
 
 
@@ -174,6 +179,11 @@ def test_golden_rome_reference(embedded):
         r = results[kind]
         assert r.tokens == ref["tokens"] and list(r.subject_span) == ref["subject_range"]
         assert r.answer == ref["answer"]
+        # ROME's own code computed these: an independent implementation doing the same float32
+        # operations in other orders through 30 layers. tests/float32.py's worst-case estimate is
+        # vacuous at this depth (prob_tol ~ 4.9), so 1e-4 is an agreement threshold between two
+        # implementations, not an arithmetic bound: largest difference measured 2.8e-6 (x86, 1 thread);
+        # the batched == naive and restored == trace tests carry the arithmetic checks.
         assert r.high_score == pytest.approx(ref["high_score"], abs=1e-4)
         assert r.low_score == pytest.approx(ref[kind]["low_score"], abs=1e-4)
         np.testing.assert_allclose(r.scores, np.array(ref[kind]["scores"]), atol=1e-4, rtol=0)

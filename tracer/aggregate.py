@@ -39,6 +39,7 @@ import numba
 import numpy as np
 
 from .errors import DatasetError, HyperParameterError
+from .limits import Estimate, check_count, check_memory, check_seed
 from .trace_result import TraceResult
 
 BUCKETS: tuple[str, ...] = ("first_subject", "middle_subject", "last_subject", "first_after", "further", "last")
@@ -350,6 +351,15 @@ def _means(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
         return sums / counts[..., None]
 
 
+def _check_bootstrap(n_boot, confidence, seed) -> None:
+    """Bootstrap settings, refused before any trace is read: ``n_boot`` in ``COUNT_LIMITS``,
+    ``confidence`` in (0, 1), ``seed`` in [0, 2**32)."""
+    check_count("n_boot", n_boot)
+    if not isinstance(confidence, (int, float)) or isinstance(confidence, bool) or not 0 < confidence < 1:
+        raise HyperParameterError(f"confidence must be a number in (0, 1), got {confidence!r}")
+    check_seed(seed)
+
+
 def bucket_effects(ragged: RaggedTraces, *, n_boot: int = 1000, confidence: float = 0.95, seed: int = 0,
                    backend: Backend = "numba") -> dict[str, np.ndarray]:
     """The numbers behind :class:`EffectAverages` from flat arrays.
@@ -359,11 +369,13 @@ def bucket_effects(ragged: RaggedTraces, *, n_boot: int = 1000, confidence: floa
     """
     if backend not in _KERNELS:
         raise HyperParameterError(f"backend must be 'numba' or 'numpy', got {backend!r}")
-    if not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
-        raise HyperParameterError(f"n_boot must be an integer >= 0, got {n_boot!r}")
-    if not 0 < confidence < 1:
-        raise HyperParameterError(f"confidence must be in (0, 1), got {confidence}")
+    _check_bootstrap(n_boot, confidence, seed)
     fact_sums, resample = _KERNELS[backend]
+    # the resample means [n_boot, bucket, layer+1] float64 and one chunk of indices and sums
+    boot_bytes = n_boot * N_BUCKETS * (ragged.n_layers + 1) * 8
+    chunk_bytes = _CHUNK * (ragged.n_facts * (2 + N_BUCKETS) + 2 * N_BUCKETS * (ragged.n_layers + 1)) * 8
+    check_memory(Estimate("the bootstrap", boot_bytes + chunk_bytes, (("resample means", boot_bytes), ("one chunk", chunk_bytes))),
+                 hint=f"lower n_boot ({n_boot})")
     sums, counts = fact_sums(ragged)
     every = np.arange(ragged.n_facts, dtype=np.int64)[None, :]
     total, total_counts = resample(sums, counts, every)
@@ -381,6 +393,7 @@ def bucket_effects(ragged: RaggedTraces, *, n_boot: int = 1000, confidence: floa
 def aggregate(traces: Sequence[TraceResult], *, n_boot: int = 1000, confidence: float = 0.95, seed: int = 0,
               backend: Backend = "numba") -> EffectAverages:
     """Average effects per bucket and layer over ``traces`` (one kind, one model)."""
+    _check_bootstrap(n_boot, confidence, seed)
     if not traces:
         raise DatasetError("no traces to aggregate")
     labels = {trace_label(t) for t in traces}

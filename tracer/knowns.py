@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .errors import DatasetError
 from .files import write_json_atomic
 from .layers import get_module
+from .limits import prompt_ids
 from .models import LanguageModel, as_model, right_pad
 
 log = logging.getLogger(__name__)
@@ -144,9 +145,10 @@ def greedy_next(lm: LanguageModel, prompts: list[str], batch_size: int = 32,
     backbone = get_module(lm.model, lm.layers.backbone)  # ends with the final norm
     unembed = get_module(lm.model, lm.layers.unembed)  # unembedding only at the last positions
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    every = [prompt_ids(lm, p, f"prompt {i}") for i, p in enumerate(prompts)]  # all checked before any pass
     bar = tqdm(total=len(prompts), desc="greedy answers", unit="fact", disable=not progress)
     for start in range(0, len(prompts), batch_size):
-        encoded = [lm.encode(p) for p in prompts[start:start + batch_size]]
+        encoded = every[start:start + batch_size]
         ids, mask = right_pad(encoded, pad, lm.device)
         hidden = backbone(input_ids=ids, attention_mask=mask)[0]  # "batch pos hidden"
         last = torch.tensor([len(e) - 1 for e in encoded], device=hidden.device)

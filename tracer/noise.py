@@ -15,6 +15,7 @@ import torch
 
 from .errors import HyperParameterError
 from .layers import get_module
+from .limits import check_seed
 from .models import LanguageModel
 from .trace_result import NoiseSpec
 
@@ -82,6 +83,7 @@ def draw_noise(spec: NoiseSpec, samples: int, n_tokens: int, hidden: int, seed: 
     ``mode="rome"`` reproduces the original code exactly: ``RandomState(seed).randn(...) * scale``
     (``uniform(-1, 1, ...)`` for uniform noise).
     """
+    seed = check_seed(seed)
     shape = (samples, n_tokens, hidden)
     if spec.mode == "rome":
         rs = np.random.RandomState(seed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 from .errors import PromptError, SubjectNotFoundError
+from .limits import check_prompt_length
 
 
 def find_subject_span(tokenizer, prompt: str, subject: str, max_length: int | None = None) -> tuple[int, int]:
@@ -45,8 +46,8 @@ def tokenize_prompt(tokenizer, prompt: str, max_length: int | None = None) -> tu
         raise PromptError(f"{type(tokenizer).__name__} is not a fast tokenizer; factscope needs character offsets (use a tokenizer with is_fast=True)")
     enc = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=True)
     ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-    if max_length is not None and len(ids) > max_length:
-        raise PromptError(f"the prompt has {len(ids)} tokens but the model reads at most {max_length}; shorten it")
+    if max_length is not None:
+        check_prompt_length(len(ids), max_length)
     return ids, offsets
 
 

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .errors import HyperParameterError
 from .hooks import hooked, record_outputs
 from .layers import get_module
+from .limits import Estimate, ModelShape, check_count, check_memory, check_seed, trace_estimate
 from .models import LanguageModel, as_model
 from .noise import corrupt, draw_noise, resolve_noise
 from .subject import tokenize_with_subject
@@ -88,11 +89,16 @@ def trace_all(
     lm = as_model(model)
     kinds = _check_settings(kinds, samples, window, seed, severed, batch_tokens)
     started = time.perf_counter()
-    spec = resolve_noise(lm, noise, noise_mode, "uniform" if uniform_noise else "gaussian", replace)
-    run = _prepare(lm, prompt, subject, spec, samples, seed, kinds, severed)
-    rows = _token_rows(tokens, len(run.ids), run.span)
-    prep_seconds = time.perf_counter() - started
     budget = batch_tokens or DEFAULT_BATCH_TOKENS.get(lm.device.type, DEFAULT_BATCH_TOKENS["cpu"])
+    ids, span = tokenize_with_subject(lm.tokenizer, prompt, subject, lm.max_length)
+    rows = _token_rows(tokens, len(ids), span)
+    # refuse what the machine cannot hold before any forward pass or noise draw
+    estimate = _estimate(lm, len(ids), span, kinds, samples, severed, naive, budget, window)
+    check_memory(estimate, lm.device, hint=f"lower samples ({samples}) or shorten the prompt ({len(ids)} tokens)")
+    check_count("samples", samples)
+    spec = resolve_noise(lm, noise, noise_mode, "uniform" if uniform_noise else "gaussian", replace)
+    run = _prepare(lm, ids, span, spec, samples, seed, kinds, severed)
+    prep_seconds = time.perf_counter() - started
     results = {}
     for kind in kinds:
         t0 = time.perf_counter()
@@ -111,6 +117,23 @@ def trace_all(
             severed=severed, n_forward=n_forward + 2, seconds=time.perf_counter() - t0 + prep_seconds / len(kinds),
         )
     return results
+
+
+def estimate_trace(model: "LanguageModel | str", prompt: str, subject: str, kinds: tuple[TraceKind, ...] = KINDS, *,
+                   samples: int = 10, window: int = 10, naive: bool = False, severed: TraceKind | None = None,
+                   batch_tokens: int | None = None) -> Estimate:
+    """Memory (bytes at the peak) and work (token-layers) :func:`trace_all` would need with these
+    settings; tokenises the prompt but runs nothing. See :func:`tracer.limits.trace_estimate`."""
+    lm = as_model(model)
+    kinds = _check_settings(kinds, samples, window, 1, severed, batch_tokens)
+    ids, span = tokenize_with_subject(lm.tokenizer, prompt, subject, lm.max_length)
+    budget = batch_tokens or DEFAULT_BATCH_TOKENS.get(lm.device.type, DEFAULT_BATCH_TOKENS["cpu"])
+    return _estimate(lm, len(ids), span, kinds, samples, severed, naive, budget, window)
+
+
+def _estimate(lm, n_tokens, span, kinds, samples, severed, naive, budget, window) -> Estimate:
+    return trace_estimate(ModelShape.of(lm), n_tokens=n_tokens, subject=span, samples=samples, n_kinds=len(kinds),
+                          severed=severed is not None, naive=naive, batch_tokens=budget, window=window)
 
 
 # ---------------------------------------------------------------------------- preparation
@@ -144,12 +167,11 @@ def _check_settings(kinds, samples, window, seed, severed, batch_tokens) -> tupl
     for name, value in (("samples", samples), ("window", window)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise HyperParameterError(f"{name} must be a whole number >= 1, got {value!r}")
-    if not isinstance(seed, int) or seed < 0:
-        raise HyperParameterError(f"seed must be a whole number >= 0, got {seed!r}")
+    check_seed(seed)
     if severed is not None and (severed not in ("mlp", "attn") or kinds != ("hidden",)):
         raise HyperParameterError("severed must be 'mlp' or 'attn' and goes with kind='hidden' only")
-    if batch_tokens is not None and (not isinstance(batch_tokens, int) or batch_tokens < 1):
-        raise HyperParameterError(f"batch_tokens must be a whole number >= 1, got {batch_tokens!r}")
+    if batch_tokens is not None:
+        check_count("batch_tokens", batch_tokens)
     return kinds
 
 
@@ -193,8 +215,7 @@ def _last_logits(lm: LanguageModel, input_ids: torch.Tensor, **kwargs):
 
 
 @torch.no_grad()
-def _prepare(lm, prompt, subject, spec, samples, seed, kinds, severed) -> _Run:
-    ids, span = tokenize_with_subject(lm.tokenizer, prompt, subject, lm.max_length)
+def _prepare(lm, ids, span, spec, samples, seed, kinds, severed) -> _Run:
     model, device = lm.model, lm.device
     clean_sites = _site_names(lm, set(kinds) | {"hidden"})
     corrupt_sites = _site_names(lm, {"hidden"} | ({severed} if severed else set()))

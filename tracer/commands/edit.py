@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import EditError, HyperParameterError
 from ..files import write_json_atomic
+from ..limits import check_count, prompt_ids
 from ..models import cache_dir
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,8 @@ def _check_outputs(args) -> None:
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
             raise EditError(f"--save-model {args.save_model!r} exists and is not an empty directory; pick a new directory "
                             "(the source model's files are never overwritten)")
-    if args.steps is not None and args.steps < 1:
-        raise HyperParameterError(f"--steps must be >= 1, got {args.steps}")
+    if args.steps is not None:
+        check_count("--steps", args.steps)
     if args.stats_tokens is not None and args.stats_tokens < 0:
         raise HyperParameterError(f"--stats-tokens must be >= 0, got {args.stats_tokens}")
 
@@ -81,6 +82,21 @@ def settings(args, lm):
     return hp, stats
 
 
+def _check_prompts(lm, request, hp, checks) -> None:
+    """Every prompt the command will run fits the model, checked before the edit is computed:
+    the rewrite prompt after the longest context template with the new target's tokens appended
+    (the rows of v*), the --check prompts and the default generation prompts (as check_edit runs them)."""
+    from ..edit.check import check_prompts
+
+    target = list(lm.tokenizer(request.target_new, add_special_tokens=False)["input_ids"])
+    template = max((n for n, count in hp.context_template_lengths if count), default=0)
+    prompt_ids(lm, request.text, "the --prompt", reserve=template + len(target),
+               reserved_for=f"a {template}-token context template and the target's tokens")
+    check_prompts(lm, [request.text, *checks], request.target_new, request.target_true,
+                  [f"{request.subject} is", f"{request.subject} is famous for"],
+                  labels=["the --prompt"] + [f"--check prompt {i + 1}" for i in range(len(checks))])
+
+
 def run(args) -> int:
     from ..edit.check import check_edit
     from ..edit.ledger import Ledger, save_records
@@ -91,6 +107,7 @@ def run(args) -> int:
     request = EditRequest(args.prompt, args.subject, args.target, args.true_target)
     lm = load_model(args.model, device=args.device)
     hp, stats = settings(args, lm)
+    _check_prompts(lm, request, hp, args.check)
     record = rome_edit(lm, request, hp, stats, progress=bool(getattr(args, "verbose", False)))
     report = check_edit(lm, record, prompts=args.check)
     checks = [{"prompt": p.prompt, "kind": p.kind,

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from . import check_output_path
 from ..files import write_json_atomic
+from ..limits import check_count, check_seed
 from ..models import EMBEDDED_ALIAS, load_model
 from ..trace import trace_all
 from ..trace_result import KINDS
@@ -36,6 +37,8 @@ def register(sub) -> None:
 
 def run(args) -> int:
     check_output_path(args.json, "--json file")
+    check_seed(args.seed, "--seed")  # settings that need no model are refused before it loads
+    check_count("--samples", args.samples)
     lm = load_model(args.model, device=args.device)
     kinds = KINDS if args.kind == "all" else (args.kind,)
     results = trace_all(lm, args.prompt, args.subject, kinds=kinds, samples=args.samples, noise=args.noise,

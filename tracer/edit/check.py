@@ -18,7 +18,8 @@ from typing import Literal, Sequence
 
 import torch
 
-from ..errors import EditError, PromptError
+from ..errors import EditError
+from ..limits import Estimate, ModelShape, check_memory, forward_bytes, prompt_ids
 from ..models import LanguageModel, as_model
 from .ledger import EditRecord, edited
 
@@ -119,17 +120,39 @@ def _ids(lm: LanguageModel, target: str) -> list[int]:
     return ids
 
 
+def check_prompts(model: "LanguageModel | str", prompts: Sequence[str], target_new: str, target_true: str | None = None,
+                  generation_prompts: Sequence[str] = (), max_new_tokens: int = 20,
+                  labels: Sequence[str] | None = None) -> list[list[int]]:
+    """Token ids of ``prompts`` after checking, before any forward pass, that each fits the model
+    with the longer target appended (``target_true=None``: one token, the model's own top-1), that
+    each generation prompt fits with ``max_new_tokens`` more, and that :func:`predict`'s one batch
+    fits in memory. :class:`~tracer.errors.PromptError` / :class:`~tracer.limits.JobTooLargeError`
+    name the prompt by ``labels[i]`` (default ``"check prompt i"``, from 1).
+    """
+    lm = as_model(model)
+    longest = max(len(_ids(lm, target_new)), len(_ids(lm, target_true)) if target_true is not None else 1)
+    labels = list(labels) if labels is not None else [f"check prompt {i + 1}" for i in range(len(prompts))]
+    encoded = [prompt_ids(lm, p, labels[i], reserve=longest - 1, reserved_for="the target's tokens")
+               for i, p in enumerate(prompts)]
+    for i, p in enumerate(generation_prompts):
+        prompt_ids(lm, p, f"generation prompt {i + 1}", reserve=max_new_tokens, reserved_for="the generated tokens")
+    if encoded:
+        width = max(len(e) for e in encoded) + longest - 1
+        need = forward_bytes(ModelShape.of(lm), 2 * len(encoded), width, logit_positions=width)
+        check_memory(Estimate("checking these prompts", need, (("forward pass", need),)), lm.device,
+                     hint=f"pass fewer or shorter prompts ({len(encoded)} prompts, up to {width} tokens)")
+    return encoded
+
+
 @torch.no_grad()
 def predict(model: "LanguageModel | str", prompts: Sequence[str], target_new: str, target_true: str,
             top_k: int = 5) -> list[Prediction]:
     """:class:`Prediction` s for ``prompts`` (one batched forward pass, right-padded)."""
     lm = as_model(model)
     new, true = _ids(lm, target_new), _ids(lm, target_true)
+    encoded = check_prompts(lm, prompts, target_new, target_true)
     rows, meta = [], []
-    for prompt in prompts:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise PromptError(f"check prompts must be non-empty strings, got {prompt!r}")
-        ids = lm.encode(prompt)
+    for ids in encoded:
         for target in (new, true):
             meta.append((len(rows), len(ids), target))
             rows.append(ids + target[:-1])
@@ -157,8 +180,9 @@ def generate(model: "LanguageModel | str", prompts: Sequence[str], max_new_token
     """Greedy continuations (the new text only)."""
     lm = as_model(model)
     outs = []
-    for prompt in prompts:
-        ids = torch.tensor([lm.encode(prompt)], device=lm.device)
+    for i, prompt in enumerate(prompts):
+        ids = torch.tensor([prompt_ids(lm, prompt, f"generation prompt {i + 1}", reserve=max_new_tokens,
+                                       reserved_for="the generated tokens")], device=lm.device)
         gen = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                 do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
         outs.append(lm.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
@@ -181,6 +205,12 @@ def check_edit(model: "LanguageModel | str", record: EditRecord, paraphrases: Se
     labelled = [(req.text, "rewrite")] + [(p, "paraphrase") for p in paraphrases] + \
         [(p, "neighbour") for p in neighbours] + [(p, "check") for p in prompts]
     texts = [p for p, _ in labelled]
+    counts: dict[str, int] = {}
+    names = []
+    for _, kind in labelled:
+        counts[kind] = counts.get(kind, 0) + 1
+        names.append(f"the {kind} prompt" if kind == "rewrite" else f"{kind} prompt {counts[kind]}")
+    check_prompts(lm, texts, req.target_new, record.target_true, gens, max_new_tokens, names)  # all, before any pass
     before = predict(lm, texts, req.target_new, record.target_true, top_k)
     gen_before = generate(lm, gens, max_new_tokens) if gens else []
     with edited(lm, [record]):

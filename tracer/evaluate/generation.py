@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from ..errors import HyperParameterError
+from ..limits import Estimate, ModelShape, check_memory, check_seed, forward_bytes, prompt_ids
 from ..models import LanguageModel
 
 
@@ -23,10 +24,20 @@ def generate(lm: LanguageModel, prompts: Sequence[str], *, max_length: int = 100
     """One sampled continuation per prompt, decoded with the prompt; "batch" = len(prompts)."""
     if top_k < 1 or max_length < 2:
         raise HyperParameterError(f"top_k must be >= 1 and max_length >= 2, got top_k={top_k}, max_length={max_length}")
+    seed = check_seed(seed)
+    if max_length > lm.max_length:
+        raise HyperParameterError(f"max_length={max_length} is more than the {lm.max_length} positions the model reads")
     tok = lm.tokenizer
     device = lm.device
-    encoded = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    encoded = [prompt_ids(lm, p, f"generation prompt {i + 1}") for i, p in enumerate(prompts)]
     width = max(len(e) for e in encoded)
+    shape = ModelShape.of(lm)
+    if top_k > shape.vocab:
+        raise HyperParameterError(f"top_k={top_k} is more than the model's {shape.vocab} tokens")
+    length = max(width, max_length)
+    need = forward_bytes(shape, len(encoded), width) + 2 * shape.n_layers * len(encoded) * length * shape.kv_dim * shape.itemsize
+    check_memory(Estimate("this generation batch", need, (("forward pass and cache", need),)), device,
+                 hint=f"generate fewer texts at once ({len(encoded)}) or shorter ones ({length} tokens)")
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ids = torch.full((len(encoded), width), pad, dtype=torch.long)
     mask = torch.zeros((len(encoded), width), dtype=torch.long)

@@ -19,6 +19,7 @@ import torch
 
 from ..errors import PromptError
 from ..layers import get_module
+from ..limits import Estimate, ModelShape, check_memory, check_prompt_length, forward_bytes
 from ..models import LanguageModel, right_pad
 
 
@@ -83,6 +84,14 @@ def score_targets(lm: LanguageModel, pairs: Sequence[tuple[str, str]], *, batch_
     the rows that predict a target token.
     """
     encoded = [split_prompt_target(lm.tokenizer, p, t) for p, t in pairs]
+    for (prompt, target), (seq, _) in zip(pairs, encoded):  # every pair, before any forward pass
+        check_prompt_length(len(seq), lm.max_length, f"prompt {prompt[:40]!r} with target {target[:40]!r}")
+    if encoded:
+        width = max(len(seq) for seq, _ in encoded)
+        n_target = max(len(seq) - n for seq, n in encoded)
+        need = forward_bytes(ModelShape.of(lm), min(batch_size, len(encoded)), width, logit_positions=n_target)
+        check_memory(Estimate("scoring one batch", need, (("forward pass", need),)), lm.device,
+                     hint=f"lower batch_size ({batch_size}) or shorten the prompts (up to {width} tokens)")
     backbone = get_module(lm.model, lm.layers.backbone)
     unembed = get_module(lm.model, lm.layers.unembed)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0

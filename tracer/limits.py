@@ -1,0 +1,301 @@
+"""Limits: what a job needs, what the machine has, and the refusals that come before heavy work.
+
+    check_prompt_length(len(ids), lm.max_length, "check prompt 2")   # PromptError: count and limit
+    ids = prompt_ids(lm, prompt, what="the prompt", reserve=19, reserved_for="generated tokens")
+    check_seed(seed); check_count("samples", samples)                # ranges in COUNT_LIMITS
+    est = trace_estimate(ModelShape.of(lm), n_tokens=12, subject=(1, 4), samples=10)
+    check_memory(est, lm.device, hint="lower --samples or shorten the prompt")
+
+Every refusal is one line saying the estimate (or the count) and the limit. Memory estimates are
+upper-bound-minded sums of the arrays the engine allocates (see :func:`trace_estimate`), in
+bytes, compared with the memory available now (``psutil`` or ``/proc/meminfo`` for the CPU,
+``torch.cuda.mem_get_info`` for CUDA). They are deliberately simple so that a planner can show
+them before a job starts; they are not a profiler.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .errors import HyperParameterError, PromptError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .models import LanguageModel
+
+try:  # optional: a better "available" figure on every OS; /proc/meminfo otherwise
+    import psutil
+except ImportError:  # pragma: no cover - depends on the environment
+    psutil = None
+
+#: NumPy's RandomState (ROME's noise) takes seeds in [0, 2**32); one range for every seed
+SEED_LIMIT = 2 ** 32
+
+#: accepted ranges of counts that drive time or memory: name -> (lowest, highest)
+COUNT_LIMITS: dict[str, tuple[int, int]] = {
+    "samples": (1, 100_000),       # noise samples per restoration (ROME uses 10)
+    "n_boot": (0, 100_000),        # bootstrap resamples (the averages use 1,000)
+    "batch_tokens": (1, 1 << 26),  # rows x positions per forward pass of the trace engine
+    "runs": (1, 100_000),          # copies of a prompt in one logit-lens batch
+    "steps": (1, 10_000),          # optimisation steps of v* / z (ROME uses 20-25)
+}
+
+
+class JobTooLargeError(HyperParameterError):
+    """A job needs more memory (or more work) than this machine allows; refused before it starts."""
+
+
+# ---------------------------------------------------------------------------- prompts, seeds, counts
+
+
+def _excerpt(text: str, n: int = 40) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")
+
+
+def check_prompt_length(n_tokens: int, max_length: int, what: str = "the prompt", *, reserve: int = 0,
+                        reserved_for: str = "") -> None:
+    """:class:`PromptError` unless ``n_tokens + reserve`` positions fit the model's ``max_length``.
+
+    ``reserve``: positions the job appends to the prompt (target tokens, generated tokens).
+    The one prompt-length check of factscope: every place that tokenises a prompt calls it.
+    """
+    if n_tokens + reserve <= max_length:
+        return
+    if reserve:
+        raise PromptError(f"{what} has {n_tokens} tokens and {reserve} more are needed for {reserved_for or 'the job'}: "
+                          f"{n_tokens + reserve} positions, but the model reads at most {max_length}; shorten it")
+    raise PromptError(f"{what} has {n_tokens} tokens but the model reads at most {max_length}; shorten it")
+
+
+def prompt_ids(lm: "LanguageModel", prompt: str, what: str = "the prompt", *, reserve: int = 0,
+               reserved_for: str = "") -> list[int]:
+    """Token ids of ``prompt`` (special tokens included) after :func:`check_prompt_length`.
+
+    :class:`PromptError` for a non-string or blank prompt too; ``what`` names it in messages
+    (the prompt's first 40 characters are added).
+    """
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise PromptError(f"{what} must be a non-empty string, got {_excerpt(prompt) if isinstance(prompt, str) else prompt!r}")
+    ids = lm.encode(prompt)
+    check_prompt_length(len(ids), lm.max_length, f"{what} {_excerpt(prompt)}", reserve=reserve, reserved_for=reserved_for)
+    return ids
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """``seed`` as an int in ``[0, 2**32)`` (NumPy's range, used for every seed); else an error."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise HyperParameterError(f"{name} must be a whole number in [0, {SEED_LIMIT - 1}], got {seed!r}")
+    if not 0 <= int(seed) < SEED_LIMIT:
+        raise HyperParameterError(f"{name} must be a whole number in [0, {SEED_LIMIT - 1}] (NumPy's seed range), got {seed}")
+    return int(seed)
+
+
+def check_count(name: str, value, limits: tuple[int, int] | None = None) -> int:
+    """``value`` as an int inside ``limits`` (default :data:`COUNT_LIMITS` ``[name]``, a leading
+    ``--`` and dashes ignored, so ``"--n-boot"`` names ``n_boot``); else an error."""
+    lo, hi = limits if limits is not None else COUNT_LIMITS[name.lstrip("-").replace("-", "_")]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise HyperParameterError(f"{name} must be a whole number in [{lo}, {hi}], got {value!r}")
+    if int(value) < lo:
+        raise HyperParameterError(f"{name} must be a whole number in [{lo}, {hi}], got {value}")
+    if int(value) > hi:
+        raise JobTooLargeError(f"{name}={value} is more than the {hi} factscope accepts; use a value in [{lo}, {hi}]")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def format_bytes(n: float) -> str:
+    """``1.5 GB``-style size (powers of 1,000)."""
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"  # pragma: no cover
+
+
+#: environment variable capping the memory factscope plans to use (bytes, or e.g. ``8GB``, ``500MB``)
+MEMORY_LIMIT_ENV = "FACTSCOPE_MEMORY_LIMIT"
+_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12}
+
+
+def memory_cap() -> int | None:
+    """``$FACTSCOPE_MEMORY_LIMIT`` in bytes (None when unset): a cap below what the machine has,
+    for shared machines and for planning."""
+    raw = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+    if not raw:
+        return None
+    number = raw.rstrip("bBkKmMgGtT ")
+    unit = raw[len(number):].strip().upper()
+    unit = unit if unit in _UNITS else unit + "B"
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise HyperParameterError(f"{MEMORY_LIMIT_ENV}={raw!r} is not a size; use bytes or a number with kB, MB, GB or TB, e.g. 8GB")
+    return int(value)
+
+
+def available_memory(device: "torch.device | str" = "cpu") -> int | None:
+    """Bytes a new job can allocate on ``device`` now, at most :func:`memory_cap`; None when
+    unknown and uncapped (then nothing is refused)."""
+    measured = _measured_memory(torch.device(device))
+    cap = memory_cap()
+    if cap is None or measured is None:
+        return cap if measured is None else measured
+    return min(cap, measured)
+
+
+def _measured_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type != "cpu":
+        return None
+    if psutil is not None:
+        return int(psutil.virtual_memory().available)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a model that memory estimates need (read from its config and weights)."""
+
+    n_layers: int
+    hidden: int
+    intermediate: int  # MLP inner width
+    heads: int
+    kv_dim: int  # key (= value) width per token per layer: key/value heads x head size
+    vocab: int
+    max_length: int
+    itemsize: int  # bytes per activation element (the weights' dtype)
+    eager_attention: bool = False  # attention scores materialised ("eager"), not fused (sdpa, flash)
+
+    @classmethod
+    def of(cls, lm: "LanguageModel") -> "ModelShape":
+        cfg = lm.model.config
+        hidden = lm.hidden_size
+
+        def first(*names, default):
+            for n in names:
+                v = getattr(cfg, n, None)
+                if isinstance(v, int) and v > 0:
+                    return v
+            return default
+
+        heads = first("num_attention_heads", "n_head", default=1)
+        head_dim = first("head_dim", default=max(1, hidden // heads))
+        kv_heads = first("num_key_value_heads", default=heads)
+        out = lm.model.get_output_embeddings()
+        vocab = int(out.weight.shape[0]) if out is not None else first("vocab_size", default=hidden)
+        return cls(n_layers=lm.n_layers, hidden=hidden, intermediate=first("intermediate_size", "n_inner", default=4 * hidden),
+                   heads=heads, kv_dim=kv_heads * head_dim, vocab=vocab, max_length=lm.max_length,
+                   itemsize=next(lm.model.parameters()).element_size(),
+                   eager_attention=getattr(cfg, "_attn_implementation", "eager") in (None, "eager"))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a job needs: ``bytes`` at its peak (the sum of ``parts``) and ``work`` in token-layers
+    (one token through one layer; a planner turns it into seconds with a measured rate)."""
+
+    what: str
+    bytes: int
+    parts: tuple[tuple[str, int], ...] = field(default=())
+    work: float = 0.0
+
+    def largest(self) -> str:
+        name, size = max(self.parts, key=lambda p: p[1]) if self.parts else ("all", self.bytes)
+        return f"{name} {format_bytes(size)}"
+
+
+def forward_bytes(shape: ModelShape, rows: int, positions: int, prefix: int = 0, logit_positions: int = 1) -> int:
+    """Peak activation bytes of one no-grad forward pass of ``rows x positions`` tokens.
+
+    Per layer (freed before the next): residual, norm, attention and hook copies (``4 hidden``),
+    MLP inner activations (``2 intermediate``; gate, up and their product), and with eager
+    attention the scores ``rows x heads x positions x (prefix + positions)`` (fused attention does
+    not materialise them), all doubled because an operation's input and output coexist; plus the
+    logits, their float32 copy and softmax at ``logit_positions`` positions per row. Checked
+    against the peak resident memory of a real trace (tests and the commit notes).
+    """
+    per_token = 2 * (4 * shape.hidden + 2 * shape.intermediate)
+    scores = 2 * shape.heads * positions * (prefix + positions) if shape.eager_attention else 0
+    return rows * (positions * per_token + scores) * shape.itemsize + rows * logit_positions * shape.vocab * 4 * 3
+
+
+def trace_estimate(shape: ModelShape, *, n_tokens: int, subject: tuple[int, int], samples: int, n_kinds: int = 1,
+                   severed: bool = False, naive: bool = False, batch_tokens: int = 6144, window: int = 10) -> Estimate:
+    """Memory and work of :func:`tracer.trace.trace_all` for one prompt, as the engine allocates:
+
+    - ``noise``: ``samples x subject_tokens x hidden`` float64, drawn and scaled (two copies);
+    - ``clean states``: every traced site at every position, ``(kinds + 1) x layers x tokens x hidden``;
+    - ``corrupted states``: the block outputs (and the severed kind's) of the corrupted run,
+      ``samples x tokens x hidden`` per layer, and its keys/values ``2 x samples x tokens x kv_dim``;
+    - the larger of the corrupted forward pass and one restored batch: the batched engine packs
+      at most ``max(1, batch_tokens // (samples x suffix))`` restorations of ``samples`` rows over the
+      suffix from the first subject token, with the corrupted prefix as cache and the starting
+      states repeated per row; the naive engine runs ``samples + 1`` full rows with full logits.
+    """
+    b, e = subject
+    n_sub, layers = e - b, shape.n_layers
+    item = shape.itemsize
+    noise = 2 * samples * n_sub * shape.hidden * 8
+    clean = (n_kinds + 1) * layers * n_tokens * shape.hidden * item
+    states = (1 + int(severed)) * layers * samples * n_tokens * shape.hidden * item
+    kv = 2 * layers * samples * n_tokens * shape.kv_dim * item
+    corrupted_pass = forward_bytes(shape, samples, n_tokens)
+    suffix, prefix = n_tokens - b, b
+    if naive:
+        rows = samples + 1
+        batch = forward_bytes(shape, rows, n_tokens, logit_positions=n_tokens)
+    else:
+        per_batch = min(layers, max(1, batch_tokens // max(1, samples * suffix)))
+        rows = per_batch * samples
+        batch = (forward_bytes(shape, rows, suffix, prefix)
+                 + rows * suffix * shape.hidden * item  # starting states repeated per row
+                 # the prefix cache repeated per row and the suffix's keys/values, copied when a
+                 # layer appends to its cache (old and new coexist)
+                 + 2 * 2 * layers * rows * n_tokens * shape.kv_dim * item)
+    parts = (("noise", noise), ("clean states", clean), ("corrupted states", states + kv),
+             ("forward pass", max(corrupted_pass, batch)))
+    # work: the two full runs, then per kind every traced token t >= b restores each layer's window,
+    # running samples x (n - t) tokens through the layers from the window's first layer up
+    full = (1 + samples) * n_tokens * layers
+    if naive:
+        work = full + n_kinds * n_tokens * layers * (samples + 1) * n_tokens * layers
+    else:
+        token_sum = suffix * (suffix + 1) / 2  # sum over t in [b, n) of (n - t)
+        layer_sum = sum(layers - max(0, layer - window // 2) for layer in range(layers))
+        work = full + n_kinds * samples * token_sum * layer_sum
+    return Estimate(what="this trace", bytes=int(sum(p for _, p in parts)), parts=parts, work=float(work))
+
+
+def check_memory(estimate: Estimate, device: "torch.device | str" = "cpu", *, available: int | None = None,
+                 hint: str = "") -> None:
+    """:class:`JobTooLargeError` when ``estimate.bytes`` exceeds the memory available on ``device``
+    (``available`` overrides the measurement); the message says both and what to change."""
+    device = torch.device(device)
+    limit = available if available is not None else available_memory(device)
+    if limit is None or estimate.bytes <= limit:
+        return
+    raise JobTooLargeError(f"{estimate.what} needs about {format_bytes(estimate.bytes)} of {device.type} memory "
+                           f"(largest part: {estimate.largest()}) but {format_bytes(limit)} is available"
+                           f"{'; ' + hint if hint else ''}")
+
