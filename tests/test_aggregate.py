@@ -222,7 +222,7 @@ def test_untraced_rows_count_in_no_bucket():
 
 def test_bootstrap_sizes_and_seeds_are_refused_before_reading():
     """n_boot and seed are checked first (no trace needed); the resample array's memory too."""
-    from tracer.limits import JobTooLargeError
+    from tracer.errors import JobTooLargeError
 
     with pytest.raises(JobTooLargeError, match=r"n_boot=1000000000 is more than the 100000"):
         aggregate([], n_boot=10 ** 9)

@@ -12,7 +12,7 @@ from float32 import prob_tol, softmax64_rtol
 from tracer.errors import HyperParameterError, PromptError
 from tracer.hooks import active_hook_count
 from tracer.lens import LensResult, logit_lens, restored_lens
-from tracer.limits import JobTooLargeError
+from tracer.errors import JobTooLargeError
 
 PROMPT = "The Eiffel Tower is located in the city of"
 

@@ -20,7 +20,8 @@ from tracer.errors import HyperParameterError, PromptError
 from tracer.evaluate.generation import generate
 from tracer.evaluate.scoring import score_targets
 from tracer.knowns import greedy_next
-from tracer.limits import (COUNT_LIMITS, SEED_LIMIT, JobTooLargeError, ModelShape, check_count, check_memory,
+from tracer.errors import JobTooLargeError
+from tracer.limits import (COUNT_LIMITS, SEED_LIMIT, ModelShape, check_count, check_memory,
                            check_prompt_length, check_seed, trace_estimate)
 from tracer.noise import resolve_noise
 from tracer.subject import tokenize_with_subject

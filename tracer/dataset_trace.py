@@ -33,19 +33,19 @@ from typing import Iterable
 
 from tqdm.auto import tqdm
 
-from .errors import DatasetError, HyperParameterError
+from .errors import DatasetError, HyperParameterError, PromptError, SubjectNotFoundError
 from .files import open_append, stray_writer_dead, write_json_atomic
 from .knowns import load_facts, normalize_facts
+from .limits import check_count, check_seed, check_memory
 from .models import LanguageModel, as_model
 from .noise import resolve_noise
-from .trace import trace, trace_all
+from .trace import estimate_trace, trace, trace_all
 from .trace_result import KINDS, NoiseSpec, TraceResult
 
 log = logging.getLogger(__name__)
 
 _FORMAT = 1
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
-_MAX_SEED = 2**32 - 1  # numpy's RandomState (noise_mode="rome") takes no larger seed
 
 
 @dataclass(frozen=True)
@@ -138,11 +138,10 @@ def check_settings(*, kinds: Iterable[str] = KINDS, severed: Iterable[str] = (),
     """Check every setting of :func:`trace_dataset` but the noise (which needs the model) before
     anything is loaded or created; returns the deduplicated kinds and severed paths and the shard."""
     kinds, severed = _check_kinds(kinds, severed)
-    for name, value in (("samples", samples), ("window", window)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise HyperParameterError(f"{name} must be a whole number >= 1, got {value!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= _MAX_SEED:
-        raise HyperParameterError(f"seed must be a whole number in 0..{_MAX_SEED}, got {seed!r}")
+    check_count("samples", samples)
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise HyperParameterError(f"window must be a whole number >= 1, got {window!r}")
+    check_seed(seed)
     if severed_tokens not in ("last_subject", "all"):
         raise HyperParameterError(f"severed_tokens must be 'last_subject' or 'all', got {severed_tokens!r}")
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
@@ -150,6 +149,20 @@ def check_settings(*, kinds: Iterable[str] = KINDS, severed: Iterable[str] = (),
     if not isinstance(retry_failed, bool):
         raise HyperParameterError(f"retry_failed must be True or False, got {retry_failed!r}")
     return kinds, severed, parse_shard(shard)
+
+
+def _check_memory_for_longest(lm: LanguageModel, facts: list[dict], kinds: tuple[str, ...], samples: int,
+                              window: int) -> None:
+    """Refuse (:class:`JobTooLargeError`) a run whose longest fact's trace cannot fit in memory,
+    before anything is created; a fact that cannot be traced at all fails on its own later."""
+    longest = max(facts, key=lambda f: len(f["prompt"]), default=None)
+    if longest is None:
+        return
+    try:
+        estimate = estimate_trace(lm, longest["prompt"], longest["subject"], kinds, samples=samples, window=window)
+    except (PromptError, SubjectNotFoundError):
+        return
+    check_memory(estimate, lm.device, hint=f"lower --samples ({samples})")
 
 
 def _read_run_file(run_file: Path) -> DatasetTraceSettings:
@@ -245,6 +258,7 @@ def trace_dataset(
         md5 = hashlib.md5(json.dumps(facts, sort_keys=True).encode()).hexdigest()
     settings = DatasetTraceSettings(model=lm.name, kinds=kinds, severed=severed, samples=samples, noise=spec,
                                     window=window, seed=seed, facts_md5=md5, severed_tokens=severed_tokens)
+    _check_memory_for_longest(lm, facts[:limit], kinds or ("hidden",), samples, window)
     out_dir = Path(out_dir)
     _claim_dir(out_dir, settings)  # the first file system change of the run
 

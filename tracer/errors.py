@@ -42,6 +42,10 @@ class HyperParameterError(FactscopeError):
     """A setting is out of its accepted range."""
 
 
+class JobTooLargeError(HyperParameterError):
+    """A job needs more memory (or more work) than this machine allows; refused before it starts."""
+
+
 class EditError(FactscopeError):
     """An edit request or ledger operation is invalid; the model was left unchanged."""
 

@@ -71,7 +71,7 @@ def normalize_facts(records: list, source: str = "facts") -> list[dict]:
             template = rec.get("template")
             if not isinstance(template, str) or "{}" not in template:
                 raise DatasetError(f"{source}: record {i} has neither 'prompt' nor a 'template' containing '{{}}'")
-            rec["prompt"] = template.format(rec["subject"])
+            rec["prompt"] = template.replace("{}", rec["subject"], 1)
         if not isinstance(rec["prompt"], str) or not rec["prompt"].strip():
             raise DatasetError(f"{source}: record {i} has an empty 'prompt'")
         rec.setdefault("known_id", i)

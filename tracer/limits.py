@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .errors import HyperParameterError, PromptError
+from .errors import HyperParameterError, JobTooLargeError, PromptError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models import LanguageModel
@@ -43,10 +43,6 @@ COUNT_LIMITS: dict[str, tuple[int, int]] = {
     "runs": (1, 100_000),          # copies of a prompt in one logit-lens batch
     "steps": (1, 10_000),          # optimisation steps of v* / z (ROME uses 20-25)
 }
-
-
-class JobTooLargeError(HyperParameterError):
-    """A job needs more memory (or more work) than this machine allows; refused before it starts."""
 
 
 # ---------------------------------------------------------------------------- prompts, seeds, counts

@@ -39,6 +39,7 @@ from ..errors import EditError, HyperParameterError, StatisticsError, SubjectNot
 from ..hooks import hooked
 from ..models import LanguageModel, as_model, cache_dir, right_pad
 from ..stats import KeyStatistics, StatsCache, key_fingerprint
+from ..limits import COUNT_LIMITS, check_prompt_length
 from ..subject import tokenize_prompt
 from .ledger import EditRecord, edited
 
@@ -136,7 +137,8 @@ class ROMEHyperParams:
         object.__setattr__(self, "context_template_lengths", tuple(tuple(int(x) for x in p) for p in self.context_template_lengths))
         checks = [
             (isinstance(self.layer, int) and self.layer >= 0, "layer must be an integer >= 0"),
-            (isinstance(self.v_num_grad_steps, int) and self.v_num_grad_steps >= 1, "v_num_grad_steps must be an integer >= 1"),
+            (isinstance(self.v_num_grad_steps, int) and 1 <= self.v_num_grad_steps <= COUNT_LIMITS["steps"][1],
+             f"v_num_grad_steps must be an integer in [1, {COUNT_LIMITS['steps'][1]}]"),
             (self.v_lr > 0, "v_lr must be > 0"),
             (self.v_weight_decay >= 0, "v_weight_decay must be >= 0"),
             (self.clamp_norm_factor > 0, "clamp_norm_factor must be > 0"),
@@ -347,6 +349,9 @@ def _build_rows(lm, requests, templates, kl_prompt) -> _Rows:
         r.n_target_tokens.append(len(tgt))
         for t, template in enumerate(templates):
             ids, last = _place(lm, template, req.prompt, req.subject)
+            text = req.prompt.replace("{}", req.subject, 1)
+            check_prompt_length(len(ids), lm.max_length, f"the edit prompt {text[:40]!r}",
+                                reserve=len(tgt) - 1, reserved_for="the target's tokens")
             row = len(r.ids)
             if t == 0:
                 r.bare.append(row)

@@ -50,7 +50,7 @@ class Case:
 
     @property
     def rewrite_prompt(self) -> str:
-        return self.prompt.format(self.subject) if "{}" in self.prompt else self.prompt
+        return self.prompt.replace("{}", self.subject, 1)
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
