@@ -161,7 +161,7 @@ def test_fact_file_names():
 
 
 def test_cli_end_to_end(tiny, tmp_path, capsys):
-    from tracer.cli import main
+    from widgets.cli import main  # --html is the UI layer's option
 
     model_dir = tmp_path / "tiny-model"
     tiny.model.save_pretrained(model_dir)

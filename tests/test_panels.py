@@ -81,6 +81,26 @@ def test_parse_targets():
     assert _parse_targets("Paris, Rome ,") == [" Paris", " Rome"]
 
 
+def test_trace_panel_passes_noise_text_to_tracer(lm):
+    """A number typed as text and a multiple like "2s" both reach tracer.noise, which parses them."""
+    panel = TracePanel(lm, prompt=PROMPT, subject="Eiffel Tower", samples=2, noise=" 0.25 ", kind="hidden")
+    assert panel.run()["hidden"].noise.scale == 0.25
+    panel.noise.value = "2s"
+    noise = panel.run()["hidden"].noise
+    assert noise.multiple == 2.0 and noise.scale > 0
+
+
+def test_edit_panel_layer_comes_from_the_engine_suggestion(lm, tmp_path, monkeypatch):
+    from test_figures import make_trace
+    from tracer.trace_result import suggest_layer
+    from widgets.panels import EditPanel
+
+    monkeypatch.setenv("FACTSCOPE_CACHE", str(tmp_path / "cache"))
+    trace = make_trace("mlp", span=(1, 3), n_layers=lm.n_layers, seed=7)
+    panel = EditPanel(lm, trace=trace)
+    assert panel.layer.value == suggest_layer(trace) == int(trace.scores[2].argmax())
+
+
 @pytest.fixture
 def edit_panel(lm, tmp_path, monkeypatch):
     from widgets.panels import EditPanel

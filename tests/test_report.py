@@ -10,7 +10,7 @@ from bokeh.models import Div
 
 from test_figures import make_lens, make_trace
 from test_text import HOSTILE_TEXTS, math_exposures, texts
-from tracer.cli import main
+from widgets.cli import main
 from widgets.report import build_report, library_versions, report_html, save_report
 
 CHECKS = [{"prompt": "The Eiffel Tower is located in the city of", "kind": "rewrite",

@@ -7,7 +7,7 @@
     with edited(lm, [record]):
         ...
 
-Imports nothing from a UI library. The names below are the public API; each module documents
+Imports nothing from a UI library and nothing from :mod:`widgets` (tests/test_imports.py). The names below are the public API; each module documents
 the rest (``tracer.stats``, ``tracer.aggregate``, ``tracer.dataset_trace``, ``tracer.evaluate``).
 """
 from .edit import EditRecord, EditRequest, Ledger, ROMEHyperParams, check_edit, edited, rome_edit
@@ -18,10 +18,10 @@ from .lens import LensResult, logit_lens
 from .models import LanguageModel, load_model
 from .subject import find_subject_span
 from .trace import trace, trace_all
-from .trace_result import NoiseSpec, TraceResult
+from .trace_result import NoiseSpec, TraceResult, suggest_layer
 
 __all__ = [
     "EditRecord", "EditRequest", "Ledger", "ROMEHyperParams", "check_edit", "edited", "rome_edit",
     "FactscopeError", "hooked", "LAYER_MAPS", "LayerMap", "LensResult", "logit_lens", "LanguageModel",
-    "load_model", "find_subject_span", "trace", "trace_all", "NoiseSpec", "TraceResult",
+    "load_model", "find_subject_span", "trace", "trace_all", "NoiseSpec", "TraceResult", "suggest_layer",
 ]

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Literal
 
 import torch
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .datapaths import WIKIPEDIA, data_file
@@ -357,8 +358,6 @@ class StatsCache:
 
     def load(self, path: Path, key: dict) -> KeyStatistics | None:
         """The statistics in ``path`` if it exists and verifies against ``key``; else ``None``."""
-        from safetensors import safe_open
-
         if not path.is_file():
             return None
         try:

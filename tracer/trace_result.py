@@ -121,3 +121,12 @@ class TraceResult:
     @classmethod
     def load(cls, path: str | Path) -> "TraceResult":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def suggest_layer(result: TraceResult) -> int:
+    """Edit layer suggested by a trace: the layer whose restoration recovers most of the answer at
+    the last subject token (ROME's choice; an ``mlp`` trace suggests best)."""
+    if not isinstance(result, TraceResult):
+        raise HyperParameterError(f"suggest_layer takes a TraceResult, got {type(result).__name__}")
+    last = result.subject_span[1] - 1
+    return int(result.scores[last].argmax())

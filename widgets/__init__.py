@@ -7,6 +7,9 @@
 Figures are pure functions of results (:mod:`widgets.figures`); panels (:mod:`widgets.panels`)
 compute through :mod:`tracer` and update the figures' data in place; :mod:`widgets.report`
 writes standalone HTML; :mod:`widgets.export` exports executed notebooks to offline HTML.
+:mod:`widgets.commands` holds the ``factscope`` commands that draw HTML or run notebooks, and
+:mod:`widgets.cli` (the ``factscope`` program) registers them with :mod:`tracer.cli`.
+``suggest_layer`` is the engine's (:func:`tracer.trace_result.suggest_layer`), re-exported.
 Names are imported on first use, so ``import widgets.export`` does not load Bokeh or ipywidgets.
 """
 from importlib import import_module

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from tracer.errors import FactscopeError
 from tracer.files import write_bytes_atomic, write_text_atomic
+from tracer.models import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,6 @@ class ExportError(FactscopeError):
 
 def js_dir() -> Path:
     """Where the widget manager's JavaScript files are kept."""
-    from tracer.models import cache_dir
-
     return Path(os.environ.get("FACTSCOPE_JS_DIR") or cache_dir() / "js")
 
 

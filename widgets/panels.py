@@ -18,13 +18,22 @@ import logging
 from typing import Callable
 
 import ipywidgets as W
+import torch
+from bokeh.io import output_notebook
+from bokeh.io.state import curstate
+from bokeh.plotting import show as bokeh_show
+from bokeh.resources import INLINE
 from jupyter_bokeh import BokehModel
 
-from tracer.errors import FactscopeError
+from tracer.edit import EditRequest, Ledger, ROMEHyperParams, check_edit, rome_edit
+from tracer.edit.memit import MemitRecord
+from tracer.errors import EditError, FactscopeError
 from tracer.lens import logit_lens, restored_lens
 from tracer.models import LanguageModel, as_model
 from tracer.subject import guess_subject, tokenize_with_subject
-from tracer.trace_result import KINDS
+from tracer.targets import spaced
+from tracer.trace import trace_all
+from tracer.trace_result import KINDS, suggest_layer
 
 from .figures import (edit_comparison, lens_figure, token_label, trace_heatmap, update_edit_comparison,
                       update_lens_figure, update_trace_heatmap)
@@ -38,12 +47,7 @@ DEFAULT_PROMPT = "The Eiffel Tower is located in the city of"
 def setup_notebook(threads: int | None = None) -> None:
     """Load BokehJS into the notebook from the installed package (works offline); with
     ``threads``, also set torch's CPU thread count."""
-    from bokeh.io import output_notebook
-    from bokeh.resources import INLINE
-
     if threads is not None:
-        import torch
-
         torch.set_num_threads(int(threads))
     output_notebook(resources=INLINE, hide_banner=True)
 
@@ -62,8 +66,6 @@ class _Panel(W.VBox):
     """Shared plumbing: a status line, an error area, and a guard for callbacks."""
 
     def __init__(self, model: LanguageModel | str, **kwargs):
-        from bokeh.io.state import curstate
-
         super().__init__(**kwargs)
         if not curstate().notebook:  # BokehJS must be in the page before a BokehModel renders
             setup_notebook()
@@ -112,13 +114,9 @@ class _Panel(W.VBox):
 
 
 def _parse_targets(text: str) -> list[str]:
-    """``"Paris, Rome"`` -> ``[" Paris", " Rome"]`` (a leading space is added, as after a word)."""
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        if part:
-            out.append(" " + part)
-    return out
+    """The "follow" field: ``"Paris, Rome"`` -> ``[" Paris", " Rome"]`` (each word as a target,
+    :func:`tracer.targets.spaced`)."""
+    return [spaced(part.strip()) for part in text.split(",") if part.strip()]
 
 
 class TracePanel(_Panel):
@@ -191,14 +189,8 @@ class TracePanel(_Panel):
     # ---------------------------------------------------------------- running
     def run(self) -> dict:
         """Trace the current prompt for the chosen kind(s), updating the heat maps."""
-        from tracer.trace import trace_all
-
         kinds = KINDS if self.kind.value == "all" else (self.kind.value,)
-        noise = self.noise.value.strip()
-        try:
-            noise = float(noise)
-        except ValueError:
-            pass  # a multiple such as "3s": tracer parses and validates it
+        noise = self.noise.value  # "0.1" or "3s": tracer.noise.resolve_noise parses and validates it
         self._busy(f"tracing {', '.join(kinds)} ...", len(kinds))
         results = {}
         for i, kind in enumerate(kinds):
@@ -317,13 +309,6 @@ def _first_top(lens) -> str:
     return "never"
 
 
-def suggest_layer(trace_result) -> int:
-    """Edit layer suggested by a trace: the layer whose restoration (best: an ``mlp`` trace)
-    recovers most at the last subject token."""
-    last = trace_result.subject_span[1] - 1
-    return int(trace_result.scores[last].argmax())
-
-
 class EditPanel(_Panel):
     """ROME editing in a notebook.
 
@@ -340,8 +325,6 @@ class EditPanel(_Panel):
                  paraphrases: tuple[str, ...] = ("The Eiffel Tower, the famous landmark, stands in",),
                  neighbours: tuple[str, ...] = ("The Louvre is located in the city of",),
                  trace=None, ledger=None, hparams: dict | None = None):
-        from tracer.edit import Ledger, ROMEHyperParams
-
         super().__init__(model)
         self.ledger = ledger if ledger is not None else Ledger(self.lm)
         self.hparams = dict(hparams or {})
@@ -378,10 +361,7 @@ class EditPanel(_Panel):
 
     def run(self):
         """Compute the ROME edit, apply it, and show the checks; returns the ``EditCheck``."""
-        from tracer.edit import EditRequest, ROMEHyperParams, check_edit, rome_edit
-
-        target = self.target.value if self.target.value.startswith(" ") else " " + self.target.value.strip()
-        request = EditRequest(self.prompt.value, self.subject.value, target)
+        request = EditRequest(self.prompt.value, self.subject.value, spaced(self.target.value.strip()))
         hp = ROMEHyperParams.for_model(self.lm, **{**self.hparams, "layer": int(self.layer.value)})
         self._busy(f"computing the edit at layer {hp.layer} (key statistics are cached after the first time) ...", 3)
         record = self._in_output(lambda: rome_edit(self.lm, request, hp))  # tqdm bars inside the panel
@@ -405,8 +385,6 @@ class EditPanel(_Panel):
 
     def undo(self) -> None:
         """Revert the most recent edit (the weights become bit-for-bit those before it)."""
-        from tracer.errors import EditError
-
         if not self.ledger.records:
             raise EditError("there is no edit to undo")
         record = self.ledger.records[-1]
@@ -416,8 +394,6 @@ class EditPanel(_Panel):
 
     def save(self, path: str):
         """Write the ledger (safetensors + JSON metadata); re-apply it with ``Ledger.load``."""
-        from tracer.errors import EditError
-
         if not self.ledger.records:
             raise EditError("the ledger is empty; make an edit first")
         written = self.ledger.save(path)
@@ -437,7 +413,7 @@ class EditPanel(_Panel):
 
 def _ledger_row(r) -> str:
     """One table row of the ledger view: a ROME edit, or a MEMIT batch (its first request shown)."""
-    if hasattr(r, "requests"):  # MEMIT batch
+    if isinstance(r, MemitRecord):
         first = r.requests[0]
         more = f" (+{len(r.requests) - 1} more)" if len(r.requests) > 1 else ""
         layers = f"{r.layers[0]}\u2013{r.layers[-1]}" if len(r.layers) > 1 else str(r.layers[0])
@@ -450,6 +426,4 @@ def _ledger_row(r) -> str:
 
 def show(obj) -> None:
     """Display a Bokeh figure or layout in the notebook (``bokeh.plotting.show``), its texts literal."""
-    from bokeh.plotting import show as _show
-
-    _show(literal(obj))
+    bokeh_show(literal(obj))

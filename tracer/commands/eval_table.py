@@ -4,6 +4,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import FactscopeError
+from ..evaluate.harness import build_summary
+from ..evaluate.report import summary_html, summary_markdown
+from ..files import write_text_atomic
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -18,11 +23,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tracer.errors import FactscopeError
-    from tracer.evaluate.harness import build_summary
-    from tracer.evaluate.report import summary_html, summary_markdown
-    from tracer.files import write_text_atomic
-
     summaries = [build_summary(d) for d in args.runs]
     datasets = {s["settings"]["dataset"] for s in summaries}
     if len(datasets) > 1:

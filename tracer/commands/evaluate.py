@@ -2,7 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+
+from ..errors import HyperParameterError
+from ..evaluate import run_evaluation
+from ..evaluate.methods import check_overrides
+from ..evaluate.records import load_cases
+from ..evaluate.report import summary_markdown
+from ..models import load_model
 
 
 def register(subparsers) -> None:
@@ -32,8 +40,6 @@ def register(subparsers) -> None:
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
-    from tracer.errors import HyperParameterError
-
     try:
         if "-" in text:
             a, b = text.split("-", 1)
@@ -45,10 +51,6 @@ def parse_layers(text: str) -> tuple[int, ...]:
 
 def parse_hparams(items: list[str]) -> dict:
     """``["lr=0.01", "layers=[2,3]"]`` -> ``{"lr": 0.01, "layers": (2, 3)}`` (JSON values, lists as tuples)."""
-    import json
-
-    from tracer.errors import HyperParameterError
-
     out = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -63,12 +65,6 @@ def parse_hparams(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tracer.errors import HyperParameterError
-    from tracer.evaluate import run_evaluation
-    from tracer.evaluate.records import load_cases
-    from tracer.evaluate.report import summary_markdown
-    from tracer.models import load_model
-
     if args.limit is not None and args.limit < 1:
         raise HyperParameterError(f"--limit must be >= 1, got {args.limit}")
     batch = args.batch_size
@@ -77,8 +73,6 @@ def run(args: argparse.Namespace) -> int:
     if batch is None:
         batch = None if args.method == "memit" else 1  # MEMIT: every selected case in one batch
     options = parse_hparams(args.hparam)
-    from tracer.evaluate.methods import check_overrides
-
     check_overrides(args.method, options)
     if args.layer is not None:
         options["layer"] = args.layer

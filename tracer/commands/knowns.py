@@ -4,6 +4,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..datapaths import KNOWNS, data_file
+from ..errors import HyperParameterError
+from ..knowns import filter_known, load_facts
+from ..models import load_model
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("knowns", help="filter facts to those the model answers correctly",
@@ -20,11 +25,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tracer.datapaths import KNOWNS, data_file
-    from tracer.errors import HyperParameterError
-    from tracer.knowns import filter_known, load_facts
-    from tracer.models import load_model
-
     if args.batch_size < 1:
         raise HyperParameterError(f"--batch-size must be >= 1, got {args.batch_size}")
     facts = data_file(KNOWNS, args.facts)

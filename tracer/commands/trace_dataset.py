@@ -4,6 +4,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..dataset_trace import check_settings, load_failures, trace_dataset
+from ..errors import HyperParameterError
+from ..knowns import load_facts
+from ..models import load_model
+from .averages import hook, report
+
 
 def _kinds(text: str) -> tuple[str, ...]:
     text = text.strip()
@@ -38,17 +44,11 @@ def register(subparsers) -> None:
     p.add_argument("--shard", default=None, metavar="K/N",
                    help="trace only facts whose index %% N == K; run N such processes (one per core) on one --out")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the averages' CIs (default 1000)")
-    p.add_argument("--html", type=Path, default=None, help="also write the average-effect figures as HTML")
     p.add_argument("--device", default=None)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, on_averages=None)  # see tracer.commands.averages
 
 
 def run(args: argparse.Namespace) -> int:
-    from tracer.dataset_trace import check_settings, load_failures, trace_dataset
-    from tracer.errors import HyperParameterError
-    from tracer.knowns import load_facts
-    from tracer.models import load_model
-
     if args.limit is not None and args.limit < 1:
         raise HyperParameterError(f"--limit must be >= 1, got {args.limit}")
     if args.n_boot < 0:
@@ -65,7 +65,5 @@ def run(args: argparse.Namespace) -> int:
           f"of {summary.selected} facts in {summary.seconds:.0f} s -> {args.out}")
     for rec in load_failures(args.out)[:5]:
         print(f"  failed: {rec['fact']['known_id']}: {rec['error']}")
-    from tracer.commands.averages import report
-
-    status = report(args.out, n_boot=args.n_boot, html=args.html, title=f"Average causal effects: {lm.name}")
+    status = report(args.out, n_boot=args.n_boot, on_averages=hook(args))
     return 1 if status and summary.failed else 0

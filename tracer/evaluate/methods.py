@@ -20,10 +20,14 @@ from typing import Any, Sequence
 
 import torch
 
+from ..edit.ledger import Ledger
+from ..edit.memit import MemitHyperParams, compute_memit, context_templates, load_statistics
+from ..edit.rome import EditRequest, ROMEHyperParams, generate_context_templates, resolve_statistics, rome_edit
 from ..errors import HyperParameterError
 from ..layers import get_module
 from ..models import LanguageModel, right_pad
 from .records import Case
+from .scoring import split_prompt_target
 
 METHODS = ("none", "ft-l", "rome", "memit")
 
@@ -51,8 +55,6 @@ class FTLHyperParams:
     @classmethod
     def for_model(cls, lm: LanguageModel, **overrides) -> "FTLHyperParams":
         """ROME's layer for ``lm``; ε (and lr = ε) measured for the embedded model, else ROME's GPT-2 XL values."""
-        from ..edit.rome import ROMEHyperParams
-
         base = {"layer": ROMEHyperParams.for_model(lm).layer, **FTL_MODEL_DEFAULTS.get(lm.name, {})}
         return cls(**{**base, **overrides})
 
@@ -89,8 +91,6 @@ class FineTuneL:
         return self.hp.to_dict()
 
     def apply(self, lm: LanguageModel, cases: Sequence[Case]) -> Any:
-        from .scoring import split_prompt_target
-
         weight = get_module(lm.model, lm.layers.mlp_out_name(self.hp.layer)).weight
         original = weight.detach().clone()
         rows = [split_prompt_target(lm.tokenizer, c.rewrite_prompt, c.target_new) for c in cases]
@@ -138,8 +138,6 @@ class RomeMethod:
     name = "rome"
 
     def __init__(self, lm: LanguageModel, hp=None, stats=None):
-        from ..edit.rome import ROMEHyperParams
-
         self.hp = hp or ROMEHyperParams.for_model(lm)
         self.stats = stats
         self._templates = None
@@ -148,9 +146,6 @@ class RomeMethod:
         return self.hp.to_dict()
 
     def apply(self, lm: LanguageModel, cases: Sequence[Case]) -> Any:
-        from ..edit.ledger import Ledger
-        from ..edit.rome import EditRequest, generate_context_templates, rome_edit, resolve_statistics
-
         if self._templates is None:
             self._templates = generate_context_templates(lm, self.hp.context_template_lengths, self.hp.template_seed)
         ledger = Ledger(lm)
@@ -173,8 +168,6 @@ class MemitMethod:
     name = "memit"
 
     def __init__(self, lm: LanguageModel, hp=None, stats=None, progress: bool = False):
-        from ..edit.memit import MemitHyperParams, context_templates, load_statistics
-
         self.hp = hp or MemitHyperParams.for_model(lm)
         self.statistics = load_statistics(lm, self.hp, stats, progress=progress)
         self.templates = context_templates(lm, self.hp)
@@ -185,8 +178,6 @@ class MemitMethod:
         return {**self.hp.to_dict(), "statistics": [info for _, info in self.statistics.values()]}
 
     def apply(self, lm: LanguageModel, cases: Sequence[Case]) -> Any:
-        from ..edit.memit import compute_memit
-
         return compute_memit(lm, cases, self.hp, statistics=self.statistics, templates=self.templates,
                              progress=self.progress, checkpoint_dir=self.checkpoint_dir)
 
@@ -199,12 +190,8 @@ def hyperparameter_class(name: str) -> type | None:
     if name == "ft-l":
         return FTLHyperParams
     if name == "rome":
-        from ..edit.rome import ROMEHyperParams
-
         return ROMEHyperParams
     if name == "memit":
-        from ..edit.memit import MemitHyperParams
-
         return MemitHyperParams
     if name == "none":
         return None
@@ -232,13 +219,9 @@ def make_method(name: str, lm: LanguageModel, *, layer: int | None = None, layer
     if name == "ft-l":
         return FineTuneL(FTLHyperParams.for_model(lm, **({"layer": layer} if layer is not None else {}), **overrides))
     if name == "rome":
-        from ..edit.rome import ROMEHyperParams
-
         hp = ROMEHyperParams.for_model(lm, **({"layer": layer} if layer is not None else {}), **overrides)
         return RomeMethod(lm, hp, stats)
     if name == "memit":
-        from ..edit.memit import MemitHyperParams
-
         hp = MemitHyperParams.for_model(lm, **({"layers": tuple(layers)} if layers else {}), **overrides)
         return MemitMethod(lm, hp, stats, progress)
     raise HyperParameterError(f"unknown method {name!r}; accepted: {', '.join(METHODS)}")

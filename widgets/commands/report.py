@@ -6,8 +6,7 @@
 Steps: causal traces of all three kinds -> ROME edit -> checks (rewrite prompt, paraphrases,
 neighbours, generations) -> traces and layer-by-layer view of the edited model -> a standalone
 HTML report (all JavaScript inlined; opens offline). The model's weights are restored at the end.
-The report is drawn by :mod:`widgets.report`, imported when the command runs (the CLI is the one
-place where the engine's command line reaches up to the presentation layer).
+The command is part of the UI layer: :mod:`widgets.cli` registers it with the engine's CLI.
 """
 from __future__ import annotations
 
@@ -15,6 +14,14 @@ import argparse
 import logging
 import time
 from pathlib import Path
+
+from tracer.edit import EditRequest, Ledger, ROMEHyperParams, check_edit, rome_edit
+from tracer.errors import HyperParameterError
+from tracer.lens import logit_lens
+from tracer.models import load_model
+from tracer.trace import trace_all
+
+from ..report import save_report
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +57,14 @@ def register(subparsers) -> None:
 
 
 def handler(args: argparse.Namespace) -> int:
-    from ..edit import EditRequest, Ledger, ROMEHyperParams, check_edit, rome_edit
-    from ..errors import HyperParameterError
-    from ..lens import logit_lens
-    from ..models import load_model
-    from ..trace import trace_all
-
     if args.samples < 1:
         raise HyperParameterError(f"--samples must be >= 1, got {args.samples}")
     out = Path(args.out)
     if out.is_dir():
         raise HyperParameterError(f"--out {str(out)!r} is a directory; pass a file name such as report.html")
-    from widgets.report import save_report  # noqa: PLC0415 (presentation layer, needed only here)
-
     default_fact = (args.prompt, args.subject) == (DEFAULT_PROMPT, DEFAULT_SUBJECT)
     paraphrases = args.paraphrase if args.paraphrase is not None else (list(DEFAULT_PARAPHRASES) if default_fact else [])
     neighbours = args.neighbour if args.neighbour is not None else (list(DEFAULT_NEIGHBOURS) if default_fact else [])
-    noise = _noise_arg(args.noise)
     request = EditRequest(args.prompt, args.subject, args.target, args.true_target)  # validates before loading
     started = time.perf_counter()
     seconds = {}
@@ -76,7 +74,7 @@ def handler(args: argparse.Namespace) -> int:
     hparams = ROMEHyperParams.for_model(lm, **overrides)
     _say(f"model {lm.name}: {lm.n_layers} layers; tracing {args.prompt!r} (subject {args.subject!r}) ...")
     t = time.perf_counter()
-    traces = trace_all(lm, args.prompt, args.subject, samples=args.samples, noise=noise, progress=True)
+    traces = trace_all(lm, args.prompt, args.subject, samples=args.samples, noise=args.noise, progress=True)
     seconds["trace"] = time.perf_counter() - t
     hidden = traces["hidden"]
     _say(f"answer {hidden.answer!r}: p = {hidden.high_score:.3f} clean, {hidden.low_score:.3f} corrupted")
@@ -98,14 +96,14 @@ def handler(args: argparse.Namespace) -> int:
         if not args.no_edited_trace:
             t = time.perf_counter()
             _say("tracing the edited model ...")
-            edited_traces = trace_all(lm, args.prompt, args.subject, samples=args.samples, noise=noise, progress=True)
+            edited_traces = trace_all(lm, args.prompt, args.subject, samples=args.samples, noise=args.noise, progress=True)
             seconds["edited_trace"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - started
 
     checks = check.to_dict()
     settings = {
         "prompt": args.prompt, "subject": args.subject, "new target": args.target, "true target": true,
-        "trace samples": args.samples, "noise": f"{hidden.noise.scale:.4g}" + (f" ({args.noise})" if isinstance(noise, str) else ""),
+        "trace samples": args.samples, "noise": f"{hidden.noise.scale:.4g}" + (f" ({args.noise})" if hidden.noise.multiple is not None else ""),
         "noise mode": hidden.noise.mode, "window": traces["mlp"].window, "edit layer": record.layer,
         "edit module": record.module, "key statistics": _statistics_label(record.statistics),
         "efficacy": checks["efficacy"], "paraphrase score": checks["paraphrase_score"],
@@ -127,13 +125,6 @@ def _statistics_label(stats: dict) -> str:
             str(stats.get("label") or stats.get("kind") or stats)
     corpus = str(stats.get("corpus", "")).split(":")[0]
     return f"{stats.get('kind', 'C')} over {stats['n_tokens']} tokens of {Path(corpus).name or 'text'}"
-
-
-def _noise_arg(text: str):
-    try:
-        return float(text)
-    except ValueError:
-        return text  # "3s": parsed and validated by tracer.noise
 
 
 def _say(text: str) -> None:

@@ -1,0 +1,18 @@
+"""Answer text as a model sees it after a prompt: a word follows the prompt after a space.
+
+    spaced("Rome")  == " Rome"       # a bare word gets the space it has after "... the city of"
+    spaced(" Rome") == " Rome"       # a target that starts with whitespace is kept as it is
+
+ROME's requests, CounterFact and zsRE targets, the lens's followed words and the panels' text
+fields all mean the same thing by a target; this is the one rule for turning a bare word into it.
+"""
+from __future__ import annotations
+
+from .errors import HyperParameterError
+
+
+def spaced(target: str) -> str:
+    """``target`` with a leading space unless it already starts with whitespace."""
+    if not isinstance(target, str):
+        raise HyperParameterError(f"a target must be a string, got {type(target).__name__}")
+    return target if target[:1].isspace() else " " + target

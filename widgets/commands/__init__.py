@@ -1,0 +1,7 @@
+"""The ``factscope`` commands that draw HTML or run notebooks; :mod:`widgets.cli` registers them
+with the engine's command line (:func:`tracer.cli.main`'s ``extra_commands``).
+
+- :mod:`widgets.commands.report`: ``factscope report`` (trace, edit, check; one offline HTML file).
+- :mod:`widgets.commands.export`: ``factscope export`` (notebooks to offline HTML).
+- :mod:`widgets.commands.averages`: ``--html`` of ``factscope averages`` and ``factscope trace-dataset``.
+"""
