@@ -4,7 +4,7 @@ a one-line error, never a traceback; text stays data in every file a run writes.
 Runs ``trace``, ``edit``, ``report``, ``evaluate`` and ``trace-dataset`` in this process on the tiny
 GPT-2 model directory with hypothesis-made input: HTML, TeX, control characters, right-to-left
 marks, format placeholders, 100k-character strings, NaN/inf and out-of-range numbers. An exception
-escaping ``tracer.cli.main`` fails the test with the input that caused it.
+escaping ``widgets.cli.main`` fails the test with the input that caused it.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tracer.cli import main
+from widgets.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

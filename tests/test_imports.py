@@ -31,8 +31,8 @@ PACKAGES = ("tracer", "widgets")
 #: re-exports; the engine's commands sit on the engine; the UI (figures, then panels and export,
 #: then the UI's commands and the ``factscope`` entry point) sits on top.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("tracer.errors", "tracer.files"),
-    ("tracer.layers", "tracer.datapaths", "tracer.subject", "tracer.targets", "tracer.trace_result"),
+    ("tracer.errors", "tracer.files", "tracer.markdown"),
+    ("tracer.limits", "tracer.layers", "tracer.datapaths", "tracer.subject", "tracer.targets", "tracer.trace_result"),
     ("tracer.hooks", "tracer.models"),
     ("tracer.noise", "tracer.stats", "tracer.knowns", "tracer.aggregate"),
     ("tracer.trace", "tracer.lens", "tracer.dataset_trace"),

@@ -555,3 +555,19 @@ def test_a_ledger_holds_one_cpu_copy_per_edited_matrix(mixed):
         assert sum(t.nbytes for t in held) == matrix_bytes  # the originals, once
     finally:
         ledger.revert_all()
+
+
+
+def test_suspended_gives_the_unedited_model_and_restores_the_edits_bit_for_bit(tiny_lm, records):
+    lm = tiny_lm
+    original = _state(lm)
+    ledger = Ledger(lm)
+    ledger.apply_all(records)
+    edited_state = _state(lm)
+    with ledger.suspended() as suspended:
+        assert suspended == tuple(records) and ledger.records == () and _same(lm, original)
+    assert ledger.records == tuple(records) and _same(lm, edited_state)
+    with pytest.raises(RuntimeError, match="inside"):
+        with ledger.suspended():
+            raise RuntimeError("inside")
+    assert ledger.records == tuple(records) and _same(lm, edited_state)

@@ -40,6 +40,7 @@ import numpy as np
 
 from .errors import DatasetError, HyperParameterError
 from .limits import Estimate, check_count, check_memory, check_seed
+from .markdown import cell as md_cell
 from .trace_result import TraceResult
 
 BUCKETS: tuple[str, ...] = ("first_subject", "middle_subject", "last_subject", "first_after", "further", "last")
@@ -439,5 +440,5 @@ def layer_table(averages: dict[str, EffectAverages], bucket: str = "last_subject
         peak = a.peak(bucket)[0] if not np.isnan(row).all() else "–"
         cells = ["–" if np.isnan(v) else (f"**{v:.{digits}f}**" if i == peak else f"{v:.{digits}f}") for i, v in enumerate(row)]
         cells += [""] * (n_layers - len(cells))
-        rows.append(f"| {label} | " + " | ".join(cells) + f" | {peak} | {a.n_facts} |")
+        rows.append(f"| {md_cell(label)} | " + " | ".join(cells) + f" | {peak} | {a.n_facts} |")
     return "\n".join(rows)

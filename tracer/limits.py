@@ -17,15 +17,23 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from .errors import HyperParameterError, JobTooLargeError, PromptError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .models import LanguageModel
+
+
+class _Model(Protocol):
+    """What the checks read of a :class:`tracer.models.LanguageModel` (this module sits below it)."""
+
+    model: torch.nn.Module
+    max_length: int
+    hidden_size: int
+
+    def encode(self, text: str) -> list[int]: ...
 
 try:  # optional: a better "available" figure on every OS; /proc/meminfo otherwise
     import psutil
@@ -67,7 +75,7 @@ def check_prompt_length(n_tokens: int, max_length: int, what: str = "the prompt"
     raise PromptError(f"{what} has {n_tokens} tokens but the model reads at most {max_length}; shorten it")
 
 
-def prompt_ids(lm: "LanguageModel", prompt: str, what: str = "the prompt", *, reserve: int = 0,
+def prompt_ids(lm: _Model, prompt: str, what: str = "the prompt", *, reserve: int = 0,
                reserved_for: str = "") -> list[int]:
     """Token ids of ``prompt`` (special tokens included) after :func:`check_prompt_length`.
 
@@ -184,7 +192,7 @@ class ModelShape:
     eager_attention: bool = False  # attention scores materialised ("eager"), not fused (sdpa, flash)
 
     @classmethod
-    def of(cls, lm: "LanguageModel") -> "ModelShape":
+    def of(cls, lm: _Model) -> "ModelShape":
         cfg = lm.model.config
         hidden = lm.hidden_size
 

@@ -282,12 +282,8 @@ class LensPanel(_Panel):
         lenses = [logit_lens(self.lm, self.prompt.value, targets=targets, label=label)]
         self.progress.value = 1
         if compare:
-            records = self.ledger.records
-            self.ledger.revert_all()
-            try:
+            with self.ledger.suspended():
                 lenses.insert(0, logit_lens(self.lm, self.prompt.value, targets=targets, label="before edits"))
-            finally:
-                self.ledger.apply_all(records, verify=False)
             self.progress.value = 2
         while len(self.layouts) < len(lenses):
             layout = lens_figure(lenses[len(self.layouts)], width=560)

@@ -13,8 +13,9 @@ from typing import Callable, Mapping
 
 from ..aggregate import EffectAverages, aggregate_all, layer_table
 from ..dataset_trace import load_traces
-from ..errors import DatasetError, HyperParameterError
+from ..errors import DatasetError
 from ..files import write_json_atomic
+from ..limits import COUNT_LIMITS, check_count
 
 #: what ``on_averages`` receives: every kind's averages (``label -> EffectAverages``), as written to JSON
 AveragesHook = Callable[[Mapping[str, EffectAverages]], None]
@@ -61,8 +62,7 @@ def hook(args: argparse.Namespace) -> AveragesHook | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.n_boot < 1:
-        raise HyperParameterError(f"--n-boot must be >= 1, got {args.n_boot}")
+    check_count("--n-boot", args.n_boot, (1, COUNT_LIMITS["n_boot"][1]))
     if not (args.traces / "facts").is_dir():
         raise DatasetError(f"{args.traces} is not a `factscope trace-dataset` directory (it has no facts/ folder)")
     return report(args.traces, n_boot=args.n_boot, json_path=args.json, markdown=args.markdown, on_averages=hook(args))

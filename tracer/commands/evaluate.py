@@ -10,6 +10,7 @@ from ..evaluate import run_evaluation
 from ..evaluate.methods import check_overrides
 from ..evaluate.records import load_cases
 from ..evaluate.report import summary_markdown
+from ..limits import check_seed
 from ..models import load_model
 
 
@@ -81,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
     if args.stats == "identity" and args.method in ("rome", "memit"):
         options["stats"] = "identity"
     cases = load_cases(args.dataset, args.data, limit=args.limit)  # a bad file is refused before the model loads
+    check_seed(args.seed, "--seed")
+    if cases:  # generations are seeded with seed + case id
+        check_seed(args.seed + max(c.case_id for c in cases), "--seed plus the largest case id")
     lm = load_model(args.model, device=args.device)
     summary = run_evaluation(lm, args.method, args.dataset, args.out, limit=args.limit, batch_size=batch, cases=cases,
                              data_path=args.data, generation=not args.no_generation,

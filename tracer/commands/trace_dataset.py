@@ -7,6 +7,7 @@ from pathlib import Path
 from ..dataset_trace import check_settings, load_failures, trace_dataset
 from ..errors import HyperParameterError
 from ..knowns import load_facts
+from ..limits import check_count
 from ..models import load_model
 from .averages import hook, report
 
@@ -51,8 +52,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise HyperParameterError(f"--limit must be >= 1, got {args.limit}")
-    if args.n_boot < 0:
-        raise HyperParameterError(f"--n-boot must be >= 0 (0: no confidence intervals), got {args.n_boot}")
+    check_count("--n-boot", args.n_boot)  # 0: no confidence intervals
     severed = tuple(s.strip() for s in args.severed.split(",") if s.strip())
     settings = dict(kinds=_kinds(args.kind), severed=severed, samples=args.samples, window=args.window,
                     seed=args.seed, limit=args.limit, retry_failed=args.retry_failed,

@@ -373,6 +373,17 @@ class Ledger:
         for record in reversed(list(self._applied)):
             self.revert(record)
 
+    @contextmanager
+    def suspended(self) -> Iterator[tuple]:
+        """The model without this ledger's edits inside the block; the same records are applied
+        again, in order, on exit (also after an error). Yields the suspended records."""
+        records = self.records
+        self.revert_all()
+        try:
+            yield records
+        finally:
+            self.apply_all(records, verify=False)  # the same records on the same weights as before
+
     def apply_all(self, records: Sequence["EditRecord | MemitRecord"], *, verify: bool = True) -> None:
         """Apply ``records`` in order; if one fails, those applied by this call are reverted."""
         done = []

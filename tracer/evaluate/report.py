@@ -15,21 +15,12 @@ from __future__ import annotations
 import html
 import json
 import math
-import re
 from typing import Sequence
+
+from ..markdown import cell as md_cell
 
 CF_COLUMNS = ("S", "ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS")
 ZSRE_COLUMNS = ("Efficacy", "Paraphrase", "Specificity")
-
-
-#: what Markdown (CommonMark/GFM and GitHub's math) could read as syntax in a table cell; parentheses
-#: stay as they are, since ``\(`` would open inline math in MathJax renderers
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]{}<>#|$~!&])")
-
-
-def _md(text: object) -> str:
-    """``text`` as literal text of a Markdown table cell (one line, punctuation escaped)."""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
 
 
 def _cell(stat: dict | None, with_std: bool = True) -> str:
@@ -71,11 +62,11 @@ def summary_markdown(summaries: Sequence[dict]) -> str:
     header, rows = summary_rows(summaries)
     if not header:
         return ""
-    lines = ["| " + " | ".join(map(_md, header)) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(map(_md, r)) + " |" for r in rows]
+    lines = ["| " + " | ".join(map(md_cell, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(md_cell, r)) + " |" for r in rows]
     meta = summaries[0]
     lines.append("")
-    lines.append(f"{_md(meta['settings']['dataset'])}, model {_md(meta['settings']['model'])}, {_md(meta['date'])}")
+    lines.append(f"{md_cell(meta['settings']['dataset'])}, model {md_cell(meta['settings']['model'])}, {md_cell(meta['date'])}")
     return "\n".join(lines) + "\n"
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from tracer.edit import EditRequest, Ledger, ROMEHyperParams, check_edit, rome_edit
 from tracer.errors import HyperParameterError
 from tracer.lens import logit_lens
+from tracer.limits import check_count
 from tracer.models import load_model
 from tracer.trace import trace_all
 
@@ -57,8 +58,7 @@ def register(subparsers) -> None:
 
 
 def handler(args: argparse.Namespace) -> int:
-    if args.samples < 1:
-        raise HyperParameterError(f"--samples must be >= 1, got {args.samples}")
+    check_count("--samples", args.samples)
     out = Path(args.out)
     if out.is_dir():
         raise HyperParameterError(f"--out {str(out)!r} is a directory; pass a file name such as report.html")
