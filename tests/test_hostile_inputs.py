@@ -60,7 +60,7 @@ def prompts(draw):
 
 
 @given(pair=prompts())
-@settings(max_examples=12, **SETTINGS)
+@settings(max_examples=25, **SETTINGS)
 def test_trace_takes_any_text(capsys, tmp_path_factory, tiny_model_dir, pair):
     prompt, subject = pair
     out = tmp_path_factory.mktemp("trace") / "t.json"
@@ -72,14 +72,14 @@ def test_trace_takes_any_text(capsys, tmp_path_factory, tiny_model_dir, pair):
 
 
 @given(samples=numbers, noise=numbers, window=numbers, seed=numbers)
-@settings(max_examples=15, **SETTINGS)
+@settings(max_examples=25, **SETTINGS)
 def test_trace_takes_any_number(capsys, tiny_model_dir, samples, noise, window, seed):
     run(capsys, ["trace", "--model", str(tiny_model_dir), "--prompt", PROMPT, "--subject", SUBJECT, "--kind", "mlp",
                  "--samples", samples, "--noise", noise, "--window", window, "--seed", seed, "--no-progress"])
 
 
 @given(pair=prompts(), target=text, check=text, steps=st.sampled_from(["2", "0", "-1", "nan", "100000000"]))
-@settings(max_examples=6, **SETTINGS)
+@settings(max_examples=10, **SETTINGS)
 def test_edit_takes_any_text_and_leaves_nothing_on_refusal(capsys, tmp_path_factory, tiny_model_dir, pair, target,
                                                            check, steps):
     prompt, subject = pair
@@ -94,7 +94,7 @@ def test_edit_takes_any_text_and_leaves_nothing_on_refusal(capsys, tmp_path_fact
 
 
 @given(pair=prompts(), target=text, other=text)
-@settings(max_examples=3, **SETTINGS)
+@settings(max_examples=5, **SETTINGS)
 def test_report_takes_any_text_and_writes_no_live_markup(capsys, tmp_path_factory, tiny_model_dir, pair, target, other):
     prompt, subject = pair
     out = tmp_path_factory.mktemp("report") / "r.html"
@@ -115,7 +115,7 @@ def _counterfact_record(subject: str, prompt: str, new: str, true: str, other: s
 
 
 @given(subject=text, new=text, true=text, other=text)
-@settings(max_examples=3, **SETTINGS)
+@settings(max_examples=5, **SETTINGS)
 def test_evaluate_takes_any_dataset_text(capsys, tmp_path_factory, tiny_model_dir, subject, new, true, other):
     d = tmp_path_factory.mktemp("evaluate")
     data = d / "cf.json"
@@ -128,7 +128,7 @@ def test_evaluate_takes_any_dataset_text(capsys, tmp_path_factory, tiny_model_di
 
 
 @given(subject=text, prompt=text, attribute=text)
-@settings(max_examples=3, **SETTINGS)
+@settings(max_examples=5, **SETTINGS)
 def test_trace_dataset_takes_any_fact_text(capsys, tmp_path_factory, tiny_model_dir, subject, prompt, attribute):
     d = tmp_path_factory.mktemp("dataset")
     facts = d / "facts.json"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tracer import cli
+from widgets import cli  # the whole factscope program: engine and UI commands
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
