@@ -191,7 +191,7 @@ def test_cli_end_to_end(tiny, tmp_path, capsys):
     assert main(["averages", str(tmp_path)]) == 2  # not a trace-dataset directory
     assert "no facts/ folder" in capsys.readouterr().err
     assert main(["averages", str(out), "--n-boot", "0"]) == 2
-    assert "--n-boot must be >= 1" in capsys.readouterr().err
+    assert "--n-boot must be a whole number in [1, 100000], got 0" in capsys.readouterr().err
     assert main(["trace-dataset", "--facts", str(facts), "--out", str(out), "--shard", "2/2"]) == 2  # before loading
     assert "0 <= K < N" in capsys.readouterr().err
     # argparse names the accepted values in one line (exit 2, no traceback)

@@ -66,7 +66,7 @@ def test_embedded_model_loads_from_verified_cache(embedded):
     ids = torch.tensor([embedded.encode("The Colosseum is located in the city of")])
     top = int(embedded.model(ids).logits[0, -1].argmax())
     assert embedded.decode(top) == " Rome"
-    entry = next((models.cache_dir() / "models").glob("SmolLM2-135M-Instruct*"))
+    entry = next(p for p in (models.cache_dir() / "models").glob("SmolLM2-135M-Instruct*") if p.is_dir())  # not its .lock
     meta = json.loads((entry / "factscope-manifest.json").read_text())
     assert meta["weights_sha256"] == models.file_sha256(entry / "model.safetensors")
 

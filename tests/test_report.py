@@ -114,7 +114,7 @@ def test_report_command_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, mon
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--samples", "0"], "--samples must be >= 1"),
+    (["--samples", "0"], "--samples must be a whole number in [1, 100000], got 0"),
     (["--subject", "The Louvre"], "does not occur"),
     (["--target", " "], "target_new is empty"),
 ])
