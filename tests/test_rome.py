@@ -26,10 +26,10 @@ def _module_weight(lm, layer):
     return w.T if lm.layers.mlp_out_transposed else w
 
 
-def _width(lm, templates) -> int:
+def _width(lm, templates, requests=(REQUEST,)) -> int:
     """A bound on the positions any engine's attention sums over: the longest row (template, prompt,
     target), twice over for the fast engine, which aligns the rows at their last subject token."""
-    return 2 * max(len(lm.encode(t.replace("{}", REQUEST.text) + REQUEST.target_new)) + 2 for t in templates)
+    return 2 * max(len(lm.encode(t.replace("{}", r.text) + r.target_new)) + 2 for t in templates for r in requests)
 
 
 def _mlp_terms(lm, layer, k, W=None):
@@ -137,7 +137,7 @@ def test_batched_requests_are_independent(tiny_lm):
     # test_fast_engine_matches_rome_reference_forward the trajectories have no a-priori bound; the
     # forward passes at the same delta do: request 1's log-probabilities in the batch of two against
     # its own, at delta = 0 and at its own run's delta (request 0's delta: 0 or anything).
-    width = _width(lm, templates) + 2 * max(len(lm.encode(t.replace("{}", other.text) + other.target_new)) for t in templates)
+    width = _width(lm, templates, (REQUEST, other))
     r_both, r_alone = (_build_rows(lm, reqs, templates, hp.kl_prompt) for reqs in ([REQUEST, other], [other]))
     fast_both, fast_alone = _Fast(lm, hp.layer, r_both), _Fast(lm, hp.layer, r_alone)
     n = len(r_alone.targets)
@@ -147,7 +147,8 @@ def test_batched_requests_are_independent(tiny_lm):
             t_both, kl_both = fast_both.forward(torch.cat([torch.ones_like(delta), delta]))
             t_alone, kl_alone = fast_alone.forward(delta)
         lp_tols.append(logprob_tol(lm, width, float(torch.cat([t_alone, kl_alone.flatten()]).abs().max())))
-        assert (t_both[-n:] - t_alone).abs().max() <= lp_tols[-1] and (kl_both[1] - kl_alone[0]).abs().max() <= lp_tols[-1]
+        assert (t_both[-n:] - t_alone).abs().max() <= lp_tols[-1]
+        assert (kl_both[1] - kl_alone[0]).abs().max() <= lp_tols[-1]
     # the first loss is the mean target NLL alone (delta = 0: the KL term is exactly 0)
     assert abs(float(both.loss[0, 1] - alone.loss[0, 0])) <= mean_nll_tol(lp_tols[0], n, float(alone.loss[0, 0]))
 
