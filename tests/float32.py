@@ -42,9 +42,32 @@ def path_length(lm, n_positions: int) -> int:
     terms each), the attention scores (head size), the weighted sum over ``n_positions`` and the
     MLP's output product (``intermediate``); then the final norm and the unembedding (``hidden``).
     """
+    return blocks_length(lm, n_positions, ModelShape.of(lm).n_layers) + 2 * ModelShape.of(lm).hidden
+
+
+def blocks_length(lm, n_positions: int, n_blocks: int) -> int:
+    """The reductions of :func:`path_length` in the first ``n_blocks`` blocks only: the path from
+    the embeddings to an activation inside or at the output of block ``n_blocks - 1``."""
     s = ModelShape.of(lm)
     per_layer = 5 * s.hidden + s.hidden // s.heads + n_positions + s.intermediate
-    return s.n_layers * per_layer + 2 * s.hidden
+    return n_blocks * per_layer
+
+
+def activation_tol(lm, n_positions: int, n_blocks: int, scale):
+    """``|da|`` between two float32 evaluations of an activation in block ``n_blocks - 1`` along
+    different summation orders (other batch shapes, padding, a key/value cache): ``2 gamma(N) x
+    scale``, ``N`` = :func:`blocks_length`. As for :func:`prob_tol` this is the first-order
+    estimate: every reduction on the path contributes its ``gamma`` at ``scale``, the size of the
+    sum that produces the activation (its sum of ``|terms|``, e.g. ``|W| |k| + |b|`` for an MLP
+    output, measured in float64; a tensor gives one bound per element)."""
+    return 2 * gamma(blocks_length(lm, n_positions, n_blocks)) * scale
+
+
+def mean_nll_tol(lp_tol: float, n_terms: int, nll: float) -> float:
+    """``|d nll|`` between two float32 means ``-(sum of n_terms log-probabilities) / n_terms`` whose
+    terms differ by at most ``lp_tol`` each: ``lp_tol`` plus, per side, ``gamma(n_terms + 2)`` of
+    ``sum |log p| / n_terms = nll`` for the float32 sum and the division(s)."""
+    return lp_tol + 2 * gamma(n_terms + 2) * abs(nll)
 
 
 def logit_scale(lm) -> float:

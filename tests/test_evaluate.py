@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from float32 import logprob_tol
 from tracer.errors import FactscopeError, HyperParameterError
 from tracer.evaluate import (Case, Tfidf, case_scores, harmonic_mean, load_cases, ngram_entropy, run_evaluation,
                              score_targets, summarize, summary_markdown)
@@ -29,6 +30,10 @@ def test_target_score_definitions():
 def test_score_targets_matches_full_forward(tiny_lm):
     pairs = [("The city of Paris is", "in France"), ("A dog", "barks"), ("The city of Paris is", "old")]
     batched = score_targets(tiny_lm, pairs, batch_size=2)
+    # right-padded batches against one unpadded row: other shapes, so float32 sums in other orders
+    # along the whole path, then a float32 log-softmax on each side (tests/float32.py); attention
+    # runs over the longest padded row
+    width = max(len(split_prompt_target(tiny_lm.tokenizer, p, t)[0]) for p, t in pairs)
     for (prompt, target), got in zip(pairs, batched):
         ids, n_prefix = split_prompt_target(tiny_lm.tokenizer, prompt, target)
         with torch.no_grad():
@@ -37,7 +42,7 @@ def test_score_targets_matches_full_forward(tiny_lm):
         want = [float(lp[p - 1, ids[p]]) for p in range(n_prefix, len(ids))]
         hits = [int(logits[p - 1].argmax()) == ids[p] for p in range(n_prefix, len(ids))]
         assert got.n_tokens == len(ids) - n_prefix >= 1
-        np.testing.assert_allclose(got.logprobs, want, atol=2e-5)
+        np.testing.assert_allclose(got.logprobs, want, atol=logprob_tol(tiny_lm, width, max(map(abs, want))), rtol=0)
         assert list(got.correct) == hits
 
 

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from float32 import prob_tol
 from tracer.errors import DatasetError
 from tracer.knowns import RULE, KnownFacts, filter_known, greedy_next, load_facts, target_token
 
@@ -17,11 +18,14 @@ def test_batched_greedy_equals_one_prompt_at_a_time(family):
     lm = make_tiny_model(family, n_layers=2)
     prompts = ["The city of London is", "Paris", "He swam in the river and then went home", "music was"]
     ids, probs = greedy_next(lm, prompts, batch_size=3, progress=False)  # padding inside each batch
+    # a padded batch against one unpadded row: other shapes, so float32 sums in other orders along
+    # the whole path (tests/float32.py); attention runs over the batch's padded width
+    width = max(len(lm.encode(p)) for p in prompts[:3])
     for prompt, got, p in zip(prompts, ids, probs):
         with torch.no_grad():
             logits = lm.model(torch.tensor([lm.encode(prompt)])).logits[0, -1]
         assert got == int(logits.argmax())
-        assert p == pytest.approx(float(torch.softmax(logits, -1).max()), abs=1e-5)
+        assert p == pytest.approx(float(torch.softmax(logits, -1).max()), abs=prob_tol(lm, width))
 
 
 def test_load_facts_formats_and_errors(tmp_path):

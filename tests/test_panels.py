@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_model
+from float32 import prob_tol
 
 pytest.importorskip("jupyter_bokeh")
 
@@ -57,7 +58,10 @@ def test_trace_panel_click_shows_restored_run(lm):
     cell = source.data["row"].index(t) + layer
     source.selected.indices = [cell]  # what a click in the browser does
     grid = panel.lens_layout.select_one({"name": "lens_curves"}).data
-    assert grid["prob"][0][-1] == pytest.approx(result.scores[t, layer], abs=1e-5)
+    # the panel replays the restored run as one full forward pass with hooks (tracer.lens.restored_lens);
+    # the trace's score came from the batched engine with a key/value cache: float32 sums in other
+    # orders along the whole path (tests/float32.py)
+    assert grid["prob"][0][-1] == pytest.approx(result.scores[t, layer], abs=prob_tol(lm, len(result.tokens)))
     assert "restored" in panel.status.value
 
 
