@@ -518,29 +518,6 @@ def test_a_failing_revert_keeps_the_original_exception(tiny_lm, records, caplog)
     ledger.revert_all()
 
 
-def test_ledger_files_go_through_the_atomic_writers(tiny_lm, records, tmp_path, monkeypatch):
-    import tracer.edit.ledger as ledger_module
-
-    written = []
-
-    def spy(real):
-        def write(path, *args, **kwargs):
-            written.append(Path(path).name)
-            return real(path, *args, **kwargs)
-        return write
-
-    for name in ("save_safetensors_atomic", "write_json_atomic"):
-        monkeypatch.setattr(ledger_module, name, spy(getattr(ledger_module, name)))
-    lm = make_tiny_model("gpt2")
-    record = rome_edit(lm, REQUESTS[0], _hp(lm), stats="identity", progress=False)
-    with Ledger(lm) as ledger:
-        ledger.apply(record)
-        ledger.save(tmp_path / "edits.safetensors")
-        ledger.export(tmp_path / "edited")
-    assert written == ["edits.safetensors", "factscope-edits.json"]
-    assert json.loads((tmp_path / "edited" / "factscope-edits.json").read_text())[0]["id"] == record.id
-
-
 def test_a_ledger_holds_one_cpu_copy_per_edited_matrix(mixed):
     """The snapshot the exact revert needs is on the CPU in the weights' dtype; what the ledger last wrote
     is remembered as a hash, not as a second copy of the matrix."""

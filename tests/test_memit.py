@@ -700,23 +700,3 @@ def test_format_1_record_files_still_load(tmp_path):
     Path(str(tmp_path / "old.safetensors") + ".json").write_text(json.dumps(meta))
     with pytest.raises(EditError, match="does not verify"):
         MemitRecord.load(tmp_path / "old.safetensors")
-
-
-def test_record_files_go_through_the_atomic_writers(llama_batches, tmp_path, monkeypatch):
-    import tracer.edit.memit as memit
-
-    _, _, first, _ = llama_batches
-    written = []
-
-    def spy(real):
-        def write(path, *args, **kwargs):
-            written.append(Path(path).name)
-            return real(path, *args, **kwargs)
-        return write
-
-    for name in ("save_safetensors_atomic", "write_json_atomic"):
-        monkeypatch.setattr(memit, name, spy(getattr(memit, name)))
-    first.save(tmp_path / "batch.safetensors")
-    assert sorted(written) == ["batch.safetensors", "batch.safetensors.json"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(written)
-    assert MemitRecord.load(tmp_path / "batch.safetensors").id == first.id
