@@ -31,6 +31,8 @@ from .hooks import TensorFn, hooked, record_outputs
 from .layers import get_module
 from .limits import Estimate, ModelShape, check_count, check_memory, forward_bytes, prompt_ids
 from .models import LanguageModel, as_model
+from .noise import corrupt, draw_noise
+from .trace_result import TraceResult
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +226,6 @@ def restored_lens(model: LanguageModel | str, result, token: int, layer: int, *,
     samples, so the answer's probability at the last position after the last layer equals the
     trace's score at ``(token, layer)`` (checked by a test). Severed traces are not supported.
     """
-    from .trace_result import TraceResult
 
     lm = as_model(model)
     if not isinstance(result, TraceResult):
@@ -263,7 +264,6 @@ def restored_lens(model: LanguageModel | str, result, token: int, layer: int, *,
 
 def _noise_hook(result):
     """Embedding-output hook adding the trace's noise (same draw) to the subject's tokens."""
-    from .noise import corrupt, draw_noise
 
     start, end = result.subject_span
 

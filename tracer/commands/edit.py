@@ -13,10 +13,14 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..edit.check import check_edit, check_prompts
+from ..edit.ledger import Ledger, save_records
+from ..edit.rome import EditRequest, ROMEHyperParams, rome_edit
 from ..errors import EditError, HyperParameterError
 from ..files import write_json_atomic
 from ..limits import check_count, prompt_ids
-from ..models import cache_dir
+from ..models import cache_dir, load_model
+from ..stats import StatsCache
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +67,6 @@ def _check_outputs(args) -> None:
 
 def settings(args, lm):
     """Hyper-parameters and statistics source the command uses (defaults from the model)."""
-    from ..edit.rome import ROMEHyperParams
-    from ..stats import StatsCache
 
     overrides = {}
     if args.layer is not None:
@@ -86,7 +88,6 @@ def _check_prompts(lm, request, hp, checks) -> None:
     """Every prompt the command will run fits the model, checked before the edit is computed:
     the rewrite prompt after the longest context template with the new target's tokens appended
     (the rows of v*), the --check prompts and the default generation prompts (as check_edit runs them)."""
-    from ..edit.check import check_prompts
 
     target = list(lm.tokenizer(request.target_new, add_special_tokens=False)["input_ids"])
     template = max((n for n, count in hp.context_template_lengths if count), default=0)
@@ -98,10 +99,6 @@ def _check_prompts(lm, request, hp, checks) -> None:
 
 
 def run(args) -> int:
-    from ..edit.check import check_edit
-    from ..edit.ledger import Ledger, save_records
-    from ..edit.rome import EditRequest, rome_edit
-    from ..models import load_model
 
     _check_outputs(args)
     request = EditRequest(args.prompt, args.subject, args.target, args.true_target)

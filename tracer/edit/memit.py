@@ -45,6 +45,7 @@ from ..hooks import hooked, main_tensor
 from ..layers import get_module
 from ..models import LanguageModel, as_model, right_pad
 from ..stats import key_fingerprint, weights_fingerprint
+from ..targets import spaced
 from .ledger import (bits_view, checked_field, checked_tensor, content_digest, dict_of, is_int, is_number, list_of,
                      verify_content, weight_hash)
 
@@ -190,7 +191,7 @@ class Request:
         """As :class:`tracer.edit.rome.EditRequest` (target with ROME's leading space)."""
         from .rome import EditRequest
 
-        t = self.target_new if self.target_new[:1].isspace() else " " + self.target_new
+        t = spaced(self.target_new)
         return EditRequest(self.prompt, self.subject, t)
 
 

@@ -37,10 +37,11 @@ import torch
 
 from ..errors import EditError, HyperParameterError, StatisticsError, SubjectNotFoundError
 from ..hooks import hooked
+from ..limits import COUNT_LIMITS, check_prompt_length
 from ..models import LanguageModel, as_model, cache_dir, right_pad
 from ..stats import KeyStatistics, StatsCache, key_fingerprint
-from ..limits import COUNT_LIMITS, check_prompt_length
 from ..subject import tokenize_prompt
+from ..targets import spaced
 from .ledger import EditRecord, edited
 
 log = logging.getLogger(__name__)
@@ -100,9 +101,6 @@ class EditRequest:
     def from_counterfact(cls, record: dict) -> "EditRequest":
         """A request from a CounterFact record (ROME's format; targets get ROME's leading space)."""
         rw = record["requested_rewrite"]
-
-        def spaced(s: str) -> str:
-            return s if s[:1].isspace() else " " + s
 
         return cls(rw["prompt"], rw["subject"], spaced(rw["target_new"]["str"]), spaced(rw["target_true"]["str"]))
 

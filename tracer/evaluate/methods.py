@@ -26,14 +26,11 @@ from ..edit.rome import EditRequest, ROMEHyperParams, generate_context_templates
 from ..errors import HyperParameterError
 from ..layers import get_module
 from ..models import LanguageModel, right_pad
+from ..targets import spaced
 from .records import Case
 from .scoring import split_prompt_target
 
 METHODS = ("none", "ft-l", "rome", "memit")
-
-
-def _spaced(s: str) -> str:
-    return s if s[:1].isspace() else " " + s
 
 
 @dataclass(frozen=True)
@@ -150,8 +147,8 @@ class RomeMethod:
             self._templates = generate_context_templates(lm, self.hp.context_template_lengths, self.hp.template_seed)
         ledger = Ledger(lm)
         for c in cases:
-            req = EditRequest(c.prompt, c.subject, _spaced(c.target_new),
-                              _spaced(c.target_true) if c.target_true and c.target_true.strip() != c.target_new.strip() else None)
+            req = EditRequest(c.prompt, c.subject, spaced(c.target_new),
+                              spaced(c.target_true) if c.target_true and c.target_true.strip() != c.target_new.strip() else None)
             if self.stats is None or isinstance(self.stats, str):
                 self.stats = resolve_statistics(lm, self.hp, self.stats)  # resolved once, on the unedited model
             record = rome_edit(lm, req, self.hp, self.stats, context_templates=self._templates, progress=False)

@@ -21,6 +21,7 @@ from ..errors import PromptError
 from ..layers import get_module
 from ..limits import Estimate, ModelShape, check_memory, check_prompt_length, forward_bytes
 from ..models import LanguageModel, right_pad
+from ..targets import spaced
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def split_prompt_target(tokenizer, prompt: str, target: str) -> tuple[list[int],
     """
     if not target.strip():
         raise PromptError(f"empty target after prompt {prompt!r}")
-    text_target = target if target[:1].isspace() else " " + target
+    text_target = spaced(target)
     text = prompt + text_target
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
