@@ -50,8 +50,10 @@ from tracer.dataset_trace import parse_shard  # noqa: E402
 from tracer.files import write_json_atomic  # noqa: E402
 from tracer.edit import Ledger  # noqa: E402
 from tracer.errors import FactscopeError  # noqa: E402
-from tracer.edit.memit import (MemitHyperParams, compute_memit, compute_zs, context_templates, heldout_texts,  # noqa: E402
-                               load_statistics, perplexity, sequential_memit)
+from tracer.edit import (MemitHyperParams, compute_memit, context_templates, load_statistics,  # noqa: E402
+                         sequential_memit)
+from tracer.edit.sequential import heldout_texts, perplexity  # noqa: E402
+from tracer.edit.zs import compute_zs  # noqa: E402
 from tracer.evaluate import case_scores, load_cases, measure_probabilities, summarize  # noqa: E402
 from tracer.models import load_model  # noqa: E402
 
@@ -203,10 +205,11 @@ def main() -> None:
             rec.revert(lm)
     if args.rome:
         from tracer.edit import ROMEHyperParams, rome_edit
-        from tracer.edit.rome import EditRequest, generate_context_templates, resolve_statistics
+        from tracer.edit import EditRequest, generate_context_templates
+        from tracer.edit.statistics import statistics_at
 
         rhp = ROMEHyperParams.for_model(lm)
-        stats = resolve_statistics(lm, rhp, None)
+        stats = statistics_at(lm, rhp.layer, None, rhp.stats_tokens, chunk_tokens=rhp.stats_chunk_tokens)
         tmpl = generate_context_templates(lm, rhp.context_template_lengths, rhp.template_seed)
         ledger = Ledger(lm)
         w_rome = lm.model.get_submodule(lm.layers.mlp_out_name(rhp.layer)).weight

@@ -29,9 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results import add_result_arguments, save_result  # noqa: E402
-from tracer.edit.memit import (MemitHyperParams, Request, _auto_chunk, _extent, _key_rows, _KeyRows,  # noqa: E402
-                               _keys_and_z, compute_zs, context_templates)
-from tracer.edit.rome import compute_v  # noqa: E402
+from tracer.edit import MemitHyperParams, Request, compute_v, context_templates  # noqa: E402
+from tracer.edit.keys import KeyRows, key_rows  # noqa: E402
+from tracer.edit.memit import keys_and_z  # noqa: E402
+from tracer.edit.zs import auto_chunk, compute_zs, extent  # noqa: E402
 from tracer.evaluate import load_cases  # noqa: E402
 from tracer.models import load_model  # noqa: E402
 
@@ -60,9 +61,9 @@ def main() -> None:
     templates = context_templates(lm, hp)
     if args.stage == "keys":
         return keys_stage(lm, [Request.coerce(c) for c in cases], hp, templates, args)
-    chunk = _auto_chunk(lm, hp, len(templates))
+    chunk = auto_chunk(lm, hp, len(templates))
     reqs = [Request.coerce(c).edit_request() for c in cases]
-    extents = [_extent(lm, r)[0] for r in reqs]
+    extents = [extent(lm, r)[0] for r in reqs]
     print(json.dumps({"requests": len(reqs), "chunk": chunk, "steps": args.steps,
                       "real_tokens": {"file_order": round(real_share(extents, chunk), 3),
                                       "grouped": round(real_share(sorted(extents), chunk), 3)}}), flush=True)
@@ -86,26 +87,27 @@ def main() -> None:
 
 def keys_stage(lm, reqs, hp, templates, args) -> None:
     repeats = args.repeats
-    grouped = _key_rows(lm, reqs, templates)
-    in_order = _KeyRows([grouped.rows[j] for j in grouped.where.argsort()], torch.arange(len(grouped.rows)),
-                        grouped.n_requests, grouped.n_templates)
+    grouped = key_rows(lm, reqs, templates)
+    order = grouped.where.argsort().tolist()
+    in_order = KeyRows(tuple(grouped.ids[j] for j in order), tuple(grouped.lookup[j] for j in order),
+                       torch.arange(len(grouped.ids)), grouped.n_requests, grouped.n_templates)
     batch_rows = 256  # compute_memit's default (no chunk_requests)
     layer, z_layer = hp.layers[0], hp.layers[-1]
-    lengths = {"file_order": [len(r.ids) for r in in_order.rows], "grouped": [len(r.ids) for r in grouped.rows]}
-    print(json.dumps({"requests": len(reqs), "rows": len(grouped.rows), "batch_rows": batch_rows, "layer": layer,
+    lengths = {"file_order": [len(ids) for ids in in_order.ids], "grouped": [len(ids) for ids in grouped.ids]}
+    print(json.dumps({"requests": len(reqs), "rows": len(grouped.ids), "batch_rows": batch_rows, "layer": layer,
                       "real_tokens": {k: round(real_share(v, batch_rows), 3) for k, v in lengths.items()}}), flush=True)
     cpu = {"file_order": [], "grouped": []}
     out = {}
     for _ in range(repeats):
         for name, rows in (("file_order", in_order), ("grouped", grouped)):
             t = time.process_time()
-            out[name] = _keys_and_z(lm, rows, layer, z_layer, batch_rows)
+            out[name] = keys_and_z(lm, rows, layer, z_layer, batch_rows)
             cpu[name].append(round(time.process_time() - t, 1))
     diff = max(float((a - b).abs().max()) for a, b in zip(out["file_order"], out["grouped"]))
     ratio = round(sum(cpu["file_order"]) / sum(cpu["grouped"]), 2)
     print(json.dumps({"cpu_s": cpu, "max_abs_difference": diff, "ratio_file_order_over_grouped": ratio}), flush=True)
     save_result(args, args.result_name or "z_order_keys", {
-        "stage": "keys", "requests": len(reqs), "start": args.start, "rows": len(grouped.rows), "batch_rows": batch_rows,
+        "stage": "keys", "requests": len(reqs), "start": args.start, "rows": len(grouped.ids), "batch_rows": batch_rows,
         "layer": layer, "repeats": repeats,
         "real_tokens": {k: real_share(v, batch_rows) for k, v in lengths.items()},
         "cpu_s": cpu, "ratio_file_order_over_grouped": ratio, "max_abs_difference": diff}, threads=1)

@@ -87,3 +87,30 @@ def test_long_prompts_are_refused_before_any_forward_pass(tiny_lm, record):
         assert calls == []
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("tiny_lm", ["gpt2", "llama"], indirect=True)
+def test_check_edit_and_evaluate_give_the_same_probabilities(tiny_lm, record):
+    """The same edit seen by check_edit and by factscope evaluate's measurement: one scorer
+    (tracer.scoring.score_targets), the targets tokenised the same way, so the same numbers."""
+    from tracer.evaluate import Case, measure_probabilities
+
+    lm = tiny_lm
+    paraphrases = ["Where is The Eiffel Tower? It is in", "The Eiffel Tower stands in the city of"]
+    neighbours = ["The Louvre is located in the city of"]
+    check = check_edit(lm, record, paraphrases=paraphrases, neighbours=neighbours, generation_prompts=[])
+    case = Case(case_id=0, dataset="counterfact", subject=REQUEST.subject, prompt=REQUEST.prompt,
+                target_new=REQUEST.target_new.strip(), target_true=record.target_true.strip(),
+                paraphrase_prompts=tuple(paraphrases), neighborhood_prompts=tuple(neighbours),
+                specificity_targets=(record.target_true.strip(),))
+    before = measure_probabilities(lm, case)
+    with edited(lm, [record]):
+        after = measure_probabilities(lm, case)
+    rows = [("rewrite", 0), ("paraphrase", 0), ("paraphrase", 1), ("neighborhood", 0)]
+    for p, (group, i) in zip(check.prompts, rows):
+        for state, measured in (("before", before), ("after", after)):
+            pred = getattr(p, state)
+            # the same pairs in batches of another composition: float32 sums in other orders only
+            assert math.isclose(pred.logp_new, -measured[group][i]["nll_new"], rel_tol=0, abs_tol=1e-5), (p.prompt, state)
+            assert math.isclose(pred.logp_true, -measured[group][i]["nll_true"], rel_tol=0, abs_tol=1e-5), (p.prompt, state)
+    assert check.efficacy == (after["rewrite"][0]["nll_new"] < after["rewrite"][0]["nll_true"])

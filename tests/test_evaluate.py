@@ -12,9 +12,9 @@ from float32 import logprob_tol
 from tracer.errors import FactscopeError, HyperParameterError
 from tracer.evaluate import (Case, Tfidf, case_scores, harmonic_mean, load_cases, ngram_entropy, run_evaluation,
                              score_targets, summarize, summary_markdown)
-from tracer.evaluate.generation import generate
+from tracer.generation import sample as generate
 from tracer.evaluate.metrics import measure_probabilities, reference_text
-from tracer.evaluate.scoring import TargetScore, split_prompt_target
+from tracer.scoring import TargetScore, split_prompt_target
 
 # ---------------------------------------------------------------------------- scoring
 
@@ -300,17 +300,6 @@ def test_cli_hparam_overrides_parsed_and_checked(tmp_path, capsys):
 
     editor = make_method("ft-l", make_tiny_model("llama"), layer=1, norm_constraint=5e-3, lr=5e-3)
     assert editor.hp == FTLHyperParams(layer=1, lr=5e-3, norm_constraint=5e-3)
-
-
-def test_ftl_defaults_per_model():
-    from conftest import make_tiny_model
-    from tracer.evaluate.methods import FTL_MODEL_DEFAULTS, FTLHyperParams
-
-    tiny = make_tiny_model("gpt2")
-    assert FTLHyperParams.for_model(tiny) == FTLHyperParams(layer=make_method_layer(tiny), lr=5e-4, norm_constraint=5e-4)
-    tiny.name = "smollm2-135m"  # the embedded model's measured ε, still overridable
-    assert FTLHyperParams.for_model(tiny).norm_constraint == FTL_MODEL_DEFAULTS["smollm2-135m"]["norm_constraint"] == 1e-2
-    assert FTLHyperParams.for_model(tiny, norm_constraint=2e-3).norm_constraint == 2e-3
 
 
 def make_method_layer(lm):

@@ -26,7 +26,7 @@ PACKAGES = ("tracer", "widgets")
 #: belongs to the entry naming it or its closest enclosing package ("=name": that module alone).
 #: Derived from the code: errors and files depend on nothing; architecture maps, data paths,
 #: subjects, target text and trace results on those; hooks and model loading on the architecture;
-#: noise, key statistics, known facts and averages on models; tracing and the lens on all of that;
+#: noise, key statistics, known facts, averages, sampling and target scoring on models; tracing and the lens on all of that;
 #: editing on tracing's building blocks; evaluation runs the editors; the ``tracer`` facade
 #: re-exports; the engine's commands sit on the engine; the UI (figures, then panels and export,
 #: then the UI's commands and the ``factscope`` entry point) sits on top.
@@ -34,7 +34,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("tracer.errors", "tracer.files", "tracer.markdown"),
     ("tracer.limits", "tracer.layers", "tracer.datapaths", "tracer.subject", "tracer.targets", "tracer.trace_result"),
     ("tracer.hooks", "tracer.models"),
-    ("tracer.noise", "tracer.stats", "tracer.knowns", "tracer.aggregate"),
+    ("tracer.noise", "tracer.stats", "tracer.knowns", "tracer.aggregate", "tracer.generation", "tracer.scoring"),
     ("tracer.trace", "tracer.lens", "tracer.dataset_trace"),
     ("tracer.edit",),
     ("tracer.evaluate",),
@@ -57,28 +57,9 @@ LOCAL_IMPORTS_ALLOWED = {
     "pwd": "POSIX-only standard module (absent on Windows)",
 }
 
-#: Violations the code still has. Issue 16 (point 1: the layered editing engine) removes them by
-#: restructuring tracer/edit; delete each entry as its violation goes (the test says which).
-KNOWN_VIOLATIONS = {
-    # edit/ledger.py <-> edit/rome.py, edit/memit.py, held apart by function-local imports
-    "cycle: tracer.edit.ledger, tracer.edit.memit, tracer.edit.rome",
-    # edit/memit.py reaches up into evaluation for its generation loop
-    "upward: tracer.edit.memit imports tracer.evaluate.generation",
-    # MEMIT borrows ROME's helpers by their private names
-    "private: tracer.edit.memit imports tracer.edit.rome._place",
-    "private: tracer.edit.memit imports tracer.edit.rome._target_ids",
-    # function-local imports that save nothing (or hold the cycle above apart)
-    "local: tracer.edit.ledger imports safetensors",
-    "local: tracer.edit.ledger imports tracer.edit.memit",
-    "local: tracer.edit.ledger imports tracer.edit.rome",
-    "local: tracer.edit.memit imports gzip",
-    "local: tracer.edit.memit imports safetensors",
-    "local: tracer.edit.memit imports tracer.edit.rome",
-    "local: tracer.edit.memit imports tracer.evaluate.generation",
-    "local: tracer.edit.memit imports tracer.files",
-    "local: tracer.edit.memit imports tracer.models",
-    "local: tracer.edit.memit imports tracer.stats",
-}
+#: Violations the code still has (none since issue 16's layered editing engine); an entry here must
+#: come with the issue that removes it, and the test fails once it is gone.
+KNOWN_VIOLATIONS: set[str] = set()
 
 
 @dataclass(frozen=True)

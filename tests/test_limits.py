@@ -17,8 +17,8 @@ from conftest import make_tiny_model
 from tracer import limits
 from tracer.trace import estimate_trace, trace
 from tracer.errors import HyperParameterError, PromptError
-from tracer.evaluate.generation import generate
-from tracer.evaluate.scoring import score_targets
+from tracer.generation import sample as generate
+from tracer.scoring import score_targets
 from tracer.knowns import greedy_next
 from tracer.errors import JobTooLargeError
 from tracer.limits import (COUNT_LIMITS, SEED_LIMIT, ModelShape, check_count, check_memory,

@@ -11,8 +11,10 @@ from conftest import make_tiny_model
 from float32 import U32, U64, activation_tol, gamma, logprob_tol, mean_nll_tol
 from tracer.errors import EditError, HyperParameterError
 from tracer.hooks import hooked
-from tracer.edit.memit import (MemitHyperParams, MemitRecord, Request, _extent, _key_rows, _keys_and_z, compute_memit,
-                               compute_zs, solve_update)
+from tracer.edit import MemitHyperParams, MemitRecord, Request, WeightBook, load_records, save_records
+from tracer.edit.keys import key_rows as _key_rows
+from tracer.edit.memit import compute_memit, keys_and_z, solve_update
+from tracer.edit.zs import compute_zs, extent
 
 REQS = [Request("Paris", "{} is the capital of", "Germany"), Request("the cat", "I saw {} in", "the garden"),
         Request("Rome", "The city of {} is in", "Spain")]
@@ -90,7 +92,7 @@ def test_one_request_one_layer_equals_closed_form(family):
     templates = ("{}",)  # the key is then the bare prompt's key, where z is read
     req = [REQS[0]]
     z = compute_zs(lm, req, hp, templates, progress=False).z
-    k, h = _keys_and_z(lm, _key_rows(lm, req, templates), layer, layer, batch_rows=8)
+    k, h = keys_and_z(lm, _key_rows(lm, req, templates), layer, layer, batch_rows=8)
     w0 = _weights(lm, [layer])[0]
     record = compute_memit(lm, req, hp, statistics={layer: (C, {"kind": "given"})}, templates=templates, progress=False)
     K, r = k.double().T, (z - h).double().T  # one layer: the whole residual goes here
@@ -112,7 +114,7 @@ def test_one_request_one_layer_equals_closed_form(family):
     # Below the MLP's output product nothing changed (the same bits in both passes), so h_new - h is
     # (W1 - W0) k plus the roundings of the two passes' product of length d_k, bias and residual
     # additions (gamma(d_k + 2) of |W| |k| + |b| + |h| each) and of the subtraction (u32)
-    _, h_new = _keys_and_z(lm, _key_rows(lm, req, templates), layer, layer, batch_rows=8)
+    _, h_new = keys_and_z(lm, _key_rows(lm, req, templates), layer, layer, batch_rows=8)
     q = float(K[:, 0] @ torch.linalg.solve(C, K[:, 0]))
     module = lm.model.get_submodule(lm.layers.mlp_out_name(layer))
     b = module.bias.detach().double().abs() if getattr(module, "bias", None) is not None else 0
@@ -127,9 +129,9 @@ def test_keys_read_in_length_order_come_back_in_request_order(family):
     lm = make_tiny_model(family)
     templates = ("{}", "A long opening sentence about nothing much at all. {}", "Hi. {}")
     key_rows = _key_rows(lm, REQS, templates)
-    lengths = [len(r.ids) for r in key_rows.rows]
+    lengths = [len(ids) for ids in key_rows.ids]
     assert lengths == sorted(lengths) and not torch.equal(key_rows.where, torch.arange(len(lengths)))
-    keys, z = _keys_and_z(lm, key_rows, 1, 2, batch_rows=4)  # chunks of 4 rows padded to their longest
+    keys, z = keys_and_z(lm, key_rows, 1, 2, batch_rows=4)  # chunks of 4 rows padded to their longest
     # Padded chunks against one row at a time: other shapes, so float32 sums in other orders along
     # the path (tests/float32.py, activation_tol; attention over the longest row). Keys: each
     # template's key within its bound (_key_scale); the average of averages passes on at most the
@@ -138,14 +140,14 @@ def test_keys_read_in_length_order_come_back_in_request_order(family):
     width = max(lengths)
     w2, b2 = _mlp_weight(lm, 2)
     for q, req in enumerate(REQS):
-        alone = [_keys_and_z(lm, _key_rows(lm, [req], (t,)), 1, 2, batch_rows=1) for t in templates]
+        alone = [keys_and_z(lm, _key_rows(lm, [req], (t,)), 1, 2, batch_rows=1) for t in templates]
         want_key = (alone[0][0][0] + torch.stack([k[0] for k, _ in alone[1:]]).mean(0)) / 2
-        rows = [_key_rows(lm, [req], (t,)).rows[0] for t in templates]
-        scale = torch.stack([_key_scale(lm, 1, r.ids, r.lookup) for r in rows]).max(0).values
+        rows = [_key_rows(lm, [req], (t,)) for t in templates]
+        scale = torch.stack([_key_scale(lm, 1, list(r.ids[0]), r.lookup[0]) for r in rows]).max(0).values
         k_abs = torch.stack([k[0] for k, _ in alone]).double().abs().max()
         _within(keys[q].double(), want_key.double(),
                 activation_tol(lm, width, 2, scale) + 2 * gamma(len(templates) + 1) * k_abs)
-        k2 = _keys_and_z(lm, _key_rows(lm, [req], ("{}",)), 2, 2, batch_rows=1)[0][0].double()
+        k2 = keys_and_z(lm, _key_rows(lm, [req], ("{}",)), 2, 2, batch_rows=1)[0][0].double()
         mlp_out = k2 @ w2.T + b2
         z_scale = k2.abs() @ w2.abs().T + abs(b2) + alone[0][1][0].double().abs() + mlp_out.abs()
         _within(z[q].double(), alone[0][1][0].double(), activation_tol(lm, width, 3, z_scale))
@@ -167,9 +169,9 @@ def test_revert_and_reapply_are_bit_exact(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(w1, _weights(lm, hp.layers)))
     with pytest.raises(EditError):
         first.apply(lm)
-    first.save(tmp_path / "batch.safetensors")
+    save_records([first], tmp_path / "batch.safetensors")
     fresh = make_tiny_model("llama")
-    loaded = MemitRecord.load(tmp_path / "batch.safetensors")
+    [loaded] = load_records(tmp_path / "batch.safetensors")
     loaded.apply(fresh)
     assert all(torch.equal(a, b) for a, b in zip(w1, _weights(fresh, hp.layers)))
     assert loaded.requests == first.requests and loaded.hparams == first.hparams
@@ -230,7 +232,7 @@ def test_z_chunks_group_requests_by_length_and_keep_the_callers_order():
     hp = MemitHyperParams(layers=(2,), v_steps=5, chunk_requests=2)
     templates = ("{}", "Once. {}")
     reqs = [REQS[1], REQS[0], REQS[2]]  # extents (tokens fed per step) differ: chunking reorders them
-    extents = [_extent(lm, r.edit_request()) for r in reqs]
+    extents = [extent(lm, r.edit_request()) for r in reqs]
     assert sorted(range(3), key=extents.__getitem__) != [0, 1, 2]
     assert len(set(extents)) == 3  # so both calls below form the same chunks
     got = compute_zs(lm, reqs, hp, templates, progress=False)
@@ -246,7 +248,7 @@ def test_z_chunks_group_requests_by_length_and_keep_the_callers_order():
 
 
 def test_sequential_batches_report_health_and_revert():
-    from tracer.edit.memit import sequential_memit
+    from tracer.edit import sequential_memit
 
     lm = make_tiny_model("llama")
     hp = MemitHyperParams(layers=(1, 2), v_steps=3, mom2_weight=1.0)
@@ -262,7 +264,7 @@ def test_sequential_batches_report_health_and_revert():
 
 
 def test_sequential_batches_take_given_statistics_and_reject_incomplete_ones():
-    from tracer.edit.memit import load_statistics, sequential_memit
+    from tracer.edit import load_statistics, sequential_memit
 
     lm = make_tiny_model("llama")
     hp = MemitHyperParams(layers=(1, 2), v_steps=3, mom2_weight=1.0)
@@ -287,7 +289,7 @@ def test_sequential_batches_take_given_statistics_and_reject_incomplete_ones():
 def test_sequential_batches_resume_from_checkpoint(tmp_path):
     """An interrupted sequence rerun with the same checkpoint directory recomputes no z and ends
     on the same weights; batch 2's z are keyed on the weights after batch 1."""
-    from tracer.edit.memit import sequential_memit
+    from tracer.edit import sequential_memit
 
     lm = make_tiny_model("llama")
     hp = MemitHyperParams(layers=(1, 2), v_steps=3, mom2_weight=1.0)
@@ -315,8 +317,8 @@ def test_sequential_batches_resume_from_checkpoint(tmp_path):
 def test_embedded_memit_eight_requests(embedded, shared_data):
     """The default run's embedded check (the 100-request one is ``slow``): 8 CounterFact edits in one
     batch, 6 z steps, C = I with λ = 10, about 40 CPU-seconds. Measured: ES 12.5 -> 87.5,
-    PS 12.5 -> 75, NS 75 -> 75; each margin below allows one case (12.5 points) to flip. The record
-    keeps ~1 MB on the CPU to revert exactly (the 5 matrices hold 17.7 MB), and revert is exact."""
+    PS 12.5 -> 75, NS 75 -> 75; each margin below allows one case (12.5 points) to flip. The model's
+    book keeps one CPU copy of the 5 edited matrices (17.7 MB) to revert exactly, and revert is exact."""
     from tracer.evaluate import case_scores, load_cases, measure_probabilities, summarize
 
     cases = load_cases("counterfact-10k", limit=8, data_dir=shared_data)
@@ -326,7 +328,7 @@ def test_embedded_memit_eight_requests(embedded, shared_data):
     record = compute_memit(embedded, cases, hp, stats="identity", progress=False)
     try:
         post = summarize([case_scores(measure_probabilities(embedded, c)) for c in cases])
-        assert record.undo_bytes < sum(w.numel() * w.element_size() for w in w0) / 4
+        assert WeightBook.of(embedded).held_bytes == sum(w.numel() * w.element_size() for w in w0)
     finally:
         record.revert(embedded)
     assert all(torch.equal(a, b) for a, b in zip(w0, _weights(embedded, hp.layers)))
@@ -359,13 +361,13 @@ def test_embedded_memit_hundred_requests(embedded, shared_data):
 
 
 def test_z_checkpoints_resume_an_interrupted_batch(tmp_path, monkeypatch):
-    import tracer.edit.rome as rome
+    import tracer.edit.zs as zs
 
     lm = make_tiny_model("llama")
     hp = MemitHyperParams(layers=(1, 2), v_steps=4, chunk_requests=2)
     whole = compute_zs(lm, REQS, hp, ("{}",), progress=False)
     ckpt = tmp_path / "z"
-    real, calls = rome.compute_v, []
+    real, calls = zs.compute_v, []
 
     def failing_second_chunk(*a, **k):
         calls.append(1)
@@ -373,10 +375,10 @@ def test_z_checkpoints_resume_an_interrupted_batch(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # the user stops the run during the second chunk
         return real(*a, **k)
 
-    monkeypatch.setattr(rome, "compute_v", failing_second_chunk)
+    monkeypatch.setattr(zs, "compute_v", failing_second_chunk)
     with pytest.raises(KeyboardInterrupt):
         compute_zs(lm, REQS, hp, ("{}",), progress=False, checkpoint_dir=ckpt)
-    monkeypatch.setattr(rome, "compute_v", real)
+    monkeypatch.setattr(zs, "compute_v", real)
     assert len(list(ckpt.glob("z-*.safetensors"))) == 1
     resumed = compute_zs(lm, REQS, hp, ("{}",), progress=False, checkpoint_dir=ckpt)
     assert resumed.reused == 2 and torch.equal(resumed.z, whole.z) and resumed.losses == whole.losses
@@ -495,8 +497,6 @@ def test_a_bad_z_checkpoint_is_skipped_with_a_warning_and_recomputed(tmp_path, c
 
 
 def test_apply_writes_every_layer_or_none(llama_batches, monkeypatch):
-    import tracer.edit.memit as memit
-
     lm, hp, first, _ = llama_batches
     w0 = _weights(lm, hp.layers)
 
@@ -531,93 +531,106 @@ def test_apply_writes_every_layer_or_none(llama_batches, monkeypatch):
     _one_line(info, "non-finite in torch.float16", "nothing was applied")
     assert all(torch.equal(a, b) for a, b in zip(h0, _weights(half, hp.layers)))
     # a failure while writing the second layer restores the first, bit for bit
-    real, calls = memit._undo_for, []
+    real, calls = WeightBook._write, []
 
-    def fail_second(*a):
+    def fail_second(self, *a):
         calls.append(1)
         if len(calls) == 2:
             raise MemoryError("out of memory")
-        return real(*a)
+        return real(self, *a)
 
-    monkeypatch.setattr(memit, "_undo_for", fail_second)
+    monkeypatch.setattr(WeightBook, "_write", fail_second)
     with pytest.raises(MemoryError):
         first.apply(lm)
+    monkeypatch.setattr(WeightBook, "_write", real)
     assert not first.applied and all(torch.equal(a, b) for a, b in zip(w0, _weights(lm, hp.layers)))
+    assert WeightBook.of(lm).held_bytes == 0
 
 
-def test_revert_out_of_order_is_refused_and_names_the_batch_to_revert_first(llama_batches):
+def test_batches_revert_in_any_order_and_a_change_behind_their_back_is_refused(llama_batches):
     lm, hp, first, second = llama_batches
     w0 = _weights(lm, hp.layers)
+    second.apply(lm)
+    only_second = _weights(lm, hp.layers)
+    second.revert(lm)
     first.apply(lm)
     w1 = _weights(lm, hp.layers)
     second.apply(lm)
     w2 = _weights(lm, hp.layers)
-    with pytest.raises(EditError) as info:
-        first.revert(lm)
-    _one_line(info, f"revert {second.id} first")
-    assert all(torch.equal(a, b) for a, b in zip(w2, _weights(lm, hp.layers)))  # nothing was written
+    first.revert(lm)  # out of order: the weights are those of the set left, bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(only_second, _weights(lm, hp.layers)))
+    first.apply(lm)
+    assert all(torch.equal(a, b) for a, b in zip(w2, _weights(lm, hp.layers)))
     second.revert(lm)
     assert all(torch.equal(a, b) for a, b in zip(w1, _weights(lm, hp.layers)))
     w = lm.model.get_submodule(first.modules[1]).weight
     with torch.no_grad():
-        w.view(-1)[0] += 1.0  # a change behind the record's back
+        w.view(-1)[0] += 1.0  # a change behind the book's back
     with pytest.raises(EditError) as info:
         first.revert(lm)
-    _one_line(info, first.modules[1], "was changed since")
+    _one_line(info, first.modules[1], "was changed outside")
+    assert first.applied  # nothing was written
     with torch.no_grad():
         w.copy_(w1[1])
     first.revert(lm)
     assert all(torch.equal(a, b) for a, b in zip(w0, _weights(lm, hp.layers)))
 
 
-def test_an_applied_record_keeps_little_and_only_on_the_cpu(llama_batches):
-    """Exact revert needs only the elements where fl(W₁ − ΔW) misses W₀ (CPU), not a copy of the
-    weights' bits on the model's device: at most one weight's bytes per edited matrix, here far less."""
-    lm, hp, first, _ = llama_batches
+def test_an_applied_batch_keeps_one_copy_of_each_edited_weight_on_the_cpu(llama_batches):
+    """Exact revert in any order needs the original bits: the book keeps one copy of each edited
+    matrix, on the CPU, while an edit is applied there, and nothing once everything is reverted."""
+    lm, hp, first, second = llama_batches
     weights = [lm.model.get_submodule(m).weight for m in first.modules]
     matrix_bytes = sum(w.numel() * w.element_size() for w in weights)
+    book = WeightBook.of(lm)
     first.apply(lm)
+    second.apply(lm)
     try:
-        held = [t for u in first.undo for t in (u.index, u.values) if t is not None]
-        assert all(t.device.type == "cpu" for t in held)
-        assert 0 < first.undo_bytes <= matrix_bytes / 2
+        assert book.held_bytes == matrix_bytes
+        assert all(t.device.type == "cpu" for t in book._original.values())
     finally:
         first.revert(lm)
-    assert first.undo is None and first.undo_bytes == 0
+        second.revert(lm)
+    assert book.held_bytes == 0 and not first.applied
 
 
-def test_undo_is_exact_where_subtraction_is_not():
-    """fl(fl(w + d) − d) misses w for many elements when d is large; the kept elements make it exact,
-    for float32, float16 and bfloat16, and the dense fallback too."""
-    from tracer.edit.memit import _undo, _undo_for
-
-    g = torch.Generator().manual_seed(0)
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for scale in (1e-3, 1.0, 100.0):
-            w0 = (torch.randn(48, 40, generator=g) * 0.02).to(dtype)
-            d = (torch.randn(48, 40, generator=g) * 0.02 * scale).to(dtype)
-            w = w0.clone().add_(d)
-            assert scale < 1 or not torch.equal(w - d, w0)
-            undo = _undo_for(w0, w, d)
-            _undo(w, d, undo)
-            assert torch.equal(w.view(torch.int16 if dtype != torch.float32 else torch.int32),
-                               w0.view(torch.int16 if dtype != torch.float32 else torch.int32)), (dtype, scale)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_revert_is_exact_where_subtraction_is_not(llama_batches, dtype):
+    """fl(fl(w + d) − d) misses w for many elements when d is large; revert gives the bits back in
+    every dtype (the book recomposes from the original instead of subtracting)."""
+    _, hp, first, _ = llama_batches
+    lm = make_tiny_model("llama")
+    for m in first.modules:
+        lm.model.get_submodule(m).to(dtype)
+    big = MemitRecord(requests=first.requests, hparams=first.hparams, modules=first.modules,
+                      deltas=[d * 100 for d in first.deltas], templates=first.templates, stats=first.stats,
+                      z_losses=first.z_losses, timings=first.timings)
+    w0 = _weights(lm, hp.layers)
+    big.apply(lm)
+    w = lm.model.get_submodule(first.modules[0]).weight
+    d = big.deltas[0].T if lm.layers.mlp_out_transposed else big.deltas[0]
+    assert not torch.equal(w - d.to(dtype), w0[0])  # subtracting would not restore the bits
+    big.revert(lm)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert all(torch.equal(a.view(bits), b.view(bits)) for a, b in zip(w0, _weights(lm, hp.layers)))
 
 
 def _saved(record, path):
-    record.save(path)
+    """The record's dict and tensors (named ``delta.i``) as the one file format holds them."""
+    save_records([record], path)
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return json.loads(Path(str(path) + ".json").read_text()), tensors
+        meta = json.loads(f.metadata()["factscope_ledger"])
+        tensors = {k.split(".", 1)[1]: f.get_tensor(k) for k in f.keys()}
+    return meta["records"][0], tensors
 
 
-def _put(path, meta, tensors):
+def _put(path, record_meta, tensors):
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path))
-    Path(str(path) + ".json").write_text(json.dumps(meta))
+    save_file({f"0.{k}": v for k, v in tensors.items()}, str(path),
+              {"factscope_ledger": json.dumps({"format": 3, "records": [record_meta]})})
     return path
 
 
@@ -637,8 +650,9 @@ RECORD_FILE_CASES = {
     "fingerprints keys": (lambda m, t: m.update(fingerprints={"x": "y"}), "'fingerprints'"),
     "format 9": (lambda m, t: m.update(format=9), "format 2"),
     "JSON a list": (lambda m, t: m.update(__list__=True), "JSON object"),
-    "missing tensor": (lambda m, t: t.pop("delta.1"), "lacks tensor 'delta.1'"),
-    "extra tensor": (lambda m, t: t.update({"delta.7": torch.zeros(2, 2)}), "unexpected tensor 'delta.7'"),
+    "not MEMIT": (lambda m, t: m.update(method="ROME"), "lacks tensor '0.u'"),
+    "missing tensor": (lambda m, t: t.pop("delta.1"), "lacks tensor '0.delta.1'"),
+    "extra tensor": (lambda m, t: t.update({"delta.7": torch.zeros(2, 2)}), "tensor '0.delta.7', which no record names"),
     "delta one-dimensional": (lambda m, t: t.update({"delta.0": t["delta.0"][0]}), "'delta.0' must be"),
     "deltas of two shapes": (lambda m, t: t.update({"delta.0": t["delta.0"][:, :-1].contiguous()}), "differ in shape"),
     "delta NaN": (lambda m, t: t["delta.1"].view(-1).__setitem__(0, float("nan")), "non-finite"),
@@ -653,37 +667,36 @@ RECORD_FILE_CASES = {
 def test_malformed_or_edited_record_files_are_one_line_errors(llama_batches, tmp_path, case):
     _, _, first, _ = llama_batches
     meta, tensors = _saved(first, tmp_path / "good.safetensors")
-    assert MemitRecord.load(tmp_path / "good.safetensors").id == first.id
+    assert load_records(tmp_path / "good.safetensors")[0].id == first.id
     change, words = RECORD_FILE_CASES[case]
     change(meta, tensors)
     if meta.pop("__list__", False):
         meta = [meta]
     path = _put(tmp_path / "bad.safetensors", meta, tensors)
     with pytest.raises(EditError) as info:
-        MemitRecord.load(path)
+        load_records(path)
     _one_line(info, str(path), words)
 
 
 def test_truncated_missing_or_foreign_record_files_are_one_line_errors(llama_batches, tmp_path):
     _, _, first, _ = llama_batches
     path = tmp_path / "r.safetensors"
-    first.save(path)
-    body, meta = path.read_bytes(), Path(str(path) + ".json").read_text()
-    for name, write, words in (("truncated", lambda: path.write_bytes(body[: len(body) // 2]), "not a MEMIT record"),
-                               ("not safetensors", lambda: path.write_text("hello"), "not a MEMIT record"),
-                               ("JSON truncated", lambda: Path(str(path) + ".json").write_text(meta[:40]), "JSON"),
-                               ("JSON missing", lambda: Path(str(path) + ".json").unlink(), "does not exist")):
-        first.save(path)
+    save_records([first], path)
+    body = path.read_bytes()
+    for name, write, words in (("truncated", lambda: path.write_bytes(body[: len(body) // 2]), "not a factscope ledger"),
+                               ("not safetensors", lambda: path.write_text("hello"), "not a factscope ledger"),
+                               ("missing", lambda: path.unlink(), "does not exist")):
+        save_records([first], path)
         write()
         with pytest.raises(EditError) as info:
-            MemitRecord.load(path)
+            load_records(path)
         _one_line(info, str(path), words)
 
 
 def test_format_1_record_files_still_load(tmp_path):
     """Records saved before ids covered every field load (by their own rule), apply and revert exactly."""
     path = Path(__file__).parent / "data" / "legacy-edits" / "memit-format1.safetensors"
-    record = MemitRecord.load(path)
+    [record] = load_records(path)  # the two-file form MEMIT batches had before the one file format
     assert record.legacy_id == "9b6427dd0f4ad27f" and record.id != record.legacy_id
     fresh = make_tiny_model("llama")
     w0 = _weights(fresh, record.layers)
@@ -691,12 +704,12 @@ def test_format_1_record_files_still_load(tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(w0, _weights(fresh, record.layers)))
     record.revert(fresh)
     assert all(torch.equal(a, b) for a, b in zip(w0, _weights(fresh, record.layers)))
-    record.save(tmp_path / "new.safetensors")
-    assert json.loads(Path(str(tmp_path / "new.safetensors") + ".json").read_text())["format"] == 2
-    assert MemitRecord.load(tmp_path / "new.safetensors").id == record.id
+    save_records([record], tmp_path / "new.safetensors")
+    assert not Path(str(tmp_path / "new.safetensors") + ".json").exists()
+    assert load_records(tmp_path / "new.safetensors")[0].id == record.id
     meta = json.loads(Path(str(path) + ".json").read_text())
     meta["modules"] = meta["modules"][::-1]  # covered by the old rule too
     (tmp_path / "old.safetensors").write_bytes(path.read_bytes())
     Path(str(tmp_path / "old.safetensors") + ".json").write_text(json.dumps(meta))
     with pytest.raises(EditError, match="does not verify"):
-        MemitRecord.load(tmp_path / "old.safetensors")
+        load_records(tmp_path / "old.safetensors")

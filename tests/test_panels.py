@@ -159,7 +159,7 @@ def test_ledger_view_lists_a_memit_batch_and_undo_reverts_it(lm, tmp_path, monke
     import torch
 
     from tracer.edit import Ledger
-    from tracer.edit.memit import MemitHyperParams, Request, compute_memit
+    from tracer.edit import MemitHyperParams, Request, compute_memit
     from widgets.panels import EditPanel
 
     monkeypatch.setenv("FACTSCOPE_CACHE", str(tmp_path / "cache"))

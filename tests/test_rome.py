@@ -8,8 +8,10 @@ import torch
 
 from float32 import U32, U64, activation_tol, gamma, logprob_tol, mean_nll_tol
 from tracer.edit import EditRequest, Ledger, ROMEHyperParams, compute_keys, compute_v, generate_context_templates, rome_edit
-from tracer.edit.ledger import edited
-from tracer.edit.rome import _build_rows, _Fast, _next_token_probs, _Reference, _target_ids
+from tracer.edit import edited
+from tracer.edit.rome import _next_token_probs
+from tracer.edit.values import _build_rows, _Fast, _Reference
+from tracer.targets import target_ids
 from tracer.errors import EditError, HyperParameterError, StatisticsError, SubjectNotFoundError
 from tracer.stats import KeyStatistics, StatsCache
 
@@ -258,4 +260,4 @@ def test_embedded_eiffel_tower_moves_to_rome(embedded, eiffel):
     # record.before came from this same function on the same prompt; the weights have their bits
     # back, so the probability is the same float32 computation: exactly equal (tests/float32.py)
     probs = _next_token_probs(embedded, REQUEST.text)
-    assert float(probs[_target_ids(embedded, " Paris")[0]]) == record.before["p_true"]
+    assert float(probs[target_ids(embedded.tokenizer, " Paris")[0]]) == record.before["p_true"]

@@ -110,3 +110,34 @@ def active_hook_count(model: torch.nn.Module) -> int:
     for m in model.modules():
         n += len(m._forward_hooks) + len(m._forward_pre_hooks) + ("forward" in m.__dict__)
     return n
+
+
+class _StopForward(Exception):
+    """Raised inside a hook to end a forward pass early (:func:`run_until`)."""
+
+
+def run_until(
+    model: torch.nn.Module,
+    forward: Callable[[], Any],
+    stop_after: str,
+    *,
+    outputs: dict[str, TensorFn] | None = None,
+    inputs: dict[str, TensorFn] | None = None,
+) -> None:
+    """Call ``forward()`` with ``outputs``/``inputs`` hooks installed and abandon it once module
+    ``stop_after`` has run (after its own ``outputs`` callback, if any): what is read below the
+    deepest layer of interest costs no pass through the layers above it."""
+    outputs = dict(outputs or {})
+    inner = outputs.get(stop_after)
+
+    def stop(h: torch.Tensor) -> None:
+        if inner is not None:
+            inner(h)
+        raise _StopForward
+
+    outputs[stop_after] = stop
+    try:
+        with hooked(model, outputs=outputs, inputs=inputs):
+            forward()
+    except _StopForward:
+        pass

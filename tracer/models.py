@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -75,6 +76,14 @@ class LanguageModel:
                 return int(getattr(cfg, attr))
         return 2048
 
+    @property
+    def pad_id(self) -> int:
+        """The id padded positions hold (masked, so any valid id): PAD, else EOS, else 0."""
+        for tid in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
+            if tid is not None:
+                return int(tid)
+        return 0
+
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
@@ -91,6 +100,12 @@ def right_pad(rows: "list[list[int]]", pad_id: int, device) -> tuple[torch.Tenso
         ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, :len(r)] = 1
     return ids.to(device), mask.to(device)
+
+
+def cache_keyword(module: torch.nn.Module) -> str:
+    """The keyword ``module.forward`` takes its key/value cache by (``cache`` or ``past_key_values``:
+    it differs between transformers versions and model families)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 def cache_dir() -> Path:

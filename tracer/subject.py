@@ -29,13 +29,27 @@ def tokenize_with_subject(tokenizer, prompt: str, subject: str, max_length: int 
         near = prompt.lower().find(subject.lower())
         hint = f" (it occurs with different case: {prompt[near:near + len(subject)]!r})" if near >= 0 else ""
         raise SubjectNotFoundError(f"subject {subject!r} does not occur in prompt {prompt!r}{hint}; the subject must be a substring of the prompt")
-    # white space around the subject does not make a token part of it
+    return ids, _span(offsets, char_start, subject, prompt)
+
+
+def fill_subject(tokenizer, text: str, subject: str, max_length: int | None = None) -> tuple[list[int], int]:
+    """Token ids of ``text`` with ``subject`` put at its ``{}`` (the exact place, whatever else the text
+    holds), and the position of the last subject token: where ROME and MEMIT read keys and write."""
+    at = text.index("{}")
+    full = text[:at] + subject + text[at + 2:]
+    ids, offsets = tokenize_prompt(tokenizer, full, max_length)
+    return ids, _span(offsets, at, subject, full)[1] - 1
+
+
+def _span(offsets: list[tuple[int, int]], char_start: int, subject: str, text: str) -> tuple[int, int]:
+    """``[start, end)`` of the tokens overlapping ``subject`` at ``char_start`` (its surrounding white
+    space excluded: a token of white space alone is not part of the subject)."""
     char_end = char_start + len(subject.rstrip())
     char_start += len(subject) - len(subject.lstrip())
     inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < char_end and b > char_start]
     if not inside:
-        raise SubjectNotFoundError(f"subject {subject!r} maps to no token of prompt {prompt!r}")
-    return ids, (inside[0], inside[-1] + 1)
+        raise SubjectNotFoundError(f"subject {subject!r} maps to no token of {text!r}")
+    return inside[0], inside[-1] + 1
 
 
 def tokenize_prompt(tokenizer, prompt: str, max_length: int | None = None) -> tuple[list[int], list[tuple[int, int]]]:

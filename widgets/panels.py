@@ -26,7 +26,6 @@ from bokeh.resources import INLINE
 from jupyter_bokeh import BokehModel
 
 from tracer.edit import EditRequest, Ledger, ROMEHyperParams, check_edit, rome_edit
-from tracer.edit.memit import MemitRecord
 from tracer.errors import EditError, FactscopeError
 from tracer.lens import logit_lens, restored_lens
 from tracer.models import LanguageModel, as_model
@@ -409,15 +408,10 @@ class EditPanel(_Panel):
 
 def _ledger_row(r) -> str:
     """One table row of the ledger view: a ROME edit, or a MEMIT batch (its first request shown)."""
-    if isinstance(r, MemitRecord):
-        first = r.requests[0]
-        more = f" (+{len(r.requests) - 1} more)" if len(r.requests) > 1 else ""
-        layers = f"{r.layers[0]}\u2013{r.layers[-1]}" if len(r.layers) > 1 else str(r.layers[0])
-        return (f"<tr><td>{html.escape(r.id)}</td><td>MEMIT: {html.escape(first.text)}{html.escape(more)}</td>"
-                f"<td>\u2192 {html.escape(first.target_new)}</td><td>{layers}</td><td>\u2013</td></tr>")
-    return (f"<tr><td>{html.escape(r.id)}</td><td>{html.escape(r.request.text)}</td>"
-            f"<td>{html.escape(r.target_true)} \u2192 {html.escape(r.request.target_new)}</td><td>{r.layer}</td>"
-            f"<td>{r.after.get('p_new', float('nan')):.2f}</td></tr>")
+    s = r.summary()
+    prompt = ("MEMIT: " if s["method"] == "MEMIT" else "") + s["prompt"]
+    p_new = "\u2013" if s["p_new_after"] is None else f"{s['p_new_after']:.2f}"
+    return "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (s["id"], prompt, s["change"], s["layers"], p_new)) + "</tr>"
 
 
 def show(obj) -> None:

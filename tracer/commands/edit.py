@@ -14,8 +14,11 @@ import logging
 from pathlib import Path
 
 from ..edit.check import check_edit, check_prompts
-from ..edit.ledger import Ledger, save_records
-from ..edit.rome import EditRequest, ROMEHyperParams, rome_edit
+from ..edit.hparams import ROMEHyperParams
+from ..edit.ledger import Ledger
+from ..edit.record_files import save_records
+from ..edit.requests import EditRequest
+from ..edit.rome import rome_edit
 from ..errors import EditError, HyperParameterError
 from ..files import write_json_atomic
 from ..limits import check_count, prompt_ids

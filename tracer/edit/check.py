@@ -8,20 +8,23 @@
 ``before`` is the model as given (without the record); ``after`` is the same model with the
 record applied through :func:`~tracer.edit.ledger.edited` (restored afterwards). Success follows
 the ROME paper: a rewrite or paraphrase prompt succeeds when the new target is more likely than
-the true one (mean log-probability over each target's tokens), a neighbour when the true one
-stays more likely.
+the true one (mean log-probability over each target's tokens, teacher forced by
+:func:`tracer.scoring.score_targets`, as ``factscope evaluate`` scores them), a neighbour when the
+true one stays more likely.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Literal, Sequence
 
-import torch
-
 from ..errors import EditError
+from ..generation import greedy
 from ..limits import Estimate, ModelShape, check_memory, forward_bytes, prompt_ids
 from ..models import LanguageModel, as_model
-from .ledger import EditRecord, edited
+from ..scoring import score_targets
+from ..targets import target_ids
+from .records import EditRecord
+from .rome import edited
 
 Kind = Literal["rewrite", "paraphrase", "neighbour", "check"]
 
@@ -113,13 +116,6 @@ class EditCheck:
         return "\n".join(lines)
 
 
-def _ids(lm: LanguageModel, target: str) -> list[int]:
-    ids = list(lm.tokenizer(target, add_special_tokens=False)["input_ids"])
-    if not ids:
-        raise EditError(f"target {target!r} encodes to no tokens")
-    return ids
-
-
 def check_prompts(model: "LanguageModel | str", prompts: Sequence[str], target_new: str, target_true: str | None = None,
                   generation_prompts: Sequence[str] = (), max_new_tokens: int = 20,
                   labels: Sequence[str] | None = None) -> list[list[int]]:
@@ -130,7 +126,7 @@ def check_prompts(model: "LanguageModel | str", prompts: Sequence[str], target_n
     name the prompt by ``labels[i]`` (default ``"check prompt i"``, from 1).
     """
     lm = as_model(model)
-    longest = max(len(_ids(lm, target_new)), len(_ids(lm, target_true)) if target_true is not None else 1)
+    longest = max(len(target_ids(lm.tokenizer, target_new)), len(target_ids(lm.tokenizer, target_true)) if target_true is not None else 1)
     labels = list(labels) if labels is not None else [f"check prompt {i + 1}" for i in range(len(prompts))]
     encoded = [prompt_ids(lm, p, labels[i], reserve=longest - 1, reserved_for="the target's tokens")
                for i, p in enumerate(prompts)]
@@ -144,49 +140,18 @@ def check_prompts(model: "LanguageModel | str", prompts: Sequence[str], target_n
     return encoded
 
 
-@torch.no_grad()
 def predict(model: "LanguageModel | str", prompts: Sequence[str], target_new: str, target_true: str,
             top_k: int = 5) -> list[Prediction]:
-    """:class:`Prediction` s for ``prompts`` (one batched forward pass, right-padded)."""
+    """:class:`Prediction` s for ``prompts``, scored by :func:`tracer.scoring.score_targets` — the
+    same teacher-forced probabilities ``factscope evaluate`` reports."""
     lm = as_model(model)
-    new, true = _ids(lm, target_new), _ids(lm, target_true)
-    encoded = check_prompts(lm, prompts, target_new, target_true)
-    rows, meta = [], []
-    for ids in encoded:
-        for target in (new, true):
-            meta.append((len(rows), len(ids), target))
-            rows.append(ids + target[:-1])
-    width = max(len(r) for r in rows)
-    pad = lm.tokenizer.pad_token_id or 0
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=lm.device)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=lm.device)
-    logp = torch.log_softmax(lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1)
+    check_prompts(lm, prompts, target_new, target_true)
+    scores = score_targets(lm, [(p, t) for p in prompts for t in (target_new, target_true)], top_k=top_k)
     out = []
-    for i in range(len(prompts)):
-        scores = []
-        for row, n, target in meta[2 * i: 2 * i + 2]:
-            scores.append(float(sum(logp[row, n - 1 + j, t] for j, t in enumerate(target)) / len(target)))
-        row, n, _ = meta[2 * i]
-        probs = logp[row, n - 1].exp()
-        top = torch.topk(probs, top_k)
-        out.append(Prediction(top=tuple((lm.decode(t), float(p)) for t, p in zip(top.indices.tolist(), top.values.tolist())),
-                              top1=lm.decode(int(top.indices[0])), p_new=float(probs[new[0]]), p_true=float(probs[true[0]]),
-                              logp_new=scores[0], logp_true=scores[1]))
+    for new, true in zip(scores[::2], scores[1::2]):
+        out.append(Prediction(top=tuple((lm.decode(t), p) for t, p in new.top), top1=lm.decode(new.top[0][0]),
+                              p_new=new.first_prob, p_true=true.first_prob, logp_new=-new.nll, logp_true=-true.nll))
     return out
-
-
-@torch.no_grad()
-def generate(model: "LanguageModel | str", prompts: Sequence[str], max_new_tokens: int = 20) -> list[str]:
-    """Greedy continuations (the new text only)."""
-    lm = as_model(model)
-    outs = []
-    for i, prompt in enumerate(prompts):
-        ids = torch.tensor([prompt_ids(lm, prompt, f"generation prompt {i + 1}", reserve=max_new_tokens,
-                                       reserved_for="the generated tokens")], device=lm.device)
-        gen = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
-        outs.append(lm.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
-    return outs
 
 
 def check_edit(model: "LanguageModel | str", record: EditRecord, paraphrases: Sequence[str] = (),
@@ -212,10 +177,10 @@ def check_edit(model: "LanguageModel | str", record: EditRecord, paraphrases: Se
         names.append(f"the {kind} prompt" if kind == "rewrite" else f"{kind} prompt {counts[kind]}")
     check_prompts(lm, texts, req.target_new, record.target_true, gens, max_new_tokens, names)  # all, before any pass
     before = predict(lm, texts, req.target_new, record.target_true, top_k)
-    gen_before = generate(lm, gens, max_new_tokens) if gens else []
+    gen_before = greedy(lm, gens, max_new_tokens) if gens else []
     with edited(lm, [record]):
         after = predict(lm, texts, req.target_new, record.target_true, top_k)
-        gen_after = generate(lm, gens, max_new_tokens) if gens else []
+        gen_after = greedy(lm, gens, max_new_tokens) if gens else []
     return EditCheck(record_id=record.id, target_new=req.target_new, target_true=record.target_true,
                      prompts=tuple(PromptCheck(p, k, b, a) for (p, k), b, a in zip(labelled, before, after)),
                      generations=tuple(Generation(p, b, a) for p, b, a in zip(gens, gen_before, gen_after)))

@@ -3,17 +3,19 @@
     from tracer.evaluate import load_cases, run_evaluation
     summary = run_evaluation("smollm2-135m", "memit", "counterfact", "out/memit", limit=200, batch_size=100)
 
-- :mod:`.records`: datasets as :class:`Case` records; :mod:`.scoring`: teacher-forced target
-  probabilities, batched; :mod:`.metrics`: the papers' metrics; :mod:`.text`: n-gram entropy and
-  TF-IDF; :mod:`.generation`: sampled generations; :mod:`.methods`: none / FT-L / ROME / MEMIT;
-  :mod:`.harness`: per-case JSON and summaries; :mod:`.report`: Markdown and HTML tables.
+- :mod:`.records`: datasets as :class:`Case` records; :mod:`.metrics`: the papers' metrics, from
+  :mod:`tracer.scoring`'s teacher-forced probabilities (the ones ``check_edit`` shows) and
+  :mod:`tracer.generation`'s samples; :mod:`.text`: n-gram entropy and TF-IDF; :mod:`.methods`: the
+  registry of editing methods (none / FT-L / ROME / MEMIT); :mod:`.harness`: per-case JSON and
+  summaries; :mod:`.report`: Markdown and HTML tables.
 """
+from ..edit.hparams import FTLHyperParams
+from ..scoring import TargetScore, score_targets
 from .harness import load_case_results, run_evaluation, summarize_results, write_summary
+from .methods import METHODS, make_method
 from .metrics import case_scores, harmonic_mean, measure_probabilities, summarize
-from .methods import METHODS, FTLHyperParams, make_method
 from .records import DATASETS, Case, load_cases
 from .report import summary_html, summary_markdown
-from .scoring import TargetScore, score_targets
 from .text import Tfidf, ngram_entropy
 
 __all__ = ["Case", "DATASETS", "FTLHyperParams", "METHODS", "TargetScore", "Tfidf", "case_scores", "harmonic_mean",

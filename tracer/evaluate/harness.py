@@ -27,7 +27,7 @@ from ..datapaths import WIKIPEDIA, data_file
 from ..errors import FactscopeError, HyperParameterError
 from ..files import write_json_atomic, write_text_atomic
 from ..models import LanguageModel, as_model, cache_dir
-from .generation import generate
+from ..generation import sample
 from .metrics import case_scores, measure_probabilities, reference_text, summarize
 from .methods import make_method
 from .records import Case, load_cases
@@ -67,7 +67,7 @@ def _generation_metrics(lm: LanguageModel, case: Case, tfidf: Tfidf | None, n_pr
     prompts = list(case.generation_prompts[:n_prompts] if n_prompts else case.generation_prompts)
     if not prompts:
         return {}
-    texts = generate(lm, prompts, max_length=length, top_k=5, seed=seed + case.case_id)
+    texts = sample(lm, prompts, max_length=length, top_k=5, seed=seed + case.case_id)
     out = {"texts": texts, "ngram_entropy": mean_ngram_entropy(texts)}
     if tfidf is not None and case.attribute_prompts:
         out["reference_score"] = tfidf.similarity(" ".join(texts), reference_text(case))

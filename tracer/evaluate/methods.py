@@ -1,6 +1,6 @@
 """Editing methods as the evaluation harness drives them: apply to a batch of cases, then revert.
 
-    method = make_method("memit", lm)            # "none", "ft-l", "rome", "memit"
+    method = make_method("memit", lm)            # any name in METHODS: "none", "ft-l", "rome", "memit"
     handle = method.apply(lm, cases)             # the model now holds the edits
     method.revert(lm, handle)                    # the original weights, bit for bit
 
@@ -12,55 +12,43 @@
 - ``rome``: :func:`tracer.edit.rome.rome_edit` one case at a time (batch size 1), applied with a
   :class:`tracer.edit.ledger.Ledger` and reverted after the case is measured.
 - ``memit``: :func:`tracer.edit.memit.compute_memit` on the whole batch.
+
+Each is a :class:`MethodSpec` in the registry :data:`METHODS`; a new editor registers one.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
+from ..edit.book import WeightBook
+from ..edit.hparams import FTLHyperParams, MemitHyperParams, ROMEHyperParams
 from ..edit.ledger import Ledger
-from ..edit.memit import MemitHyperParams, compute_memit, context_templates, load_statistics
-from ..edit.rome import EditRequest, ROMEHyperParams, generate_context_templates, resolve_statistics, rome_edit
+from ..edit.memit import compute_memit
+from ..edit.requests import EditRequest
+from ..edit.rome import rome_edit
+from ..edit.statistics import load_statistics, statistics_at
+from ..edit.templates import context_templates, generate_context_templates
 from ..errors import HyperParameterError
 from ..layers import get_module
 from ..models import LanguageModel, right_pad
+from ..scoring import split_prompt_target
 from ..targets import spaced
 from .records import Case
-from .scoring import split_prompt_target
-
-METHODS = ("none", "ft-l", "rome", "memit")
 
 
-@dataclass(frozen=True)
-class FTLHyperParams:
-    """FT+L settings (ROME's ``hparams/FT/gpt2-xl_constr.json``, at ROME's edit layer)."""
+class Method(Protocol):
+    """What the harness drives: ``apply`` edits the model for a batch of cases and returns a handle
+    that ``revert`` takes to give the model its original weights back, bit for bit."""
 
-    layer: int
-    steps: int = 25
-    lr: float = 5e-4
-    norm_constraint: float = 5e-4
+    name: str
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def settings(self) -> dict: ...
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "FTLHyperParams":
-        return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
+    def apply(self, lm: LanguageModel, cases: Sequence[Case]) -> Any: ...
 
-    @classmethod
-    def for_model(cls, lm: LanguageModel, **overrides) -> "FTLHyperParams":
-        """ROME's layer for ``lm``; ε (and lr = ε) measured for the embedded model, else ROME's GPT-2 XL values."""
-        base = {"layer": ROMEHyperParams.for_model(lm).layer, **FTL_MODEL_DEFAULTS.get(lm.name, {})}
-        return cls(**{**base, **overrides})
-
-
-#: Per-model FT+L settings that differ from ROME's GPT-2 XL ones. SmolLM2-135M (MLP output weights
-#: of std 0.18): ε = 5e-4 changes no prediction; on 20 held-out CounterFact records
-#: (1000-1019) ε = 1e-2 is the largest of 5e-4, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2 that keeps the
-#: neighbourhood score within 10 points of the unedited model's (see the README).
-FTL_MODEL_DEFAULTS: dict[str, dict] = {"smollm2-135m": {"lr": 1e-2, "norm_constraint": 1e-2}}
+    def revert(self, lm: LanguageModel, handle: Any) -> None: ...
 
 
 class NoEdit:
@@ -91,8 +79,7 @@ class FineTuneL:
         weight = get_module(lm.model, lm.layers.mlp_out_name(self.hp.layer)).weight
         original = weight.detach().clone()
         rows = [split_prompt_target(lm.tokenizer, c.rewrite_prompt, c.target_new) for c in cases]
-        pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-        ids, mask = right_pad([seq for seq, _ in rows], pad, "cpu")
+        ids, mask = right_pad([seq for seq, _ in rows], lm.pad_id, "cpu")
         labels = torch.full_like(ids, -100)
         for i, (seq, n_prefix) in enumerate(rows):
             labels[i, n_prefix:len(seq)] = torch.tensor(seq[n_prefix:])
@@ -149,8 +136,9 @@ class RomeMethod:
         for c in cases:
             req = EditRequest(c.prompt, c.subject, spaced(c.target_new),
                               spaced(c.target_true) if c.target_true and c.target_true.strip() != c.target_new.strip() else None)
-            if self.stats is None or isinstance(self.stats, str):
-                self.stats = resolve_statistics(lm, self.hp, self.stats)  # resolved once, on the unedited model
+            if self.stats is None or isinstance(self.stats, str):  # resolved once, on the unedited model
+                self.stats = statistics_at(lm, self.hp.layer, self.stats, self.hp.stats_tokens,
+                                           chunk_tokens=self.hp.stats_chunk_tokens)
             record = rome_edit(lm, req, self.hp, self.stats, context_templates=self._templates, progress=False)
             ledger.apply(record)
         return ledger
@@ -179,26 +167,53 @@ class MemitMethod:
                              progress=self.progress, checkpoint_dir=self.checkpoint_dir)
 
     def revert(self, lm: LanguageModel, handle: Any) -> None:
-        handle.revert(lm)
+        WeightBook.of(lm).revert(handle)
 
 
-def hyperparameter_class(name: str) -> type | None:
-    """The hyper-parameter dataclass of method ``name`` (None for ``none``)."""
-    if name == "ft-l":
-        return FTLHyperParams
-    if name == "rome":
-        return ROMEHyperParams
-    if name == "memit":
-        return MemitHyperParams
-    if name == "none":
-        return None
-    raise HyperParameterError(f"unknown method {name!r}; accepted: {', '.join(METHODS)}")
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered editing method: its hyper-parameter class (None: no settings), how to build it
+    for a model (``build(lm, hp, stats, progress)``) and which of ``layer``/``layers`` picks its layers."""
+
+    name: str
+    hparams: type | None
+    build: Callable[..., Method]
+    layer_option: str | None
+    description: str
+
+
+#: the methods ``factscope evaluate --method`` accepts, by name
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Add ``spec`` to :data:`METHODS` (a new editor registers itself here to be evaluated)."""
+    if spec.name in METHODS:
+        raise HyperParameterError(f"a method called {spec.name!r} is already registered")
+    METHODS[spec.name] = spec
+    return spec
+
+
+register(MethodSpec("none", None, lambda lm, hp, stats, progress: NoEdit(), None, "the unedited model"))
+register(MethodSpec("ft-l", FTLHyperParams, lambda lm, hp, stats, progress: FineTuneL(hp), "layer",
+                    "constrained fine-tuning of ROME's layer (FT+L)"))
+register(MethodSpec("rome", ROMEHyperParams, lambda lm, hp, stats, progress: RomeMethod(lm, hp, stats), "layer",
+                    "ROME, one case per edit"))
+register(MethodSpec("memit", MemitHyperParams, lambda lm, hp, stats, progress: MemitMethod(lm, hp, stats, progress),
+                    "layers", "MEMIT on each batch of cases"))
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The registered method ``name``, or a :class:`HyperParameterError` listing the accepted ones."""
+    if name not in METHODS:
+        raise HyperParameterError(f"unknown method {name!r}; accepted: {', '.join(METHODS)}")
+    return METHODS[name]
 
 
 def check_overrides(name: str, overrides: dict) -> None:
     """Raise :class:`HyperParameterError` naming the accepted fields when ``overrides`` has a key
     that method ``name``'s hyper-parameters do not have."""
-    cls = hyperparameter_class(name)
+    cls = method_spec(name).hparams
     accepted = sorted(f.name for f in fields(cls)) if cls is not None else []
     unknown = sorted(set(overrides) - set(accepted))
     if unknown:
@@ -207,18 +222,14 @@ def check_overrides(name: str, overrides: dict) -> None:
 
 
 def make_method(name: str, lm: LanguageModel, *, layer: int | None = None, layers: Sequence[int] | None = None,
-                stats: Any = None, progress: bool = False, **overrides):
+                stats: Any = None, progress: bool = False, **overrides) -> Method:
     """The method called ``name`` with its defaults for ``lm`` (``layer``: ROME / FT-L layer;
     ``layers``: MEMIT's range; ``overrides``: hyper-parameter fields)."""
+    spec = method_spec(name)
     check_overrides(name, overrides)
-    if name == "none":
-        return NoEdit()
-    if name == "ft-l":
-        return FineTuneL(FTLHyperParams.for_model(lm, **({"layer": layer} if layer is not None else {}), **overrides))
-    if name == "rome":
-        hp = ROMEHyperParams.for_model(lm, **({"layer": layer} if layer is not None else {}), **overrides)
-        return RomeMethod(lm, hp, stats)
-    if name == "memit":
-        hp = MemitHyperParams.for_model(lm, **({"layers": tuple(layers)} if layers else {}), **overrides)
-        return MemitMethod(lm, hp, stats, progress)
-    raise HyperParameterError(f"unknown method {name!r}; accepted: {', '.join(METHODS)}")
+    if spec.layer_option == "layer" and layer is not None:
+        overrides["layer"] = layer
+    if spec.layer_option == "layers" and layers:
+        overrides["layers"] = tuple(layers)
+    hp = spec.hparams.for_model(lm, **overrides) if spec.hparams is not None else None
+    return spec.build(lm, hp, stats, progress)

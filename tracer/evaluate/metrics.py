@@ -25,7 +25,7 @@ from typing import Sequence
 
 from ..models import LanguageModel
 from .records import Case
-from .scoring import score_targets
+from ..scoring import score_targets
 
 GROUPS = ("rewrite", "paraphrase", "neighborhood")
 

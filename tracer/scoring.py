@@ -17,11 +17,11 @@ from typing import Sequence
 
 import torch
 
-from ..errors import PromptError
-from ..layers import get_module
-from ..limits import Estimate, ModelShape, check_memory, check_prompt_length, forward_bytes
-from ..models import LanguageModel, right_pad
-from ..targets import spaced
+from .errors import PromptError
+from .layers import get_module
+from .limits import Estimate, ModelShape, check_memory, check_prompt_length, forward_bytes
+from .models import LanguageModel, right_pad
+from .targets import spaced
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,8 @@ class TargetScore:
 
     logprobs: tuple[float, ...]
     correct: tuple[bool, ...]  # token is the arg-max at its position
+    #: with ``score_targets(top_k=k)``: the k most likely (token id, probability) after the prompt
+    top: tuple[tuple[int, float], ...] = ()
 
     @property
     def n_tokens(self) -> int:
@@ -47,12 +49,21 @@ class TargetScore:
     def accuracy(self) -> float:
         return sum(self.correct) / len(self.correct)
 
+    @property
+    def first_prob(self) -> float:
+        """Probability of the target's first token right after the prompt."""
+        return math.exp(self.logprobs[0])
+
     def to_dict(self) -> dict:
-        return {"logprobs": list(self.logprobs), "correct": list(self.correct)}
+        d = {"logprobs": list(self.logprobs), "correct": list(self.correct)}
+        if self.top:
+            d["top"] = [list(t) for t in self.top]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TargetScore":
-        return cls(tuple(d["logprobs"]), tuple(bool(c) for c in d["correct"]))
+        return cls(tuple(d["logprobs"]), tuple(bool(c) for c in d["correct"]),
+                   tuple((int(t), float(p)) for t, p in d.get("top", ())))
 
 
 def split_prompt_target(tokenizer, prompt: str, target: str) -> tuple[list[int], int]:
@@ -78,8 +89,10 @@ def split_prompt_target(tokenizer, prompt: str, target: str) -> tuple[list[int],
 
 
 @torch.no_grad()
-def score_targets(lm: LanguageModel, pairs: Sequence[tuple[str, str]], *, batch_size: int = 64) -> list[TargetScore]:
+def score_targets(lm: LanguageModel, pairs: Sequence[tuple[str, str]], *, batch_size: int = 64,
+                  top_k: int = 0) -> list[TargetScore]:
     """Teacher-forced scores of ``(prompt, target)`` pairs; one forward per ``batch_size`` pairs.
+    ``top_k`` > 0 also gives each pair the ``top_k`` most likely next tokens after its prompt.
 
     Right padding with an attention mask; the backbone runs on "batch pos", the unembedding only on
     the rows that predict a target token.
@@ -95,11 +108,10 @@ def score_targets(lm: LanguageModel, pairs: Sequence[tuple[str, str]], *, batch_
                      hint=f"lower batch_size ({batch_size}) or shorten the prompts (up to {width} tokens)")
     backbone = get_module(lm.model, lm.layers.backbone)
     unembed = get_module(lm.model, lm.layers.unembed)
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     out: list[TargetScore] = []
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
-        ids, mask = right_pad([seq for seq, _ in chunk], pad, "cpu")
+        ids, mask = right_pad([seq for seq, _ in chunk], lm.pad_id, "cpu")
         rows, cols, gold = [], [], []
         for b, (seq, n_prefix) in enumerate(chunk):
             for pos in range(n_prefix, len(seq)):
@@ -116,6 +128,10 @@ def score_targets(lm: LanguageModel, pairs: Sequence[tuple[str, str]], *, batch_
         k = 0
         for seq, n_prefix in chunk:
             n = len(seq) - n_prefix
-            out.append(TargetScore(tuple(lp[k:k + n]), tuple(bool(h) for h in hit[k:k + n])))
+            top = ()
+            if top_k:  # the row predicting the first target token holds the distribution after the prompt
+                best = torch.topk(logp[k].exp(), top_k)
+                top = tuple(zip(best.indices.tolist(), best.values.tolist()))
+            out.append(TargetScore(tuple(lp[k:k + n]), tuple(bool(h) for h in hit[k:k + n]), top))
             k += n
     return out
