@@ -7,10 +7,11 @@
     with edited(lm, [record]):
         ...
 
-Imports nothing from a UI library and nothing from :mod:`widgets` (tests/test_imports.py). The names below are the public API; each module documents
-the rest (``tracer.stats``, ``tracer.aggregate``, ``tracer.dataset_trace``, ``tracer.evaluate``).
+Imports nothing from a UI library and nothing from :mod:`widgets` (tests/test_imports.py). The names
+below are the public API; each module documents the rest (``tracer.stats``, ``tracer.aggregate``, ``tracer.dataset_trace``, ``tracer.evaluate``).
 """
-from .edit import EditRecord, EditRequest, Ledger, ROMEHyperParams, check_edit, edited, rome_edit
+from .edit import (EditRecord, EditRequest, Ledger, MemitHyperParams, MemitRecord, ROMEHyperParams, check_edit, compute_memit,
+                   defaults_for, edited, rome_edit, sequential_memit)
 from .errors import FactscopeError
 from .hooks import hooked
 from .layers import LAYER_MAPS, LayerMap
@@ -21,7 +22,8 @@ from .trace import trace, trace_all
 from .trace_result import NoiseSpec, TraceResult, suggest_layer
 
 __all__ = [
-    "EditRecord", "EditRequest", "Ledger", "ROMEHyperParams", "check_edit", "edited", "rome_edit",
+    "EditRecord", "EditRequest", "Ledger", "MemitHyperParams", "MemitRecord", "ROMEHyperParams", "check_edit",
+    "compute_memit", "defaults_for", "edited", "rome_edit", "sequential_memit",
     "FactscopeError", "hooked", "LAYER_MAPS", "LayerMap", "LensResult", "logit_lens", "LanguageModel",
     "load_model", "find_subject_span", "trace", "trace_all", "NoiseSpec", "TraceResult", "suggest_layer",
 ]

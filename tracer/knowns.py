@@ -144,12 +144,11 @@ def greedy_next(lm: LanguageModel, prompts: list[str], batch_size: int = 32,
     ids_out, probs_out = [], []
     backbone = get_module(lm.model, lm.layers.backbone)  # ends with the final norm
     unembed = get_module(lm.model, lm.layers.unembed)  # unembedding only at the last positions
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     every = [prompt_ids(lm, p, f"prompt {i}") for i, p in enumerate(prompts)]  # all checked before any pass
     bar = tqdm(total=len(prompts), desc="greedy answers", unit="fact", disable=not progress)
     for start in range(0, len(prompts), batch_size):
         encoded = every[start:start + batch_size]
-        ids, mask = right_pad(encoded, pad, lm.device)
+        ids, mask = right_pad(encoded, lm.pad_id, lm.device)
         hidden = backbone(input_ids=ids, attention_mask=mask)[0]  # "batch pos hidden"
         last = torch.tensor([len(e) - 1 for e in encoded], device=hidden.device)
         final = unembed(hidden[torch.arange(len(encoded), device=hidden.device), last]).float()  # "batch vocab"
