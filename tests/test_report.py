@@ -35,7 +35,7 @@ def test_report_is_offline_and_complete():
     assert network_sources(text) == []
     assert "<script>" in text and len(text) > 500_000  # BokehJS inlined
     for needle in ("tiny-model", "transformers", "bokeh", "torch", library_versions()["bokeh"],
-                   "Causal traces", "Edit: Paris \\u2192 Rome", "Layer by layer"):
+                   "Causal traces", "Edit: Paris \u2192 Rome", "Layer by layer"):
         assert needle in text, needle
     assert re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", text)  # the date
 
