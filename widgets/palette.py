@@ -76,3 +76,7 @@ def target_colors(targets, *, new: str | None = None, true: str | None = None) -
         others += color not in (NEW, TRUE)
         out.append(color)
     return out
+
+#: evaluation metrics: the new answer on the edited prompt (efficacy) and on paraphrases
+#: (generalisation) in the new answer's colours; the true answer kept on neighbours (specificity) blue
+METRIC_COLORS = {"efficacy": NEW, "generalization": OKABE_ITO["orange"], "specificity": TRUE}
