@@ -149,7 +149,7 @@ class Page:
         return (f"<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
                 f"<meta name='viewport' content='width=device-width, initial-scale=1'>\n"
                 f"<title>{html.escape(self.title)}</title>\n{bokeh_js}\n{bokeh_css}\n<style>{PAGE_CSS}</style>\n</head>\n"
-                f"<body>\n<main class='fs-page'>{text}</main>\n{script}\n</body>\n</html>\n")
+                f"<body>\n<main class='fs-page'>{text}</main>\n{script}\n<script>{PRINT_JS}</script>\n</body>\n</html>\n")
 
 
 def kv_table(items: Mapping[str, object]) -> str:
@@ -220,6 +220,29 @@ h3{font-size:1rem;margin:1em 0 .3em}
   .fs-section,.fs-provenance{break-before:page;page-break-before:always;margin-top:0}
   h2,h3{break-after:avoid;page-break-after:avoid}
   .fs-figure,.fs-summary,.fs-kv,tr,.fs-read{break-inside:avoid;page-break-inside:avoid}
-  .fs-plot{overflow:visible}
+  .fs-grid,.fs-cols-2,.fs-cols-3{grid-template-columns:minmax(0,1fr)}
+  .fs-plot{overflow:visible;zoom:var(--fs-print-zoom,1)}
 }
 """
+
+#: printing: each figure keeps the size it was drawn at on screen (its canvas is not redrawn for
+#: the printer), so a figure wider than a printed page (A4 or Letter less 12 mm margins: 700 CSS
+#: px) is zoomed down to fit; measured on screen before printing, applied by the print CSS only
+PRINT_JS = """(function () {
+  var PRINT_WIDTH = 700;
+  function fit() {
+    document.querySelectorAll('.fs-plot').forEach(function (p) {
+      var w = p.scrollWidth;
+      p.style.setProperty('--fs-print-zoom', w > PRINT_WIDTH ? (PRINT_WIDTH / w).toFixed(4) : '1');
+    });
+  }
+  var timer = null;
+  function later() { clearTimeout(timer); timer = setTimeout(fit, 200); }
+  window.addEventListener('beforeprint', fit);
+  window.addEventListener('load', later);
+  window.addEventListener('resize', later);
+  if (window.ResizeObserver) {
+    var ro = new ResizeObserver(later);
+    document.querySelectorAll('.fs-plot').forEach(function (p) { ro.observe(p); });
+  }
+})();"""
