@@ -1,13 +1,18 @@
-"""Where a PDF draws its images: what tests/test_browser.py needs to check that no figure of a
-printed report is cut across pages.
+"""What tests/test_browser.py needs to check that no figure of a printed report is cut across pages.
 
-Chromium prints each Bokeh figure's canvas as an image. An image cut by a page break is drawn on
-each page it touches, positioned partly outside the page and clipped to it; an image drawn whole
-lies inside its page. :func:`image_boxes` walks every page's content stream (form XObjects too),
-tracks the transformation matrix and returns each image's box in PDF points.
+Two independent checks of a PDF printed by Chromium:
+
+* :data:`MARK_FIGURES` (run in the page before printing) puts a tiny text marker at the top and at
+  the bottom of every figure card (``.fs-figure``); :func:`marker_pages` reads on which page each
+  marker was printed. A card cut by a page break has its two markers on different pages.
+* :func:`image_boxes`: each canvas is printed as an image. An image cut by a page break would be
+  drawn on each page it touches, partly outside the page and clipped to it; :func:`image_boxes`
+  walks every page's content stream (form XObjects too), tracks the transformation matrix and
+  returns each image's box in PDF points.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from pypdf import PdfReader
@@ -70,3 +75,38 @@ def image_boxes(path) -> list[Box]:
         if contents is not None:
             _walk(reader, contents, page.get("/Resources"), (1, 0, 0, 1, 0, 0), i, media, out)
     return out
+
+
+#: JavaScript for ``page.evaluate``: markers FSTOP<i>X / FSBOT<i>X at the top and bottom of each
+#: figure card (absolutely placed: the layout does not move); returns the number of cards
+MARK_FIGURES = """() => {
+  const cards = [...document.querySelectorAll('.fs-figure')];
+  cards.forEach((card, i) => {
+    card.style.position = 'relative';
+    for (const [where, name] of [['top', 'FSTOP'], ['bottom', 'FSBOT']]) {
+      const m = document.createElement('span');
+      m.textContent = name + i + 'X';
+      m.style.cssText = `position:absolute;left:0;${where}:0;font:5px monospace;color:#fefefe;line-height:5px`;
+      card.appendChild(m);
+    }
+  });
+  return cards.length;
+}"""
+
+
+def marker_pages(path) -> dict[str, list[int]]:
+    """``{"FSTOP3": [pages], "FSBOT3": [pages], ...}``: the pages (from 0) on which each marker of
+    :data:`MARK_FIGURES` was printed."""
+    out: dict[str, list[int]] = {}
+    for i, page in enumerate(PdfReader(str(path)).pages):
+        for name in re.findall(r"(FS(?:TOP|BOT)\d+)X", page.extract_text().replace(" ", "")):
+            out.setdefault(name, []).append(i)
+    return out
+
+
+def cut_figures(path, n_cards: int) -> list[str]:
+    """The figure cards (of :data:`MARK_FIGURES`) whose top and bottom were printed on different
+    pages, or whose markers are missing from the PDF."""
+    pages = marker_pages(path)
+    return [f"card {i}: top on {pages.get(f'FSTOP{i}')}, bottom on {pages.get(f'FSBOT{i}')}" for i in range(n_cards)
+            if len(pages.get(f"FSTOP{i}", [])) != 1 or pages.get(f"FSTOP{i}") != pages.get(f"FSBOT{i}")]

@@ -11,6 +11,7 @@ from bokeh.models import Div
 from test_figures import make_lens, make_trace
 from test_text import HOSTILE_TEXTS, math_exposures, texts
 from widgets.cli import main
+from widgets.figures import token_label
 from widgets.report import build_report, library_versions, report_html, save_report
 
 CHECKS = [{"prompt": "The Eiffel Tower is located in the city of", "kind": "rewrite",
@@ -176,14 +177,14 @@ def test_summary_names_the_strongest_cells_of_a_real_trace():
     text = summary_text(traces=traces)
     for kind, r in traces.items():  # the strongest cell, found here independently of widgets.summary
         t, layer = np.unravel_index(np.nanargmax(r.scores), r.scores.shape)
-        assert f"<q>{html.escape(r.tokens[t])}</q> (last token), <b>layer {layer}</b>" in text, kind
+        assert f"\u201c{token_label(r.tokens[t])}\u201d (last token), <b>layer {layer}</b>" in text, kind
         assert f"{r.scores[t, layer]:.3f}" in text
         sub = r.scores[:3]
         ts, ls = np.unravel_index(np.nanargmax(sub), sub.shape)
-        assert f"within the subject: <q>{r.tokens[ts]}</q>" in text and f"layer {ls}, p <span class='fs-num'>{sub[ts, ls]:.3f}</span>" in text
+        assert f"within the subject: \u201c{token_label(r.tokens[ts])}\u201d" in text and f"layer {ls}, p <span class='fs-num'>{sub[ts, ls]:.3f}</span>" in text
     # the numbers of this fact: MLP strongest at " of", layer 22 (0.753); in the subject at "onia", layer 4
-    assert "<b>MLP</b>: strongest at <q> of</q> (last token), <b>layer 22</b>: p(Europe) " \
-           "<span class='fs-num'>0.753</span>, 93% of the gap restored; within the subject: <q>onia</q> " \
+    assert "<b>MLP</b>: strongest at \u201c\u2423of\u201d (last token), <b>layer 22</b>: p(Europe) " \
+           "<span class='fs-num'>0.753</span>, 93% of the gap restored; within the subject: \u201conia\u201d " \
            "(last subject token), layer 4" in text
     assert "with p = <span class='fs-num'>0.785</span>" in text and "drops to <span class='fs-num'>0.331</span>" in text
     assert text.index("Summary") < text.index("Where the fact is recalled")
@@ -246,7 +247,7 @@ def test_report_from_saved_results_loads_no_model(tiny_model_dir, tmp_path, monk
             f"\u2192 {record.after['p_true']:.3f}") in text
     mlp = TraceResult.from_dict([d for d in __import__("json").loads(trace_json.read_text()) if d["kind"] == "mlp"][0])
     t, layer, score = mlp.strongest(1)[0]
-    assert f"<q>{html.escape(mlp.tokens[t])}</q>" in text and f"<b>layer {layer}</b>" in text and f"{score:.3f}" in text
+    assert f"\u201c{html.escape(token_label(mlp.tokens[t]))}\u201d" in text and f"<b>layer {layer}</b>" in text and f"{score:.3f}" in text
     assert record.id in text and "id='edited'" in text and "trace_diff_mlp" in text
     assert "from saved results" in capsys.readouterr().out
 

@@ -18,6 +18,8 @@ import numpy as np
 
 from tracer.trace_result import TraceResult
 
+from .figures import token_label
+
 KIND_NAMES = {"hidden": "Hidden state (whole layer)", "mlp": "MLP", "attn": "Attention"}
 
 
@@ -148,13 +150,18 @@ def verdict(outcome: Mapping[str, CheckGroup], new_target: str = "new", true_tar
 
 # ----------------------------------------------------------------------------------------- html
 def _tok(text: str) -> str:
-    """A token or answer as shown in a sentence: quoted, escaped, spaces visible."""
+    """A prompt or answer in a sentence: quoted, escaped."""
     return f"<q>{html.escape(text)}</q>"
+
+
+def _cell_token(token: str) -> str:
+    """A token as the heat maps' axes show it (a leading space as ␣), escaped, in quotes."""
+    return f"\u201c{html.escape(token_label(token))}\u201d"
 
 
 def cell_sentence(cell: Cell, answer: str) -> str:
     """``MLP: strongest at 'Tower' (last subject token), layer 5: p(Paris) 0.412, 61% of the gap.``"""
-    return (f"<b>{html.escape(KIND_NAMES.get(cell.kind, cell.kind))}</b>: strongest at {_tok(cell.token)} "
+    return (f"<b>{html.escape(KIND_NAMES.get(cell.kind, cell.kind))}</b>: strongest at {_cell_token(cell.token)} "
             f"({html.escape(cell.where)}), <b>layer {cell.layer}</b>: p({html.escape(answer.strip())}) "
             f"<span class='fs-num'>{cell.score:.3f}</span>, {cell.fraction:.0%} of the gap restored")
 
@@ -176,7 +183,7 @@ def traces_summary(traces: Mapping[str, TraceResult] | Sequence[TraceResult], he
         line = cell_sentence(overall[r.kind], r.answer)
         sub = subject.get(r.kind)
         if sub is not None and sub.token_index != overall[r.kind].token_index:
-            line += (f"; within the subject: {_tok(sub.token)} ({html.escape(sub.where)}), layer {sub.layer}, "
+            line += (f"; within the subject: {_cell_token(sub.token)} ({html.escape(sub.where)}), layer {sub.layer}, "
                      f"p <span class='fs-num'>{sub.score:.3f}</span> ({sub.fraction:.0%})")
         lines.append(f"<li class='fs-cell' data-kind='{html.escape(r.kind)}'>{line}.</li>")
     return (f"<h3>{html.escape(heading)}</h3><p>The model answers {_tok(first.answer)} to {_tok(first.prompt)} with "
@@ -219,7 +226,7 @@ def report_summary(traces: Mapping[str, TraceResult] | Sequence[TraceResult] = (
         best = cells.get("mlp") or next(iter(cells.values()), None)
         if best is not None:
             parts.append(f"<p class='fs-verdict'>Within the subject, restoring {html.escape(KIND_NAMES.get(best.kind, best.kind))} "
-                         f"at {_tok(best.token)} ({html.escape(best.where)}), layer {best.layer}, "
+                         f"at {_cell_token(best.token)} ({html.escape(best.where)}), layer {best.layer}, "
                          f"brings back {best.fraction:.0%} of the answer's lost probability.</p>")
     parts.append(traces_summary(traces))
     if outcome:
