@@ -405,8 +405,7 @@ def _generations_table(generations: Sequence[Mapping]) -> str:
 
 
 def _edit_titles(new_target: str, true_target: str) -> tuple[str, str]:
-    return (f"P({new_target.strip()}), the new answer: before (light, hatched) and after (solid) the edit",
-            f"P({true_target.strip()}), the true answer: before (light, hatched) and after (solid) the edit")
+    return f"P({new_target.strip()}): the new answer", f"P({true_target.strip()}): the true answer"
 
 
 @literal_models
@@ -469,6 +468,6 @@ def update_edit_comparison(layout, checks, *, new_target: str = "new", true_targ
 
 
 TABLE_CSS = ("<style>.fs-table{border-collapse:collapse;font:12px sans-serif}.fs-table td,.fs-table th"
-             "{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:top;overflow-wrap:anywhere}"
+             "{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:top;overflow-wrap:normal}"
              ".fs-num{white-space:nowrap;font-variant-numeric:tabular-nums}.fs-scroll{max-width:100%;overflow-x:auto}"
              "</style>")

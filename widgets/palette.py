@@ -53,13 +53,18 @@ SEVERED_DASH = {"hidden": "solid", "hidden-severed-mlp": "dashed", "hidden-sever
 
 
 def same_token(a: str, b: str | None) -> bool:
-    """Whether two answers name the same token (``" Rome"`` and ``"Rome"`` do)."""
-    return b is not None and a.strip() == b.strip() and a.strip() != ""
+    """Whether token ``a`` names answer ``b``: the same text (``" Rome"`` and ``"Rome"``) or its
+    first token (``" R"`` of ``" Rome"`` where the tokenizer splits it; the lens scores that token)."""
+    a, b = a.strip(), (b or "").strip()
+    return a != "" and (a == b or b.startswith(a))
 
 
 def target_color(target: str, *, new: str | None = None, true: str | None = None, index: int = 0) -> str:
     """The colour of ``target``: :data:`NEW` if it is the edit's new answer, :data:`TRUE` if it is
     the true answer, else the ``index``-th of :data:`OTHER_TARGETS`."""
+    exact = [c for c, answer in ((NEW, new), (TRUE, true)) if answer is not None and target.strip() == answer.strip()]
+    if exact:
+        return exact[0]
     if same_token(target, new):
         return NEW
     if same_token(target, true):
