@@ -18,7 +18,7 @@ if ! command -v npm >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null
 fi
 "$PY" -m pip install -q "playwright>=1.45" "jupyterlab>=4.1" "jupyter_bokeh>=4.0" "nbclient>=0.10" \
-  "nbconvert>=7.16" "nbformat>=5.9" "ipykernel>=6.29" "pillow>=10"
+  "nbconvert>=7.16" "nbformat>=5.9" "ipykernel>=6.29" "pillow>=10" "pypdf>=4"
 if command -v npm >/dev/null 2>&1; then
   "$PY" -c "from widgets.export import offline_js; print('widget manager JS in', offline_js()['embed-amd.js'].parent)"
 else

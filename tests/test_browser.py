@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from notebook_runs import ROOT, executed, kernel_env
-from test_report import make_report, run_tiny_report
+from pdf_layout import MARK_FIGURES, cut_figures, image_boxes
+from test_report import make_report, reference_traces, run_tiny_report
 from test_text import HOSTILE
 
 CHROMIUM = "/usr/bin/chromium"
@@ -97,8 +98,8 @@ def test_report_in_chromium(browser, tmp_path):
     w = Watched(browser)
     try:
         w.page.goto(report.as_uri())
-        # 3 traces, 2 edit bar charts, 2 x (lens grid + lens curves), 1 lens comparison
-        assert_plots_render(w.page, 3 + 2 + 4 + 1)
+        # 3 traces, 2 edit bar charts, 1 lens comparison, 2 x (lens grid + lens curves)
+        assert_plots_render(w.page, 3 + 2 + 1 + 4)
         heat = w.page.locator(".fs-trace-hidden").first
         heat.scroll_into_view_if_needed()
         box = heat.bounding_box()
@@ -271,5 +272,117 @@ def test_tracing_notebook_in_jupyterlab(browser, jupyterlab, tmp_path):
     except Exception:
         page.screenshot(path=str(shots_dir(tmp_path) / "jupyterlab-tracing-failed.png"))
         raise
+    finally:
+        w.close()
+
+
+# ------------------------------------------------------------------------ issue 20: fits, prints
+#: phone and laptop: the page must never scroll sideways
+VIEWPORTS = [(1280, 800), (390, 844)]
+OVERFLOW = "() => [document.scrollingElement.scrollWidth, window.innerWidth]"
+
+
+@pytest.fixture(scope="module")
+def report_pages(tmp_path_factory, tiny_model_dir):
+    """Two reports as users make them: ``factscope report --from-trace`` of a real trace (ROME's code on
+    the embedded model, 30 layers: the width that ran off the screen) and the whole pipeline on a
+    tiny model (traces, edit, edited traces with differences, layer-by-layer view)."""
+    import json
+
+    d = tmp_path_factory.mktemp("pages")
+    trace_json = d / "catalonia.json"
+    trace_json.write_text(json.dumps([t.to_dict() for t in reference_traces().values()]), encoding="utf-8")
+    from widgets.cli import main
+
+    assert main(["report", "--from-trace", str(trace_json), "--out", str(d / "reference.html")]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FACTSCOPE_CACHE", str(d / "cache"))
+        assert run_tiny_report(tiny_model_dir, d / "full.html") == 0
+    return {"reference": d / "reference.html", "full": d / "full.html"}
+
+
+#: figures of each report: 3 traces; full: 3 traces, 2 edit charts, 3 x 3 original/edited/difference,
+#: 1 lens comparison, 2 x (lens grid + curves)
+FIGURES = {"reference": 3, "full": 3 + 2 + 9 + 1 + 4}
+
+
+@pytest.mark.parametrize("width, height", VIEWPORTS)
+@pytest.mark.parametrize("name", ["reference", "full"])
+def test_report_fits_the_screen(browser, report_pages, tmp_path, name, width, height):
+    """Issue 20: at 1280 x 800 and on a 390 x 844 phone the page does not scroll sideways, every
+    figure is drawn and not empty, the summary comes first and each section says how to read it."""
+    w = Watched(browser, width, height)
+    try:
+        w.page.goto(report_pages[name].as_uri())
+        assert_plots_render(w.page, FIGURES[name])
+        w.page.wait_for_timeout(500)
+        scroll_width, inner = w.page.evaluate(OVERFLOW)
+        assert scroll_width <= inner, f"{name} at {width} px scrolls sideways ({scroll_width} > {inner})"
+        for i in range(FIGURES[name]):  # no figure sticks out of the page either
+            box = w.page.locator(".bk-Figure").nth(i).bounding_box()
+            assert box["width"] > 100 and box["x"] >= 0, (i, box)
+        order = w.page.evaluate("() => [...document.querySelectorAll('main > section')].map(s => s.id)")
+        assert order[0] == "summary" and order[-1] == "provenance"
+        assert w.page.locator("section.fs-section .fs-read").count() == len(order) - 2
+        w.page.screenshot(path=str(shots_dir(tmp_path) / f"report-{name}-{width}.png"), full_page=True)
+        assert w.errors == [] and w.external() == []
+    finally:
+        w.close()
+
+
+def test_report_summary_names_the_strongest_cells(browser, report_pages):
+    """The summary of the real Catalonia trace, as the browser shows it: the strongest cell of each
+    kind with its token and layer (numbers of ROME's own run; test_report checks them independently)."""
+    w = Watched(browser, 1280, 800)
+    try:
+        w.page.goto(report_pages["reference"].as_uri())
+        cells = {k: w.page.locator(f"#summary li.fs-cell[data-kind='{k}']").inner_text() for k in ("hidden", "mlp", "attn")}
+        assert cells["mlp"].startswith("MLP: strongest at \u201c\u2423of\u201d (last token), layer 22: p(Europe) 0.753")
+        assert "within the subject: \u201conia\u201d (last subject token), layer 4" in cells["mlp"]
+        assert "layer 28: p(Europe) 0.844" in cells["hidden"] and "layer 18: p(Europe) 0.764" in cells["attn"]
+        assert w.page.locator("#summary .fs-verdict").inner_text().startswith("Within the subject, restoring MLP")
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("name", ["reference", "full"])
+def test_printed_report_cuts_no_figure(browser, report_pages, tmp_path, name):
+    """Chromium's print to PDF (A4) of the report as laid out on a 1280 px screen: no figure card
+    is split by a page break (its top and bottom markers print on one page), every canvas prints
+    whole inside its page, and the figures' sections start on new pages (page 1: the summary)."""
+    w = Watched(browser, 1280, 800)
+    try:
+        w.page.goto(report_pages[name].as_uri())
+        assert_plots_render(w.page, FIGURES[name])
+        w.page.wait_for_timeout(500)
+        cards = w.page.evaluate(MARK_FIGURES)
+        pdf = shots_dir(tmp_path) / f"report-{name}.pdf"
+        w.page.pdf(path=str(pdf), format="A4", print_background=True)
+        assert cut_figures(pdf, cards) == []
+        boxes = image_boxes(pdf)
+        assert len(boxes) >= FIGURES[name]  # each canvas is an image
+        cut = [b for b in boxes if not b.inside_page()]
+        assert cut == [], f"{len(cut)} of {len(boxes)} figure images cross a page edge: {cut[:3]}"
+        assert 0 not in {b.page for b in boxes}
+    finally:
+        w.close()
+
+
+def test_pdf_check_finds_a_figure_cut_across_pages(browser, tmp_path):
+    """The check above can fail: a figure card (two stacked canvases, as the layer-by-layer view)
+    placed across the first page break, without the report's print CSS, is reported as cut."""
+    canvas = "<canvas width='300' height='300' style='display:block'></canvas>"
+    page_file = tmp_path / "cut.html"
+    page_file.write_text(f"<!DOCTYPE html><html><body style='margin:0'><div style='height:800px'></div>"
+                         f"<figure class='fs-figure' style='margin:0'>{canvas}{canvas}</figure><script>"
+                         "document.querySelectorAll('canvas').forEach(c => {const g = c.getContext('2d');"
+                         "g.fillStyle = '#D55E00'; g.fillRect(0, 0, 300, 300);});</script></body></html>")
+    w = Watched(browser, 800, 600)
+    try:
+        w.page.goto(page_file.as_uri())
+        assert w.page.evaluate(MARK_FIGURES) == 1
+        pdf = tmp_path / "cut.pdf"
+        w.page.pdf(path=str(pdf), format="A4")
+        assert cut_figures(pdf, 1) == ["card 0: top on [0], bottom on [1]"]
     finally:
         w.close()

@@ -1,6 +1,8 @@
 """widgets/figures.py: figures carry exactly the result's data (values, labels, subject marks)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from bokeh.models import ColumnDataSource, HoverTool, LinearColorMapper
@@ -123,3 +125,47 @@ def test_edit_comparison_matches_checks():
     table = layout.select_one({"name": "edit_table"}).text
     assert "The Louvre &lt;b&gt; is in" in table  # prompts are escaped
     assert "is in Rome" in layout.select_one({"name": "edit_generations"}).text
+
+
+# ---------------------------------------------------------------- one palette, what an edit changed
+def test_one_colour_per_meaning_across_figures():
+    """The new answer is vermillion and the true answer blue in every chart; before/after is drawn
+    by dash and hatch, never by colour; every heat map of a probability uses one scale."""
+    from bokeh.models import MultiLine, VBar
+
+    from widgets.palette import BEFORE_DASH, NEW, SEQUENTIAL, TRUE
+
+    a, b = replace(make_lens(0), label="before the edit"), replace(make_lens(1), label="after the edit")
+    comp = lens_comparison([a, b], target=None, new_target=" Rome", true_target=" Paris")
+    data = comp.select_one(ColumnDataSource).data
+    by_label = dict(zip(data["label"], zip(data["color"], data["dash"])))
+    assert by_label["before the edit: \u2423Rome"] == (NEW, BEFORE_DASH)
+    assert by_label["after the edit: \u2423Rome"] == (NEW, "solid")
+    assert by_label["before the edit: \u2423Paris"][0] == by_label["after the edit: \u2423Paris"][0] == TRUE
+    curves = lens_figure(a, new_target=" Rome", true_target=" Paris").select_one({"name": "lens_curves"}).data
+    assert dict(zip(curves["target"], curves["color"])) == {"\u2423Paris": TRUE, "\u2423Rome": NEW}
+    edit = edit_comparison([{"prompt": "p", "before": {"p_new": 0.1, "p_true": 0.5}, "after": {"p_new": 0.8, "p_true": 0.1}}],
+                           new_target=" Rome", true_target=" Paris")
+    for name, color in (("edit_new", NEW), ("edit_true", TRUE)):
+        glyph = edit.select_one({"name": name}).renderers[0].glyph
+        assert isinstance(glyph, VBar) and glyph.fill_color == color
+    assert edit.select_one({"name": "edit_checks"}).data["hatch"] == ["/", " "]  # before hatched, after solid
+    glyph = comp.renderers[0].glyph
+    assert isinstance(glyph, MultiLine) and glyph.line_dash == "dash"
+    maps = {k: trace_heatmap(make_trace(k)).select_one(LinearColorMapper).palette for k in ("hidden", "mlp", "attn")}
+    assert all(tuple(p) == SEQUENTIAL for p in maps.values())
+
+
+def test_trace_difference_is_edited_minus_original_share_of_gap():
+    from widgets.figures import restored_fraction, trace_difference
+
+    original, edited = make_trace("mlp", seed=0), replace(make_trace("mlp", seed=1), answer=" Rome", low_score=0.2)
+    fig = trace_difference(original, edited)
+    data = fig.select_one({"name": "trace_diff"}).data
+    expected = (edited.scores - 0.2) / (edited.high_score - 0.2) - (original.scores - 0.1) / (0.7 - 0.1)
+    np.testing.assert_allclose(data["diff"], expected.ravel())
+    np.testing.assert_allclose(data["before"], restored_fraction(original).ravel())
+    mapper = fig.select_one({"name": "diff_colors"})
+    assert mapper.low == -mapper.high == pytest.approx(-np.abs(expected).max())  # white is "no change"
+    with pytest.raises(ValueError, match="not aligned"):
+        trace_difference(original, make_trace("mlp", n_tok=7))

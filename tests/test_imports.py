@@ -40,7 +40,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("tracer.evaluate",),
     ("=tracer",),
     ("tracer.commands", "tracer.cli"),
-    ("widgets.text", "widgets.figures", "widgets.report", "widgets.aggregate_figures"),
+    ("widgets.text", "widgets.palette", "widgets.figures", "widgets.summary", "widgets.page", "widgets.report",
+     "widgets.aggregate_figures", "widgets.eval_page"),
     ("widgets.panels", "widgets.export", "=widgets"),
     ("widgets.commands", "widgets.cli"),
 )

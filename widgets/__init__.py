@@ -17,8 +17,9 @@ from importlib import import_module
 _WHERE = {
     "trace_heatmap": "figures", "update_trace_heatmap": "figures", "trace_grid": "figures",
     "lens_figure": "figures", "update_lens_figure": "figures", "lens_comparison": "figures",
-    "edit_comparison": "figures", "update_edit_comparison": "figures",
-    "save_report": "report", "report_html": "report", "build_report": "report",
+    "edit_comparison": "figures", "update_edit_comparison": "figures", "trace_difference": "figures",
+    "save_report": "report", "report_html": "report", "build_report": "report", "report_page": "report",
+    "Page": "page", "eval_page": "eval_page",
     "TracePanel": "panels", "EditPanel": "panels", "LensPanel": "panels", "setup_notebook": "panels",
     "suggest_layer": "panels", "show": "panels", "export_notebook": "export",
     "literal": "text", "plain": "text", "html_div": "text",

@@ -5,9 +5,11 @@
     sev = severed_comparison(averages)                  # the paper's Figure 7 at one bucket
     write_html(averages, "averages.html")               # standalone, all JavaScript inlined
 
-Pure builders: results in, Bokeh models out. The page reuses the report header of
-:mod:`widgets.report` and, like it, inlines Bokeh's JavaScript (no CDN; works offline) and shows
-every text literally (:mod:`widgets.text`: model names, kinds and settings are never TeX or HTML).
+Pure builders: results in, Bokeh models out. The page is a :class:`widgets.page.Page` like the
+trace report (summary first, figures with how to read them, provenance last), inlines Bokeh's
+JavaScript (no CDN; works offline) and shows every text literally (:mod:`widgets.text`: model
+names, kinds and settings are never TeX or HTML). Colours (:mod:`widgets.palette`): a line's
+colour is its token bucket in every chart; in the severed comparison the line style is the path cut.
 Each line's data source is named ``aie-<kind>-<bucket>`` (``sev-<kind>`` in the severed comparison)
 so tests and panels can find it.
 """
@@ -19,26 +21,30 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-from bokeh.embed import file_html
-from bokeh.layouts import column, row
+from bokeh.layouts import row
 from bokeh.models import ColumnDataSource, HoverTool, Range1d
-from bokeh.palettes import Category10
 from bokeh.plotting import figure
-from bokeh.resources import INLINE
 
 from tracer.aggregate import BUCKET_LABELS, BUCKETS, EffectAverages
 from tracer.files import write_text_atomic
 
 from .figures import TABLE_CSS
-from .report import build_report
-from .text import html_div, literal, literal_models
+from .page import Figure, Page, Row, Section
+from .palette import BUCKET_COLORS, SEVERED_DASH
+from .report import library_versions
+from .text import html_div, literal_models
 
-#: ROME's line colours (tab10 in the order first, middle, last subject, first after, further, last)
-BUCKET_COLORS = dict(zip(BUCKETS, [Category10[10][i] for i in (0, 1, 2, 4, 5, 3)]))
 KIND_TITLES = {"hidden": "a single hidden vector", "mlp": "a run of {w} MLP lookups",
                "attn": "a run of {w} attention modules", "hidden-severed-mlp": "a hidden vector, MLP path severed",
                "hidden-severed-attn": "a hidden vector, attention path severed"}
-SEVERED_COLORS = {"hidden": "#7b3294", "hidden-severed-mlp": "#1a9641", "hidden-severed-attn": "#d7191c"}
+HOW_TO_READ = {
+    "effects": "Each line is one position in the prompt (its colour, the same in every chart), across layers: how "
+               "much restoring that position's hidden state, MLP or attention brings the answer back, averaged over "
+               "the facts, with a shaded 95% band. A peak at the last subject token in middle layers of the MLP chart "
+               "is where facts are recalled.",
+    "severed": "The same restoration of one hidden state, with the later MLP (dashed) or attention (dotted) path cut "
+               "off. When cutting the MLP path removes the effect in middle layers, the MLP is what carries the fact.",
+}
 
 
 def _line_data(avg: EffectAverages, bucket: str) -> dict[str, list]:
@@ -112,9 +118,10 @@ def severed_comparison(averages: Mapping[str, EffectAverages], bucket: str = "la
     names = {"hidden": "no intervention", "hidden-severed-mlp": "MLP severed", "hidden-severed-attn": "attention severed"}
     for label in labels:
         src = ColumnDataSource(_line_data(averages[label], bucket), name=f"sev-{label}")
-        color = SEVERED_COLORS[label]
-        fig.varea(x="layer", y1="lo", y2="hi", source=src, fill_color=color, fill_alpha=0.15)
-        fig.line(x="layer", y="aie", source=src, line_color=color, line_width=2, legend_label=names[label])
+        color = BUCKET_COLORS[bucket]
+        fig.varea(x="layer", y1="lo", y2="hi", source=src, fill_color=color, fill_alpha=0.12)
+        fig.line(x="layer", y="aie", source=src, line_color=color, line_width=2.5, line_dash=SEVERED_DASH[label],
+                 legend_label=names[label])
     fig.add_tools(HoverTool(tooltips=[("layer", "@layer"), ("AIE", "@aie{0.000}"), ("CI", "@lo{0.000} .. @hi{0.000}")]))
     fig.legend.location = "top_right"
     return fig
@@ -137,39 +144,72 @@ def _table(rows: list[dict]) -> str:
         return ""
     head = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
-    return f"{TABLE_CSS}<table class='fs-table'><tr>{head}</tr>{body}</table>"
+    return f"{TABLE_CSS}<div class='fs-scroll'><table class='fs-table'><tr>{head}</tr>{body}</table></div>"
 
 
-@literal_models
-def averages_layout(averages: Mapping[str, EffectAverages], *, title: str = "Average causal effects",
-                    settings: Mapping[str, object] | None = None, date: _dt.datetime | None = None):
-    """The report header of :func:`widgets.report.build_report` (model, date, versions, settings),
-    then a summary table, the per-kind line plots and (when present) the severed comparison."""
+def averages_summary(averages: Mapping[str, EffectAverages]) -> str:
+    """Escaped HTML: how many facts, the total effect, and per kind where the average effect peaks
+    at the last subject token and at the last token."""
+    first = next(iter(averages.values()))
+    lo, hi = first.total_effect_ci
+    lines = []
+    for label, a in averages.items():
+        name = KIND_TITLES[a.kind].format(w=a.window) if a.kind in KIND_TITLES else a.kind
+        lines.append(f"<li class='fs-peak' data-kind='{html.escape(label)}'><b>{html.escape(name)}</b>: at the last "
+                     f"subject token the effect peaks at {html.escape(a.peak_text('last_subject'))}; at the last "
+                     f"token at {html.escape(a.peak_text('last'))}.</li>")
+    verdict = ""
+    if "mlp" in averages and "attn" in averages and not np.isnan(averages["mlp"].bucket("last_subject")).all():
+        m_layer, m_value = averages["mlp"].peak("last_subject")
+        a_value = float(np.nanmax(averages["attn"].bucket("last_subject")))
+        where = "the MLPs" if m_value >= a_value else "attention"
+        verdict = (f"<p class='fs-verdict'>At the last subject token, {where} carry more of the effect: the MLP "
+                   f"peaks at layer {m_layer} ({m_value:.3f}), attention at most {a_value:.3f}.</p>")
+    return (f"<h2>Summary</h2>{verdict}<p>{first.n_facts} facts of {html.escape(first.model or 'the model')}. Blurring "
+            f"the subject lowers the answer's probability by {first.total_effect:.3f} on average "
+            f"({first.confidence:.0%} interval {lo:.3f} to {hi:.3f}); restoring one state brings it back most at:</p>"
+            f"<ul>{''.join(lines)}</ul>")
+
+
+def averages_page(averages: Mapping[str, EffectAverages], *, title: str = "Average causal effects",
+                  settings: Mapping[str, object] | None = None, date: _dt.datetime | None = None) -> Page:
+    """The averages as a :class:`widgets.page.Page`: summary (peaks per kind), the per-kind line
+    plots, the severed comparison (when present), the table, provenance (model, date, settings)."""
     if not averages:
         raise ValueError("no averages to show")
     first = next(iter(averages.values()))
+    date = date or _dt.datetime.now().astimezone()
     settings = {"facts": first.n_facts, "bootstrap resamples": first.n_boot, "confidence": first.confidence,
                 "bootstrap seed": first.seed, **(settings or {})}
-    parts = [build_report(model=first.model, settings=settings, title=title, date=date),
-             html_div(_table(summary_rows(averages)), name="averages-summary")]
+    sections = []
     if any(k in averages for k in ("hidden", "mlp", "attn")):
-        parts.append(average_effects_row(averages))
+        figs = [Figure(f) for f in average_effects_row(averages).children]
+        sections.append(Section("Average indirect effect per layer", "effects", [Row(figs, 3)], HOW_TO_READ["effects"]))
     if "hidden" in averages and any(k.startswith("hidden-severed-") for k in averages):
-        parts.append(severed_comparison(averages))
+        blocks = [Figure(severed_comparison(averages))]
         # per-bucket plots of the severed traces only when they were traced beyond the last subject
         # token (which can also be the first subject token or the last token)
         beyond = [BUCKETS.index(b) for b in ("middle_subject", "first_after", "further")]
         severed = [averages[k] for k in ("hidden-severed-mlp", "hidden-severed-attn")
                    if k in averages and averages[k].cells[beyond].any()]
         if severed:
-            parts.append(row(*[average_effect_figure(a) for a in severed]))
-    return column(*parts, name="averages")
+            blocks.append(Row([Figure(average_effect_figure(a)) for a in severed], 2))
+        sections.append(Section("Paths severed", "severed", blocks, HOW_TO_READ["severed"]))
+    sections.append(Section("Table", "table", [html_div(_table(summary_rows(averages)), name="averages-summary")]))
+    provenance = {"Report": {"model": first.model, "date": date.isoformat(timespec="seconds")},
+                  "Settings": settings, "Versions": library_versions()}
+    return Page(title=title, summary=html_div(averages_summary(averages), name="summary"), sections=sections,
+                provenance=provenance, subtitle=f"{first.model} \u00b7 {first.n_facts} facts", name="averages")
+
+
+def averages_layout(averages: Mapping[str, EffectAverages], **kw):
+    """The page of :func:`averages_page` as one Bokeh column."""
+    return averages_page(averages, **kw).layout()
 
 
 def averages_html(averages: Mapping[str, EffectAverages], **kw) -> str:
-    """Standalone HTML (Bokeh's JavaScript inlined from ``bokeh.resources.INLINE``; works offline)."""
-    layout = literal(averages_layout(averages, **kw))  # again here: whatever a part forgot, the page shows literally
-    return file_html(layout, resources=INLINE, title=kw.get("title", "Average causal effects"))
+    """Standalone HTML (Bokeh's JavaScript inlined; works offline)."""
+    return averages_page(averages, **kw).html()
 
 
 def write_html(averages: Mapping[str, EffectAverages], path: str | Path, **kw) -> Path:

@@ -14,10 +14,10 @@ import sys
 
 from tracer import cli
 
-from .commands import averages, export, report
+from .commands import averages, eval_table, export, report
 
 #: the UI's commands, registered after the engine's
-COMMANDS = (report, export, averages)
+COMMANDS = (report, export, averages, eval_table)
 
 
 def build_parser():

@@ -5,6 +5,10 @@
     grid = trace_grid(trace_all_results)    # the three kinds side by side
     lens = lens_figure(lens_result)         # top token per (position, layer) + target curves
     edit = edit_comparison(checks)          # before/after probabilities and generations
+    diff = trace_difference(original, edited)  # what an edit changed in a trace, aligned
+
+Colours come from :mod:`widgets.palette` (one meaning per colour, colour-blind safe): the new
+answer is always vermillion, the true answer blue, "before the edit" is dashed or hatched.
 
 Every builder names its data sources (``source.name``), so panels and tests can find them with
 ``fig.select_one({"name": ...})`` and update ``source.data`` in place. Every text a builder or
@@ -20,19 +24,20 @@ import numpy as np
 from bokeh.layouts import column, row
 from bokeh.models import (BasicTicker, ColorBar, ColumnDataSource, FactorRange, FixedTicker, HoverTool,
                           LinearColorMapper, PlainText, Range1d, TapTool, Title)
-from bokeh.palettes import Blues256, Category10, Greens256, Purples256, Reds256
 from bokeh.plotting import figure
 
 from tracer.lens import LensResult
 from tracer.trace_result import TraceResult
 
+from .palette import (AFTER_ALPHA, AFTER_DASH, AFTER_HATCH, BEFORE_ALPHA, BEFORE_DASH, BEFORE_HATCH, DIVERGING, INK,
+                      NEW, SEQUENTIAL, TRUE, target_colors)
 from .text import html_div, literal_models, plain
 
-#: one colour map per kind, light (corrupted score) to dark (highest restored score), as ROME
-PALETTES = {"hidden": tuple(reversed(Purples256)), "mlp": tuple(reversed(Greens256)),
-            "attn": tuple(reversed(Reds256))}
+#: the colour map of every kind: one scale, white (corrupted score) to dark (highest restored score)
+PALETTES = {"hidden": SEQUENTIAL, "mlp": SEQUENTIAL, "attn": SEQUENTIAL}
 KIND_TITLES = {"hidden": "single restored layer", "mlp": "restored MLP", "attn": "restored attention"}
 CELL = 18  # pixels per heat-map cell
+TICK_FONT = "12px"  # token tick labels: readable on a phone and in print
 
 
 def token_label(token: str) -> str:
@@ -99,7 +104,7 @@ def trace_heatmap(result: TraceResult, *, width: int | None = None) -> figure:
                      nonselection_fill_alpha=1.0, selection_line_color="black")
     box_source = ColumnDataSource(data=_subject_box(result), name="subject_box")
     fig.quad(left="left", right="right", top="top", bottom="bottom", source=box_source,
-             fill_alpha=0, line_color="#222222", line_width=1.5, line_dash="dashed")
+             fill_alpha=0, line_color=INK, line_width=1.5, line_dash="dashed")
     fig.add_tools(HoverTool(renderers=[cells], tooltips=[
         ("token", "@token"), ("layer", "@layer"), ("p(answer)", "@score{0.0000}"),
         ("gap restored", "@fraction{0.0%}")]))
@@ -110,6 +115,7 @@ def trace_heatmap(result: TraceResult, *, width: int | None = None) -> figure:
     fig.grid.visible = False
     fig.outline_line_color = None
     fig.xaxis.ticker = BasicTicker(desired_num_ticks=min(10, n_layers), num_minor_ticks=0)
+    fig.yaxis.major_label_text_font_size = TICK_FONT
     _set_trace_axes(fig, mapper, result)
     return fig
 
@@ -152,6 +158,65 @@ def trace_grid(results: Mapping[str, TraceResult] | Sequence[TraceResult]):
     return row(*[trace_heatmap(r) for r in items], name="trace_grid")
 
 
+def restored_fraction(result: TraceResult) -> np.ndarray:
+    """``[token, layer]`` share of the clean-corrupted gap each restoration recovers (0 where the
+    gap is zero): comparable between two traces even when they score different answers."""
+    gap = result.high_score - result.low_score
+    return (np.asarray(result.scores, dtype=float) - result.low_score) / gap if gap != 0 else \
+        np.zeros_like(result.scores, dtype=float)
+
+
+def trace_difference_data(original: TraceResult, edited: TraceResult) -> dict[str, list]:
+    """Column data of :func:`trace_difference`: one entry per (token, layer) cell, row-major."""
+    if original.scores.shape != edited.scores.shape or list(original.tokens) != list(edited.tokens):
+        raise ValueError(f"the traces are not aligned: {original.scores.shape[0]} tokens x {original.n_layers} layers "
+                         f"vs {edited.scores.shape[0]} x {edited.n_layers}; trace the same prompt on both models")
+    before, after = restored_fraction(original), restored_fraction(edited)
+    n_tok, n_layers = before.shape
+    tok, layer = np.meshgrid(np.arange(n_tok), np.arange(n_layers), indexing="ij")
+    return {"row": tok.ravel().tolist(), "layer": layer.ravel().tolist(),
+            "token": [token_label(original.tokens[t]) for t in tok.ravel()],
+            "before": before.ravel().tolist(), "after": after.ravel().tolist(),
+            "diff": (after - before).ravel().tolist()}
+
+
+@literal_models
+def trace_difference(original: TraceResult, edited: TraceResult, *, width: int | None = None) -> figure:
+    """What an edit changed in a causal trace: per cell, the share of the gap restored in the
+    edited model's trace minus the original's (teal: restores more after the edit, brown: less),
+    on the same token rows and layer columns as :func:`trace_heatmap`."""
+    data = trace_difference_data(original, edited)
+    n_tok, n_layers = original.scores.shape
+    span = float(np.nanmax(np.abs(data["diff"]))) if data["diff"] else 0.0
+    span = span if np.isfinite(span) and span > 0 else 1e-6
+    mapper = LinearColorMapper(palette=DIVERGING, low=-span, high=span, name="diff_colors")
+    source = ColumnDataSource(data=data, name="trace_diff")
+    fig = figure(title=f"Edited minus original: {KIND_TITLES.get(original.kind, original.kind)}",
+                 x_range=Range1d(-0.5, n_layers - 0.5), y_range=Range1d(n_tok - 0.5, -0.5),
+                 width=width or max(360, 150 + CELL * n_layers), height=110 + CELL * n_tok, tools="save,reset",
+                 toolbar_location="above", name=f"trace_diff_{original.kind}",
+                 css_classes=["fs-trace-diff", f"fs-trace-diff-{original.kind}"])
+    cells = fig.rect(x="layer", y="row", width=1, height=1, source=source, line_color=None,
+                     fill_color={"field": "diff", "transform": mapper})
+    fig.quad(left="left", right="right", top="top", bottom="bottom", source=ColumnDataSource(_subject_box(original)),
+             fill_alpha=0, line_color=INK, line_width=1.5, line_dash="dashed")
+    fig.add_tools(HoverTool(renderers=[cells], tooltips=[
+        ("token", "@token"), ("layer", "@layer"), ("gap restored, original", "@before{0.0%}"),
+        ("gap restored, edited", "@after{0.0%}"), ("difference", "@diff{+0.0%}")]))
+    fig.add_layout(ColorBar(color_mapper=mapper, width=10, ticker=BasicTicker(desired_num_ticks=5)), "right")
+    fig.add_layout(Title(text=plain(f"share of the gap restored: p({edited.answer.strip()}) edited vs "
+                                    f"p({original.answer.strip()}) original"),
+                         text_font_style="normal", text_font_size="11px"), "above")
+    fig.xaxis.axis_label = f"layer ({KIND_TITLES.get(original.kind, original.kind)})"
+    fig.xaxis.ticker = BasicTicker(desired_num_ticks=min(10, n_layers), num_minor_ticks=0)
+    fig.yaxis.ticker = FixedTicker(ticks=list(range(n_tok)))
+    fig.yaxis.major_label_overrides = _row_labels(original.tokens, original.subject_span)
+    fig.yaxis.major_label_text_font_size = TICK_FONT
+    fig.grid.visible = False
+    fig.outline_line_color = None
+    return fig
+
+
 # ----------------------------------------------------------------------------------------- lens
 def lens_grid_data(lens: LensResult) -> dict[str, list]:
     """Column data of the top-token grid: one entry per (position, layer)."""
@@ -166,8 +231,10 @@ def lens_grid_data(lens: LensResult) -> dict[str, list]:
     }
 
 
-def lens_curve_data(lens: LensResult, position: int = -1) -> dict[str, list]:
-    """Column data of the target curves at ``position``: one line per target."""
+def lens_curve_data(lens: LensResult, position: int = -1, *, new_target: str | None = None,
+                    true_target: str | None = None) -> dict[str, list]:
+    """Column data of the target curves at ``position``: one line per target, coloured by
+    :func:`widgets.palette.target_colors` (the new answer vermillion, the true one blue)."""
     pos = position % len(lens.tokens)
     layers = list(range(lens.n_layers))
     return {
@@ -175,35 +242,39 @@ def lens_curve_data(lens: LensResult, position: int = -1) -> dict[str, list]:
         "prob": [lens.probs[i, pos].tolist() for i in range(len(lens.targets))],
         "rank": [lens.ranks[i, pos].tolist() for i in range(len(lens.targets))],
         "target": [token_label(t) for t in lens.targets],
-        "color": [Category10[10][i % 10] for i in range(len(lens.targets))],
+        "color": target_colors(lens.targets, new=new_target, true=true_target),
     }
 
 
 @literal_models
-def lens_figure(lens: LensResult, *, position: int = -1, width: int | None = None):
+def lens_figure(lens: LensResult, *, position: int = -1, width: int | None = None, new_target: str | None = None,
+                true_target: str | None = None):
     """Layer-by-layer view: the top decoded token at each (position, layer), coloured by its
     probability, and below it the probability of each chosen target at ``position`` across
-    layers (hover: rank). Returns a column layout named ``lens``."""
+    layers (hover: rank). ``new_target``/``true_target`` give those targets their colours
+    (:mod:`widgets.palette`). Returns a column layout named ``lens``."""
     n_pos, n_layers = lens.top_probs.shape
     width = width or max(420, 150 + 34 * n_layers)
     source = ColumnDataSource(data=lens_grid_data(lens), name="lens_grid")
-    mapper = LinearColorMapper(palette=tuple(reversed(Blues256))[:200], low=0.0, high=1.0)
+    mapper = LinearColorMapper(palette=SEQUENTIAL[:200], low=0.0, high=1.0)
     grid = figure(title=f"Layer-by-layer top token ({lens.label})", x_range=Range1d(-0.5, n_layers - 0.5),
                   y_range=Range1d(n_pos - 0.5, -0.5), width=width, height=110 + 22 * n_pos,
                   tools="save,reset", toolbar_location="above", name="lens_top", css_classes=["fs-lens"])
     cells = grid.rect(x="layer", y="row", width=1, height=1, source=source, line_color="white",
                       fill_color={"field": "prob", "transform": mapper})
     grid.text(x="layer", y="row", text="top", source=source, text_align="center", text_baseline="middle",
-              text_font_size="7pt", text_color="black")
+              text_font_size="7pt", text_color=INK)
     grid.add_tools(HoverTool(renderers=[cells], tooltips=[
         ("position", "@token"), ("layer", "@layer"), ("top token", "@top"), ("p", "@prob{0.000}")]))
     grid.add_layout(ColorBar(color_mapper=mapper, width=10), "right")
     grid.yaxis.ticker = FixedTicker(ticks=list(range(n_pos)))
     grid.yaxis.major_label_overrides = _row_labels(lens.tokens, None)
+    grid.yaxis.major_label_text_font_size = TICK_FONT
     grid.xaxis.axis_label = "layer"
     grid.grid.visible = False
 
-    curves = ColumnDataSource(data=lens_curve_data(lens, position), name="lens_curves")
+    curves = ColumnDataSource(data=lens_curve_data(lens, position, new_target=new_target, true_target=true_target),
+                              name="lens_curves")
     lines = figure(title=_lines_title(lens, position),
                    x_range=grid.x_range, y_range=Range1d(0, 1), width=width, height=260,
                    tools="save,reset", toolbar_location="above", name="lens_lines")
@@ -217,13 +288,15 @@ def lens_figure(lens: LensResult, *, position: int = -1, width: int | None = Non
 
 
 @literal_models
-def update_lens_figure(layout, lens: LensResult, *, position: int = -1) -> None:
+def update_lens_figure(layout, lens: LensResult, *, position: int = -1, new_target: str | None = None,
+                       true_target: str | None = None) -> None:
     """Show ``lens`` in a layout made by :func:`lens_figure`, updating its sources in place."""
     n_pos, n_layers = lens.top_probs.shape
     grid = layout.select_one({"name": "lens_top"})
     lines = layout.select_one({"name": "lens_lines"})
     layout.select_one({"name": "lens_grid"}).data = lens_grid_data(lens)
-    layout.select_one({"name": "lens_curves"}).data = lens_curve_data(lens, position)
+    layout.select_one({"name": "lens_curves"}).data = lens_curve_data(lens, position, new_target=new_target,
+                                                                      true_target=true_target)
     grid.x_range.update(start=-0.5, end=n_layers - 0.5)
     grid.y_range.update(start=n_pos - 0.5, end=-0.5)
     grid.height = 110 + 22 * n_pos
@@ -239,23 +312,35 @@ def _lines_title(lens: LensResult, position: int) -> str:
 
 
 @literal_models
-def lens_comparison(lenses: Sequence[LensResult], *, target: str | int = 0, position: int = -1,
-                    width: int = 520) -> figure:
-    """Probability of one target at ``position`` across layers, one line per lens (e.g. the
-    model before and after an edit); labels come from each lens's ``label``. ``target`` is a row
-    of :attr:`LensResult.probs` (int) or a target's text."""
-    fig = figure(title="Layer by layer", width=width, height=280, y_range=Range1d(0, 1),
+def lens_comparison(lenses: Sequence[LensResult], *, target: str | int | Sequence[str | int] | None = 0,
+                    position: int = -1, width: int = 520, new_target: str | None = None,
+                    true_target: str | None = None) -> figure:
+    """Probability of targets at ``position`` across layers, one line per (lens, target) on one
+    chart: the colour is the target (:mod:`widgets.palette`: the new answer vermillion, the true
+    one blue), the line style the lens (the first dashed, e.g. before the edit; the last solid);
+    legend entries read ``"<lens label>: <target>"``. ``target``: a row of
+    :attr:`LensResult.probs` (int), a target's text, a list of them, or None for every target."""
+    fig = figure(title="Layer by layer", width=width, height=300, y_range=Range1d(0, 1),
                  tools="save,reset", toolbar_location="above", name="lens_comparison")
-    data = {"xs": [], "prob": [], "label": [], "color": []}
+    data = {"xs": [], "prob": [], "label": [], "color": [], "dash": []}
+    wanted = list(range(len(lenses[0].targets))) if target is None and lenses else (
+        list(target) if isinstance(target, (list, tuple)) else [target])
     for i, lens in enumerate(lenses):
-        t = target if isinstance(target, int) else lens.target_index(target)
-        data["xs"].append(list(range(lens.n_layers)))
-        data["prob"].append(lens.probs[t, position % len(lens.tokens)].tolist())
-        data["label"].append(f"{lens.label}: {token_label(lens.targets[t])}")
-        data["color"].append(Category10[10][i % 10])
+        colors = target_colors(lens.targets, new=new_target, true=true_target)
+        dash = AFTER_DASH if i == len(lenses) - 1 else BEFORE_DASH if i == 0 else "dotted"
+        for want in wanted:
+            t = want if isinstance(want, int) else lens.target_index(want)
+            data["xs"].append(list(range(lens.n_layers)))
+            data["prob"].append(lens.probs[t, position % len(lens.tokens)].tolist())
+            data["label"].append(f"{lens.label}: {token_label(lens.targets[t])}")
+            data["color"].append(colors[t])
+            data["dash"].append(dash)
     source = ColumnDataSource(data=data, name="lens_comparison")
-    fig.multi_line(xs="xs", ys="prob", source=source, line_color="color", line_width=2, legend_field="label")
+    fig.multi_line(xs="xs", ys="prob", source=source, line_color="color", line_dash="dash", line_width=2.5,
+                   legend_field="label")
     fig.legend.location = "top_left"
+    fig.legend.label_text_font_size = "12px"
+    fig.legend.background_fill_alpha = 0.8
     fig.xaxis.axis_label = "layer"
     fig.yaxis.axis_label = "probability"
     return fig
@@ -277,7 +362,8 @@ def _kind(c: Mapping, i: int) -> str:
 
 def edit_comparison_data(checks) -> dict[str, list]:
     """Column data of :func:`edit_comparison`: two rows (before, after) per checked prompt."""
-    rows = {"label": [], "prompt": [], "group": [], "stage": [], "p_new": [], "p_true": [], "top1": [], "color": []}
+    rows = {"label": [], "prompt": [], "group": [], "stage": [], "p_new": [], "p_true": [], "top1": [], "alpha": [],
+            "hatch": []}
     for i, c in enumerate(_as_rows(checks)[0]):
         for stage in ("before", "after"):
             s = c[stage]
@@ -288,17 +374,25 @@ def edit_comparison_data(checks) -> dict[str, list]:
             rows["p_new"].append(float(s["p_new"]))
             rows["p_true"].append(float(s["p_true"]) if s.get("p_true") is not None else float("nan"))
             rows["top1"].append(token_label(str(s.get("top1", ""))))
-            rows["color"].append("#9e9e9e" if stage == "before" else "#d62728")
+            rows["alpha"].append(BEFORE_ALPHA if stage == "before" else AFTER_ALPHA)
+            rows["hatch"].append(BEFORE_HATCH if stage == "before" else AFTER_HATCH)
     return rows
+
+
+def _p(value) -> str:
+    return "\u2013" if value is None else f"{float(value):.3f}"
 
 
 def _checks_table(checks: Sequence[Mapping]) -> str:
     body = "".join(
         f"<tr><td>{i + 1}</td><td>{html.escape(_kind(c, i))}</td><td>{html.escape(c['prompt'])}</td>"
-        f"<td>{html.escape(str(c['before'].get('top1', '')))}</td><td>{html.escape(str(c['after'].get('top1', '')))}</td></tr>"
+        f"<td>{html.escape(str(c['before'].get('top1', '')))}</td><td>{html.escape(str(c['after'].get('top1', '')))}</td>"
+        f"<td class='fs-num'>{_p(c['before'].get('p_new'))} \u2192 {_p(c['after'].get('p_new'))}</td>"
+        f"<td class='fs-num'>{_p(c['before'].get('p_true'))} \u2192 {_p(c['after'].get('p_true'))}</td></tr>"
         for i, c in enumerate(checks))
-    return (TABLE_CSS + "<table class='fs-table'><tr><th>#</th><th>kind</th><th>prompt</th><th>top-1 before</th>"
-            f"<th>top-1 after</th></tr>{body}</table>")
+    return (TABLE_CSS + "<div class='fs-scroll'><table class='fs-table'><tr><th>#</th><th>kind</th><th>prompt</th>"
+            "<th>top-1 before</th><th>top-1 after</th><th>P(new) before \u2192 after</th>"
+            f"<th>P(true) before \u2192 after</th></tr>{body}</table></div>")
 
 
 def _generations_table(generations: Sequence[Mapping]) -> str:
@@ -306,13 +400,12 @@ def _generations_table(generations: Sequence[Mapping]) -> str:
         return ""
     body = "".join(f"<tr><td>{html.escape(g['prompt'])}</td><td>{html.escape(g['before'])}</td>"
                    f"<td>{html.escape(g['after'])}</td></tr>" for g in generations)
-    return (TABLE_CSS + "<b style='font:bold 13px sans-serif'>Greedy generations</b><table class='fs-table'>"
-            f"<tr><th>prompt</th><th>before</th><th>after</th></tr>{body}</table>")
+    return (TABLE_CSS + "<b style='font:bold 13px sans-serif'>Greedy generations</b><div class='fs-scroll'>"
+            f"<table class='fs-table'><tr><th>prompt</th><th>before</th><th>after</th></tr>{body}</table></div>")
 
 
 def _edit_titles(new_target: str, true_target: str) -> tuple[str, str]:
-    return (f"P({new_target.strip()}) before (grey) and after (red) the edit",
-            f"P({true_target.strip()}) before (grey) and after (red) the edit")
+    return f"P({new_target.strip()}): the new answer", f"P({true_target.strip()}): the true answer"
 
 
 @literal_models
@@ -336,10 +429,17 @@ def edit_comparison(checks, *, new_target: str = "new", true_target: str = "true
     hover = [("prompt", "@prompt"), ("kind", "@group"), ("stage", "@stage"), ("top-1", "@top1"),
              ("p(new)", "@p_new{0.000}"), ("p(true)", "@p_true{0.000}")]
     figs = []
-    for field, title, name in zip(("p_new", "p_true"), _edit_titles(new_target, true_target), ("edit_new", "edit_true")):
+    for field, title, name, color in zip(("p_new", "p_true"), _edit_titles(new_target, true_target),
+                                         ("edit_new", "edit_true"), (NEW, TRUE)):
         fig = figure(title=title, x_range=FactorRange(*factors), y_range=Range1d(0, 1), width=width // 2 + 40,
                      height=280, tools="save,reset", toolbar_location="above", name=name)
-        bars = fig.vbar(x="label", top=field, width=0.8, source=source, fill_color="color", line_color=None)
+        bars = fig.vbar(x="label", top=field, width=0.8, source=source, fill_color=color, fill_alpha="alpha",
+                        hatch_pattern="hatch", hatch_color=color, hatch_alpha=0.9, line_color=color,
+                        legend_field="stage")
+        fig.legend.location = "top_right"
+        fig.legend.orientation = "horizontal"
+        fig.legend.label_text_font_size = "11px"
+        fig.legend.background_fill_alpha = 0.8
         fig.add_tools(HoverTool(renderers=[bars], tooltips=hover))
         fig.xaxis.major_label_orientation = 0.9
         fig.xgrid.visible = False
@@ -368,4 +468,6 @@ def update_edit_comparison(layout, checks, *, new_target: str = "new", true_targ
 
 
 TABLE_CSS = ("<style>.fs-table{border-collapse:collapse;font:12px sans-serif}.fs-table td,.fs-table th"
-             "{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:top}</style>")
+             "{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:top;overflow-wrap:normal}"
+             ".fs-num{white-space:nowrap;font-variant-numeric:tabular-nums}.fs-scroll{max-width:100%;overflow-x:auto}"
+             "</style>")

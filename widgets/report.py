@@ -3,8 +3,11 @@
     save_report("report.html", model="smollm2-135m", traces=traces, edit_checks=checks,
                 lens=[lens_before, lens_after], settings={"samples": 10})
 
-The page holds the traces (and the traces of the edited model), the edit's before/after checks,
-the layer-by-layer view, and a header with the model name, settings, library versions and date.
+The page (:class:`widgets.page.Page`) speaks first: a summary computed from the results
+(:mod:`widgets.summary`: verdict, the strongest cell per kind with its token and layer, the edit's
+results before -> after), then the traces, the edit, the edited model's traces beside the
+original's with their difference, the layer-by-layer view, each with two lines on how to read
+it, and last the provenance (model, date, settings, library versions).
 Bokeh's JavaScript comes from ``bokeh.resources.INLINE``; nothing is loaded from the network.
 Every text on the page is literal (:mod:`widgets.text`): a prompt such as ``$$\\href{…}$$`` shows as
 typed, never as TeX or HTML.
@@ -12,22 +15,19 @@ typed, never as TeX or HTML.
 from __future__ import annotations
 
 import datetime as _dt
-import html
 import importlib.metadata
 import platform
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from bokeh.embed import file_html
-from bokeh.layouts import column
-from bokeh.resources import INLINE
-
 from tracer.lens import LensResult
 from tracer.files import write_text_atomic
 from tracer.trace_result import TraceResult
 
-from .figures import TABLE_CSS, edit_comparison, lens_comparison, lens_figure, trace_grid
-from .text import html_div, literal, literal_models
+from .figures import edit_comparison, lens_comparison, lens_figure, trace_difference, trace_heatmap
+from .page import Figure, Page, Row, Section
+from .summary import report_summary
+from .text import html_div
 
 VERSIONED = ("factscope", "torch", "transformers", "bokeh", "numpy")
 
@@ -43,17 +43,66 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _kv_table(items: Mapping[str, object]) -> str:
-    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in items.items())
-    return f"<table class='fs-table'>{rows}</table>"
+#: the two lines a classroom reads before each figure
+HOW_TO_READ = {
+    "traces": "Each row is a token of the prompt (the subject is boxed and marked *), each column a layer. The subject "
+              "was blurred with noise, then one cell of the clean run was put back: the darker the cell, the more of "
+              "the answer's probability that one cell brings back, so dark cells show where the fact is recalled.",
+    "edit": "For each checked prompt, the bars give the probability of the new answer (vermillion) and of the true "
+            "answer (blue), light and hatched before the edit, solid after. A good edit raises the new answer on the "
+            "edited prompt and its paraphrases and leaves neighbouring facts on their true answer.",
+    "edited": "Each row of three lines up one kind of trace: the original model (left), the edited model (middle, "
+              "scoring its new answer) and their difference (right), cell by cell: teal where the edited model "
+              "relies more on a cell than the original did, brown where less, white where nothing changed.",
+    "lens": "The logit lens reads each layer's hidden state as if it were the model's output. The first chart "
+            "follows the new answer (vermillion) and the true answer (blue) layer by layer at the last token, dashed "
+            "before the edit and solid after; the grids show the top token at every position and layer.",
+}
 
 
-def _heading(text: str, name: str):
-    return html_div(f"<h2 style='font:bold 18px sans-serif;margin:18px 0 4px'>{html.escape(text)}</h2>", name=name)
+def _items(results) -> list:
+    return list(results.values()) if isinstance(results, Mapping) else list(results)
 
 
-@literal_models
-def build_report(
+def _edit_section(edit_checks, generations, new_target: str, true_target: str) -> Section:
+    layout = edit_comparison(edit_checks, new_target=new_target, true_target=true_target, generations=generations)
+    figs = [Figure(layout.select_one({"name": n})) for n in ("edit_new", "edit_true")]
+    blocks = [Row(figs, 2), layout.select_one({"name": "edit_table"})]
+    gens = layout.select_one({"name": "edit_generations"})
+    if gens.text:
+        blocks.append(gens)
+    return Section(f"Edit: {true_target.strip()} \u2192 {new_target.strip()}", "edit", blocks, HOW_TO_READ["edit"])
+
+
+def _edited_section(traces, edited_traces) -> Section:
+    originals = {r.kind: r for r in _items(traces)}
+    blocks = []
+    for r in _items(edited_traces):
+        o = originals.get(r.kind)
+        if o is not None and o.scores.shape == r.scores.shape and list(o.tokens) == list(r.tokens):
+            first, second = trace_heatmap(o), trace_heatmap(r)
+            first.title.text, second.title.text = (f"Original: {first.title.text.text}",
+                                                   f"Edited: {second.title.text.text}")
+            blocks.append(Row([Figure(first), Figure(second), Figure(trace_difference(o, r))], 3))
+        else:
+            blocks.append(Row([Figure(trace_heatmap(r))], 3))
+    return Section("Causal traces of the edited model", "edited", blocks, HOW_TO_READ["edited"])
+
+
+def _lens_section(lens: Sequence[LensResult], new_target: str, true_target: str) -> Section:
+    targets = dict(new_target=new_target, true_target=true_target)
+    blocks = []
+    if len(lens) > 1:
+        blocks.append(Figure(lens_comparison(lens, target=None, **targets)))
+    for item in lens:
+        layout = lens_figure(item, **targets)
+        for child in layout.children:
+            child.min_width = 120 + 24 * item.n_layers  # room for each cell's top token; scrolls in its card
+        blocks.append(Figure(layout, wide=True))
+    return Section("Layer by layer (logit lens)", "lens", blocks, HOW_TO_READ["lens"])
+
+
+def report_page(
     *,
     model: str,
     traces: Mapping[str, TraceResult] | Sequence[TraceResult] = (),
@@ -66,37 +115,41 @@ def build_report(
     settings: Mapping[str, object] | None = None,
     title: str = "factscope report",
     date: _dt.datetime | None = None,
-):
-    """The report's Bokeh layout (used by :func:`save_report`; testable without a file)."""
+) -> Page:
+    """The report as a :class:`widgets.page.Page`: the summary (verdict, strongest cell per kind
+    with its token and layer, the edit's results before -> after), then traces, edit, the edited
+    model's traces beside the original's with their difference, the layer-by-layer view, and the
+    provenance (model, date, settings, library versions)."""
     date = date or _dt.datetime.now().astimezone()
-    meta = {"model": model, "date": date.isoformat(timespec="seconds"), **library_versions()}
-    parts = [
-        html_div(f"{TABLE_CSS}<h1 style='font:bold 22px sans-serif'>{html.escape(title)}</h1>"
-                 f"{_kv_table(meta)}", name="report_header"),
-    ]
-    if settings:
-        parts += [_heading("Settings", "settings_heading"), html_div(TABLE_CSS + _kv_table(settings), name="settings")]
+    sections = []
     if traces:
-        parts += [_heading("Causal traces", "traces_heading"), trace_grid(traces)]
+        sections.append(Section("Causal traces: where the fact is recalled", "traces",
+                                [Row([Figure(trace_heatmap(r)) for r in _items(traces)], 3)], HOW_TO_READ["traces"]))
     if edit_checks:
-        parts += [_heading(f"Edit: {true_target.strip()} \u2192 {new_target.strip()}", "edit_heading"),
-                  edit_comparison(edit_checks, new_target=new_target, true_target=true_target, generations=generations)]
+        sections.append(_edit_section(edit_checks, generations, new_target, true_target))
     if edited_traces:
-        parts += [_heading("Causal traces of the edited model", "edited_heading"), trace_grid(edited_traces)]
+        sections.append(_edited_section(traces, edited_traces))
     if lens:
-        parts += [_heading("Layer by layer (logit lens)", "lens_heading")]
-        parts += [lens_figure(item) for item in lens]
-        if len(lens) > 1:
-            parts.append(lens_comparison(lens, target=0))
-    return column(*parts, name="report")
+        sections.append(_lens_section(lens, new_target, true_target))
+    summary = report_summary(traces, edit_checks, new_target=new_target, true_target=true_target)
+    provenance = {"Report": {"model": model, "date": date.isoformat(timespec="seconds")}}
+    if settings:
+        provenance["Settings"] = dict(settings)
+    provenance["Versions"] = library_versions()
+    return Page(title=title, summary=html_div(summary, name="summary"), sections=sections, provenance=provenance,
+                subtitle=f"{model} \u00b7 {date.strftime('%Y-%m-%d %H:%M')}", name="report")
+
+
+def build_report(**kwargs):
+    """The report's Bokeh layout (:meth:`Page.layout` of :func:`report_page`; testable without a file)."""
+    return report_page(**kwargs).layout()
 
 
 def report_html(**kwargs) -> str:
-    """The report as one HTML string with Bokeh's JavaScript and CSS inlined."""
-    layout = literal(build_report(**kwargs))  # again here: whatever a part forgot, the page shows literally
-    return file_html(layout, resources=INLINE, title=kwargs.get("title", "factscope report"))
+    """The report as one HTML string with Bokeh's JavaScript and CSS inlined (:meth:`Page.html`)."""
+    return report_page(**kwargs).html()
 
 
 def save_report(path: str | Path, **kwargs) -> Path:
-    """Write the report (see :func:`build_report` for the arguments) to ``path``; returns it."""
+    """Write the report (see :func:`report_page` for the arguments) to ``path``; returns it."""
     return write_text_atomic(path, report_html(**kwargs))

@@ -6,21 +6,32 @@
 Steps: causal traces of all three kinds -> ROME edit -> checks (rewrite prompt, paraphrases,
 neighbours, generations) -> traces and layer-by-layer view of the edited model -> a standalone
 HTML report (all JavaScript inlined; opens offline). The model's weights are restored at the end.
+
+From saved results, without loading a model or recomputing anything:
+
+    factscope report --from-trace eiffel.json [--ledger eiffel.safetensors] [--edited-trace e.json]
+
+``--from-trace``: the JSON of ``factscope trace --json`` (one kind or ``--kind all``);
+``--ledger``: a ledger file (``factscope edit --save-ledger``): its ROME records give the edit's
+before -> after on the edited prompt; ``--edited-trace``: a trace of the edited model, shown
+beside the original with their difference.
 The command is part of the UI layer: :mod:`widgets.cli` registers it with the engine's CLI.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
 
-from tracer.edit import EditRequest, Ledger, ROMEHyperParams, check_edit, rome_edit
-from tracer.errors import HyperParameterError
+from tracer.edit import EditRecord, EditRequest, Ledger, ROMEHyperParams, check_edit, rome_edit
+from tracer.errors import FactscopeError, HyperParameterError
 from tracer.lens import logit_lens
 from tracer.limits import check_count
 from tracer.models import load_model
 from tracer.trace import trace_all
+from tracer.trace_result import TraceResult
 
 from ..report import save_report
 
@@ -54,6 +65,12 @@ def register(subparsers) -> None:
     p.add_argument("--no-edited-trace", action="store_true", help="skip the traces of the edited model")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
+    p.add_argument("--from-trace", type=Path, default=None, metavar="JSON",
+                   help="build the report from a saved trace (factscope trace --json) without loading a model")
+    p.add_argument("--edited-trace", type=Path, default=None, metavar="JSON",
+                   help="with --from-trace: a saved trace of the edited model, shown beside the original")
+    p.add_argument("--ledger", type=Path, default=None, metavar="FILE",
+                   help="with --from-trace: a ledger file (factscope edit --save-ledger); its edits' before/after")
     p.set_defaults(func=handler)
 
 
@@ -62,6 +79,10 @@ def handler(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.is_dir():
         raise HyperParameterError(f"--out {str(out)!r} is a directory; pass a file name such as report.html")
+    if args.from_trace is not None:
+        return saved_report(args, out)
+    if args.ledger is not None or args.edited_trace is not None:
+        raise HyperParameterError("--ledger and --edited-trace build a report from saved results; pass --from-trace too")
     default_fact = (args.prompt, args.subject) == (DEFAULT_PROMPT, DEFAULT_SUBJECT)
     paraphrases = args.paraphrase if args.paraphrase is not None else (list(DEFAULT_PARAPHRASES) if default_fact else [])
     neighbours = args.neighbour if args.neighbour is not None else (list(DEFAULT_NEIGHBOURS) if default_fact else [])
@@ -129,3 +150,59 @@ def _statistics_label(stats: dict) -> str:
 
 def _say(text: str) -> None:
     print(text, flush=True)
+
+
+# ------------------------------------------------------------------------------- saved results
+def load_traces(path: Path, what: str = "--from-trace") -> dict[str, TraceResult]:
+    """The traces of a ``factscope trace --json`` file, by kind; a malformed file is one error line."""
+    if not path.is_file():
+        raise FactscopeError(f"{what} file {str(path)!r} does not exist")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        items = doc if isinstance(doc, list) else [doc]
+        traces = [TraceResult.from_dict(d) for d in items]
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise FactscopeError(f"{what} {str(path)!r} is not the JSON of `factscope trace --json` "
+                             f"({type(e).__name__}: {str(e)[:100]})") from None
+    if not traces:
+        raise FactscopeError(f"{what} {str(path)!r} holds no trace")
+    return {t.kind if not t.severed else f"{t.kind}-severed-{t.severed}": t for t in traces}
+
+
+def ledger_checks(records: list, subject: str) -> tuple[list[dict], dict]:
+    """Rewrite checks (before -> after on each ROME record's prompt, as measured when the edit was
+    made) of the records about ``subject`` (else of all), and the settings to show."""
+    rome = [r for r in records if isinstance(r, EditRecord)]
+    about = [r for r in rome if r.request.subject == subject] or rome
+    checks = [{"prompt": r.request.text, "kind": "rewrite", "before": dict(r.before), "after": dict(r.after)}
+              for r in about if r.before and r.after]
+    settings = {"edits in the ledger": f"{len(records)} ({len(rome)} ROME, {len(records) - len(rome)} MEMIT)"}
+    if about:
+        r = about[0]
+        settings.update({"edit record id": r.id, "edit layer": r.layer, "edit module": r.module,
+                         "key statistics": _statistics_label(r.statistics), "new target": r.request.target_new,
+                         "true target": r.target_true})
+    return checks, settings
+
+
+def saved_report(args: argparse.Namespace, out: Path) -> int:
+    """``factscope report --from-trace``: the report from saved traces and a ledger; no model."""
+    traces = load_traces(args.from_trace)
+    edited = load_traces(args.edited_trace, "--edited-trace") if args.edited_trace is not None else {}
+    records = Ledger.load(args.ledger) if args.ledger is not None else []
+    first = next(iter(traces.values()))
+    checks, edit_settings = ledger_checks(records, first.subject)
+    new = edit_settings.get("new target", args.target if args.ledger is None else "new")
+    true = edit_settings.get("true target", first.answer)
+    settings = {"prompt": first.prompt, "subject": first.subject, "answer": first.answer,
+                "trace samples": first.samples, "noise": f"{first.noise.scale:.4g}", "noise mode": first.noise.mode,
+                "window": max(t.window for t in traces.values()), "trace file": str(args.from_trace)}
+    if args.edited_trace is not None:
+        settings["edited trace file"] = str(args.edited_trace)
+    if args.ledger is not None:
+        settings.update({"ledger file": str(args.ledger), **edit_settings})
+    title = f"factscope: {first.subject}" + (f" \u2192 {new.strip()}" if checks else "")
+    path = save_report(out, model=first.model, traces=traces, edited_traces=edited, edit_checks=checks,
+                       new_target=new, true_target=true, settings=settings, title=title)
+    print(f"report written to {path.resolve()} from saved results (open it in a browser, works offline)")
+    return 0
