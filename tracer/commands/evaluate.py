@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import HyperParameterError
 from ..evaluate import run_evaluation
-from ..evaluate.methods import check_overrides
+from ..evaluate.methods import METHODS, check_overrides
 from ..evaluate.records import load_cases
 from ..evaluate.report import summary_markdown
 from ..limits import check_seed
@@ -19,7 +19,8 @@ def register(subparsers) -> None:
                               description="Edit each case (or batch), measure the papers' metrics, revert; writes "
                                           "DIR/cases/<id>.json (resumable) and DIR/summary.{json,md,html}.")
     p.add_argument("--model", default="smollm2-135m", help="model alias, Hugging Face id, directory or .gguf")
-    p.add_argument("--method", required=True, choices=("none", "ft-l", "rome", "memit"))
+    p.add_argument("--method", required=True, choices=tuple(METHODS),
+                   help="an editing method of the registry (tracer.evaluate.methods.METHODS)")
     p.add_argument("--dataset", required=True, choices=("counterfact", "counterfact-10k", "zsre"))
     p.add_argument("--data", type=Path, default=None, help="dataset file (default: the copy in $FACTSCOPE_DATA, else the data folder beside the checkout)")
     p.add_argument("--limit", type=int, default=None, help="first N records only")
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise HyperParameterError(f"--limit must be >= 1, got {args.limit}")
     batch = args.batch_size
-    if batch is not None and (batch < 1 or (args.method in ("rome", "ft-l") and batch != 1)):
+    if batch is not None and (batch < 1 or (args.method in ("rome", "ft-l") and batch != 1)):  # one edit at a time
         raise HyperParameterError(f"--batch-size must be >= 1, and 1 for {args.method} (one edit at a time); got {batch}")
     if batch is None:
         batch = None if args.method == "memit" else 1  # MEMIT: every selected case in one batch
