@@ -138,17 +138,6 @@ class Ledger:
             raise EditError(f"{str(target)!r} appeared while the model was being written; pick a new directory") from None
 
 
-def _revert_keeping(exc: BaseException, revert: Callable[[], None]) -> None:
-    """Run ``revert`` while ``exc`` propagates: if it fails too, the failure is logged and noted on
-    ``exc`` (which the caller re-raises), so the original error is the one the user sees."""
-    try:
-        revert()
-    except Exception as failure:
-        log.error("reverting the edits after %s failed too: %s: %s", type(exc).__name__, type(failure).__name__, failure)
-        exc.add_note(f"factscope: reverting the edits afterwards failed too ({type(failure).__name__}: {failure}); "
-                     "the model may still hold edited weights")
-
-
 def revert_keeping(exc: BaseException, revert: Callable[[], None]) -> None:
     """Run ``revert`` while ``exc`` propagates: if it fails too, the failure is logged and noted on
     ``exc`` (which the caller re-raises), so the original error is the one the user sees."""
