@@ -1,6 +1,7 @@
 """tracer/placement.py and load_model's precision and placement: settings refused in one line
 before anything loads; models that accelerate spreads over the CPU and disk trace, decode and
-collect key statistics exactly as on one device; bfloat16 and float16 weights trace close to float32."""
+collect key statistics exactly as on one device; bfloat16 and float16 weights trace close to
+float32, and key statistics of bfloat16 weights accumulate in float64."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import torch
 from conftest import make_tiny_model
 from tracer.cli import main
 from tracer.errors import HyperParameterError
-from tracer.hooks import active_hook_count
+from tracer.hooks import active_hook_count, hooked
 from tracer.lens import logit_lens
 from tracer.models import load_model
 from tracer.placement import module_device, named_weights, parse_max_memory, placement_arguments, resolve_dtype
@@ -141,3 +142,27 @@ def test_half_precision_traces_close_to_float32(model_dir, dtype):
         # bits): measured 2.6e-3 (bfloat16) and 7e-4 (float16) on these models, and 1e-2 leaves
         # 4x; a restored state in the wrong place or an overflow would move scores by far more.
         assert np.nanmax(np.abs(r.scores - reference[kind].scores)) <= 1e-2
+
+
+def test_key_statistics_of_bfloat16_weights_accumulate_in_float64(model_dir):
+    lm = load_model(str(model_dir), device="cpu", dtype="bfloat16")
+    texts = ["The Eiffel Tower is located in Paris, the capital of France.", "Rome is the capital of Italy.",
+             "The Louvre is a museum in Paris.", "Mount Everest is the highest mountain on Earth.",
+             "The Danube flows through Vienna and Budapest.", "Tokyo is the largest city of Japan."] * 6
+    pieces = [lm.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+    n_tokens = sum(len(p) for p in pieces)
+    layer, module = 1, lm.layers.mlp_out_name(1)
+    stats = compute_key_statistics(lm, layer, n_tokens, texts, corpus_name="six", progress=False)
+    keys = []
+    with torch.no_grad(), hooked(lm.model, inputs={module: lambda k: keys.append(k.reshape(-1, k.shape[-1]))}):
+        for p in pieces:
+            lm.model(input_ids=torch.tensor([p]))
+    k = torch.cat(keys)
+    assert k.dtype == torch.bfloat16 and len(k) == n_tokens
+    k64 = k.double()
+    exact = k64.T @ k64 / n_tokens  # the bfloat16 keys' products, in float64 (exact in float64 up to the sums)
+    # float64 sums in any order (Higham): within 2 gamma(n) sum|k_i k_j| / n; a float32 or bfloat16
+    # accumulator would be off by about 2**-24 or 2**-8 of that instead of 2**-53
+    bound = 2 * (n_tokens * 2.0 ** -53) / (1 - n_tokens * 2.0 ** -53) * (k64.abs().T @ k64.abs()) / n_tokens
+    assert stats.mom2.dtype == torch.float64 and bool(((stats.mom2 - exact).abs() <= bound).all())
+    assert stats.dtype == "float64" and stats.fingerprint == key_fingerprint(lm, layer)
