@@ -122,6 +122,24 @@ def trace_precision(r: dict) -> list[str]:
             f"({g['bfloat16'] / g['float32']:.1f}×). Fact: “{f['fact']}”, kind {f['kind']}."]
 
 
+def precision(r: dict) -> list[str]:
+    f = r["figures"]
+    kinds = list(f["runs"][0]["kinds"])
+    rows = []
+    for run in f["runs"]:
+        ks = run["kinds"].values()
+        diffs = [k["max_abs_cell_difference"] for k in ks if "max_abs_cell_difference" in k]
+        peaks = [f"{k['peak']['token_text']!r} L{k['peak']['layer']} = {k['peak']['score']:.3f}" for k in ks]
+        shared = [k["top5_shared"] for k in ks if "top5_shared" in k]
+        rows.append([run["name"], *peaks, f"{next(iter(ks))['high_score']:.4f}",
+                     (sci(max(diffs)) if max(diffs) else "0") if diffs else "–",
+                     " / ".join(str(x) for x in shared) if shared else "–", num(run["cpu_s"], 0)])
+    return table(["weights", *[f"{k} peak cell" for k in kinds], "clean p", "max \\|cell − float32\\|",
+                  "top-5 cells shared", "CPU-s"], rows) + [
+        "", f"Prompt “{f['prompt']}”, subject “{f['subject']}”, {f['samples']} noise samples, seed {f['seed']}; "
+            f"peak cell: token, layer and score; CPU-s: all {len(kinds)} kinds."]
+
+
 def aggregate_speed(r: dict) -> list[str]:
     def secs(x):
         if isinstance(x, dict):
@@ -317,7 +335,7 @@ def edit_speed(r: dict) -> list[str]:
 
 RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "trace_speed": trace_speed, "trace_speed_busy": trace_speed, "trace_precision": trace_precision,
-    "aggregate_speed": aggregate_speed, "known_facts_averages": known_facts_averages,
+    "precision": precision, "aggregate_speed": aggregate_speed, "known_facts_averages": known_facts_averages,
     "rome_layer_traces": rome_layer_traces, "memit_layer_traces": memit_layer_traces, "stats_tokens": stats_tokens,
     "memit_lambda": memit_lambda, "ftl_epsilon": ftl_epsilon, "counterfact": counterfact, "zsre": zsre,
     "memit_scale": memit_scale, "memit_sequential": memit_sequential, "rome_sequential": rome_sequential,

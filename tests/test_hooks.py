@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from accelerate.hooks import ModelHook, add_hook_to_module
 
 from conftest import make_tiny_model
 from tracer.errors import UnknownLayerError
@@ -40,3 +41,22 @@ def test_names_checked_before_anything_is_installed():
         with hooked(lm.model, outputs={lm.layers.block_name(0): lambda h: None, "transformer.h.99": lambda h: None}):
             pass
     assert active_hook_count(lm.model) == 0
+
+
+def test_replace_keeps_a_forward_it_did_not_install():
+    """accelerate wraps the forward of every dispatched module in an instance attribute; a
+    replacement shadows it for the block and puts the same wrapper back."""
+    lm = make_tiny_model("gpt2")
+    ids = torch.tensor([lm.encode("The Eiffel Tower is")])
+    block = lm.model.get_submodule(lm.layers.block_name(1))
+    add_hook_to_module(block, ModelHook())
+    wrapper = block.__dict__["forward"]
+    clean = lm.model(ids).logits
+    fns, store = record_outputs([lm.layers.block_name(1)])
+    with hooked(lm.model, outputs=fns):
+        lm.model(ids)
+    with hooked(lm.model, replace={lm.layers.block_name(1): lambda *a, **k: store[lm.layers.block_name(1)]}):
+        assert active_hook_count(lm.model) == 1
+        assert torch.equal(lm.model(ids).logits, clean)
+    assert block.__dict__["forward"] is wrapper and active_hook_count(lm.model) == 0
+    assert torch.equal(lm.model(ids).logits, clean)

@@ -33,7 +33,7 @@ PACKAGES = ("tracer", "widgets")
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("tracer.errors", "tracer.files", "tracer.markdown"),
     ("tracer.limits", "tracer.layers", "tracer.datapaths", "tracer.subject", "tracer.targets", "tracer.trace_result"),
-    ("tracer.hooks", "tracer.models"),
+    ("tracer.hooks", "tracer.models", "tracer.placement"),
     ("tracer.noise", "tracer.stats", "tracer.knowns", "tracer.aggregate", "tracer.generation", "tracer.scoring"),
     ("tracer.trace", "tracer.lens", "tracer.dataset_trace"),
     ("tracer.edit",),

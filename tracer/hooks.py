@@ -7,7 +7,13 @@ them are removed when the ``with`` block ends, also when it ends with an excepti
         model(ids)                     # layer 3 outputs zeros inside the block, never after
 
 Callbacks see the module's *main* tensor (the first element when a module returns a tuple) and
-may return a replacement of the same shape, or ``None`` to keep it.
+may return a replacement of the same shape, or ``None`` to keep it; a replacement is moved to the
+device of the tensor it replaces (on a dispatched model each layer may live on its own device).
+
+Models dispatched by accelerate (``load_model(device_map=...)``) already carry an instance
+``forward`` on many modules (accelerate's :class:`~accelerate.hooks.AlignDevicesHook` wrapper).
+A ``replace`` shadows it for the block and puts it back afterwards, so a replaced module neither
+runs nor loads its offloaded weights; output and input hooks run outside accelerate's wrapper.
 """
 from __future__ import annotations
 
@@ -19,6 +25,9 @@ import torch
 from .layers import get_module
 
 TensorFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+#: attribute marking the hooks and replacement forwards :func:`hooked` installs
+_MARK = "_factscope_hook"
 
 
 def main_tensor(x: Any) -> torch.Tensor:
@@ -57,7 +66,7 @@ def hooked(
     outputs, inputs, replace = outputs or {}, inputs or {}, replace or {}
     modules = {name: get_module(model, name) for name in {*outputs, *inputs, *replace}}
     handles: list[torch.utils.hooks.RemovableHandle] = []
-    swapped: list[torch.nn.Module] = []
+    swapped: list[tuple[torch.nn.Module, Any]] = []  # (module, the instance forward it had, or None)
     try:
         for name, fn in outputs.items():
             handles.append(modules[name].register_forward_hook(_output_hook(fn)))
@@ -65,30 +74,52 @@ def hooked(
             handles.append(modules[name].register_forward_pre_hook(_input_hook(fn)))
         for name, fn in replace.items():
             module = modules[name]
-            module.forward = fn  # instance attribute shadows the class method
-            swapped.append(module)
+            swapped.append((module, module.__dict__.get("forward")))
+            module.forward = _marked(fn)  # an instance attribute shadows the class method
         yield
     finally:
         for h in handles:
             h.remove()
-        for module in swapped:
-            del module.forward
+        for module, previous in reversed(swapped):
+            if previous is None:
+                del module.forward  # back to the class method
+            else:
+                module.forward = previous  # e.g. accelerate's wrapper: never delete what we did not install
+
+
+def _marked(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` behind a function of ours that carries the mark :func:`active_hook_count` counts."""
+    def marked(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    setattr(marked, _MARK, True)
+    return marked
 
 
 def _output_hook(fn: TensorFn):
     def hook(module, args, output):
-        new = fn(main_tensor(output))
-        return None if new is None else with_main_tensor(output, new)
+        old = main_tensor(output)
+        new = fn(old)
+        return None if new is None else with_main_tensor(output, _like(new, old))
 
+    setattr(hook, _MARK, True)
     return hook
 
 
 def _input_hook(fn: TensorFn):
     def hook(module, args):
         new = fn(args[0])
-        return None if new is None else (new,) + tuple(args[1:])
+        return None if new is None else (_like(new, args[0]),) + tuple(args[1:])
 
+    setattr(hook, _MARK, True)
     return hook
+
+
+def _like(new: Any, old: Any) -> Any:
+    """``new`` on ``old``'s device when both are tensors (a restored state may come from another layer's device)."""
+    if isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor) and new.device != old.device:
+        return new.to(old.device)
+    return new
 
 
 def record_outputs(names: list[str]) -> tuple[dict[str, TensorFn], dict[str, torch.Tensor]]:
@@ -105,10 +136,12 @@ def record_outputs(names: list[str]) -> tuple[dict[str, TensorFn], dict[str, tor
 
 
 def active_hook_count(model: torch.nn.Module) -> int:
-    """Number of forward hooks and replaced forwards currently on ``model`` (0 outside ``hooked``)."""
+    """Number of forward hooks and replaced forwards :func:`hooked` has on ``model`` now (0 outside
+    ``hooked``); hooks of others, such as accelerate's forward wrappers, do not count."""
     n = 0
     for m in model.modules():
-        n += len(m._forward_hooks) + len(m._forward_pre_hooks) + ("forward" in m.__dict__)
+        hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values(), m.__dict__.get("forward")]
+        n += sum(bool(getattr(h, _MARK, False)) for h in hooks)
     return n
 
 

@@ -188,14 +188,14 @@ def logit_lens(
     top_probs = np.zeros((n_pos, n_layers))
     probs = np.zeros((len(target_ids), n_pos, n_layers))
     ranks = np.zeros((len(target_ids), n_pos, n_layers), dtype=np.int64)
-    tid = torch.tensor(target_ids, dtype=torch.long, device=device)
+    tid = torch.tensor(target_ids, dtype=torch.long)
     for layer, name in enumerate(names):
-        p = decode_layers(lm, store[name]).exp().mean(0)  # "pos vocab", mean over runs
+        p = decode_layers(lm, store[name]).exp().mean(0)  # "pos vocab", mean over runs, on the unembedding's device
         top_p, top_i = p.max(dim=-1)
         top_ids[:, layer] = top_i.cpu().numpy()
         top_probs[:, layer] = top_p.cpu().numpy()
         if len(target_ids):
-            pt = p[:, tid]  # "pos target"
+            pt = p[:, tid.to(p.device)]  # "pos target"
             probs[:, :, layer] = pt.T.cpu().numpy()
             ranks[:, :, layer] = (p.unsqueeze(1) > pt.unsqueeze(-1)).sum(-1).T.cpu().numpy()
     top_tokens = [[lm.decode(int(i)) for i in row] for row in top_ids]
@@ -250,7 +250,7 @@ def restored_lens(model: LanguageModel | str, result, token: int, layer: int, *,
 
         def restore(h: torch.Tensor) -> torch.Tensor:
             h = h.clone()
-            h[:, token] = value
+            h[:, token] = value.to(h.device, h.dtype)
             return h
 
         return restore

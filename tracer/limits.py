@@ -125,25 +125,36 @@ def format_bytes(n: float) -> str:
 
 #: environment variable capping the memory factscope plans to use (bytes, or e.g. ``8GB``, ``500MB``)
 MEMORY_LIMIT_ENV = "FACTSCOPE_MEMORY_LIMIT"
-_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12}
+_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
+          "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
+
+
+def parse_size(text: "str | int", what: str) -> int:
+    """Bytes in ``text``: a whole number of bytes or a number with kB, MB, GB, TB (powers of 1,000)
+    or KiB, MiB, GiB, TiB (powers of 1,024), e.g. ``8GB``, ``300MiB``; ``what`` (the setting and
+    its value) starts the error message."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        raw = str(text).strip()
+        number = raw.rstrip("bBiIkKmMgGtT ")
+        unit = raw[len(number):].strip().upper()
+        unit = unit if unit in _UNITS else unit + "B"
+        try:
+            value = float(number) * _UNITS[unit]
+        except (ValueError, KeyError):
+            value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise HyperParameterError(f"{what} is not a size; use bytes or a number with kB, MB, GB, TB "
+                                  "or KiB, MiB, GiB, TiB, e.g. 8GB or 300MiB")
+    return int(value)
 
 
 def memory_cap() -> int | None:
     """``$FACTSCOPE_MEMORY_LIMIT`` in bytes (None when unset): a cap below what the machine has,
     for shared machines and for planning."""
     raw = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
-    if not raw:
-        return None
-    number = raw.rstrip("bBkKmMgGtT ")
-    unit = raw[len(number):].strip().upper()
-    unit = unit if unit in _UNITS else unit + "B"
-    try:
-        value = float(number) * _UNITS[unit]
-    except (ValueError, KeyError):
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise HyperParameterError(f"{MEMORY_LIMIT_ENV}={raw!r} is not a size; use bytes or a number with kB, MB, GB or TB, e.g. 8GB")
-    return int(value)
+    return parse_size(raw, f"{MEMORY_LIMIT_ENV}={raw!r}") if raw else None
 
 
 def available_memory(device: "torch.device | str" = "cpu") -> int | None:

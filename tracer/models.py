@@ -13,6 +13,17 @@ loaders started together convert once: the others wait and then load the verifie
 
 A Hugging Face id is loaded from its folder in the local cache without any network access; the
 hub is asked only when the id is not (completely) cached and ``HF_HUB_OFFLINE`` is not set.
+
+Precision and placement are handed to transformers and accelerate, nothing home-made::
+
+    lm = load_model("gpt2", dtype="bfloat16")                        # weights in bfloat16
+    lm = load_model("gpt2", device_map="auto", max_memory="cpu=2GiB,cuda:0=70GiB",
+                    offload_folder="offload")                        # spread over GPUs, CPU, disk
+
+A dispatched model keeps the weights of offloaded layers on the meta device between forward
+passes; :attr:`LanguageModel.device` is where inputs go (the embeddings' execution device) and
+:func:`named_weights` reads every weight wherever it lives. Computations that need range or
+precision (scores, noise, key statistics) run in float32 or float64 whatever the weights' dtype.
 """
 from __future__ import annotations
 
@@ -30,9 +41,10 @@ from typing import Iterator
 
 import torch
 
-from .errors import ModelNotFoundError
+from .errors import HyperParameterError, ModelNotFoundError
 from .files import open_append, save_safetensors_atomic, stray_writer_dead, write_directory_atomic, write_json_atomic
-from .layers import LayerMap, layer_map_for
+from .layers import LayerMap, get_module, layer_map_for
+from .placement import DeviceKey, DeviceMap, describe, module_device, placement_arguments, resolve_dtype
 
 try:  # POSIX; elsewhere concurrent first loads are not serialised
     import fcntl
@@ -58,7 +70,18 @@ class LanguageModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the embeddings' device (their execution device when dispatched)."""
+        return module_device(get_module(self.model, self.layers.embed))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (that of the input embeddings)."""
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def dispatched(self) -> bool:
+        """Whether accelerate placed the model over several devices or offloaded part of it."""
+        return any(hasattr(m, "_hf_hook") for m in self.model.modules())
 
     @property
     def n_layers(self) -> int:
@@ -130,19 +153,34 @@ def embedded_gguf_path() -> Path:
 def load_model(
     name_or_path: str | os.PathLike = EMBEDDED_ALIAS,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: "torch.dtype | str | None" = None,
     layer_map: LayerMap | None = None,
+    *,
+    device_map: DeviceMap | None = None,
+    max_memory: "str | dict[DeviceKey, int | str] | None" = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> LanguageModel:
     """Load a causal LM in eval mode with gradients off.
 
-    ``device`` defaults to CUDA when available, else CPU; ``dtype`` to float32.
-    ``layer_map`` is needed only for families not in :data:`tracer.layers.LAYER_MAPS`.
+    - ``device``: one device for the whole model; defaults to CUDA when available, else CPU.
+    - ``dtype``: the weights' dtype, a name in :data:`tracer.placement.DTYPES` or its
+      ``torch.dtype``; float32 by default. A GGUF model is converted to a float32 cache once;
+      other dtypes are cast from it.
+    - ``device_map``: instead of ``device``, let transformers/accelerate place the layers:
+      ``"auto"`` (or another of :data:`tracer.placement.DEVICE_MAPS`) or a dict
+      ``{module name: device}`` (``0``, ``"cuda:1"``, ``"cpu"``, ``"disk"``).
+    - ``max_memory``: with ``device_map``, the most each device may hold:
+      ``"cpu=2GiB,cuda:0=70GiB"`` or ``{"cpu": "2GiB", 0: "70GiB"}``.
+    - ``offload_folder``: with ``device_map``, where weights mapped to ``"disk"`` may be written.
+
+    ``layer_map`` is needed only for families not in :data:`tracer.layers.LAYER_MAPS`. Every
+    setting is checked before anything loads (:class:`HyperParameterError` naming what is accepted).
     """
     name = str(name_or_path)
     if not name.strip():
         raise ModelNotFoundError(f"empty model name; pass {EMBEDDED_ALIAS!r}, a Hugging Face id, a directory or a .gguf file")
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or torch.float32
+    dtype = resolve_dtype(dtype)
+    placement = placement_arguments(device, device_map, max_memory, offload_folder)
     hub_id = None
     if name == EMBEDDED_ALIAS:
         source = _cached_gguf_dir(embedded_gguf_path())
@@ -159,26 +197,35 @@ def load_model(
     try:
         if source is None:
             raise OSError(f"{name!r} is not in the local Hugging Face cache")
-        tokenizer, model = _from_pretrained(source, dtype, local_files_only=True)
+        tokenizer, model = _from_pretrained(source, dtype, placement, local_files_only=True)
     except OSError as e:
         if hub_id is None or _hub_offline():
             raise _not_found(name, e) from None
         log.info("%s is not (completely) in the local Hugging Face cache; downloading it", name)
         try:  # only an id missing from the local cache reaches the network
-            tokenizer, model = _from_pretrained(hub_id, dtype, local_files_only=False)
+            tokenizer, model = _from_pretrained(hub_id, dtype, placement, local_files_only=False)
         except OSError as e:
             raise _not_found(name, e) from None
-    model.to(device).eval().requires_grad_(False)
+    if "device_map" not in placement:
+        model.to(placement["device"])
+    model.eval().requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LanguageModel(model=model, tokenizer=tokenizer, layers=layer_map_for(model, layer_map), name=name)
 
 
-def _from_pretrained(source: "str | Path", dtype: torch.dtype, *, local_files_only: bool):
+def _from_pretrained(source: "str | Path", dtype: torch.dtype, placement: dict, *, local_files_only: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
+    kwargs = {k: v for k, v in placement.items() if k != "device"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_files_only, **kwargs)
+    except ValueError as e:  # transformers/accelerate refusing a device map, memory budget or offload
+        if not kwargs:
+            raise
+        reason = " ".join(str(e).split())
+        raise HyperParameterError(f"cannot place the model with {describe(kwargs)}: {reason}") from None
     return tokenizer, model
 
 

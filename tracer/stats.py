@@ -8,7 +8,7 @@
 Keys ("tokens d_k") are read with :func:`tracer.hooks.hooked` at the input of
 ``lm.layers.mlp_out_name(layer)`` while text from a :class:`Corpus` streams through the model in
 chunks of at most ``chunk_tokens`` tokens; the forward pass stops at that module. The sum of
-``k kᵀ`` is accumulated in float64 (or float32) on the model's device.
+``k kᵀ`` is accumulated in float64 (or float32) on the keys' device, whatever the weights' dtype.
 
 A cache file is keyed by the model's name and a fingerprint of every weight the keys depend on
 (:func:`key_fingerprint`: embeddings and blocks below ``layer``, and block ``layer`` except the
@@ -37,6 +37,7 @@ from .errors import StatisticsError
 from .files import save_safetensors_atomic
 from .hooks import hooked
 from .models import LanguageModel, as_model, file_sha256
+from .placement import named_weights
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +129,10 @@ def weights_fingerprint(lm: LanguageModel) -> str:
 
 def _parameters_fingerprint(lm: LanguageModel, excluded: list[str]) -> str:
     h = hashlib.sha256()
-    for name, p in lm.model.named_parameters():  # tied parameters appear once, under the first name
+    for name, p in named_weights(lm.model):  # tied parameters appear once, under the first name
         if any(name.startswith(prefix) for prefix in excluded):
             continue
-        t = p.detach().contiguous().cpu()
+        t = p.contiguous().cpu()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
@@ -274,7 +275,7 @@ def compute_key_statistics(
     source = Corpus.from_source(corpus, corpus_name)
     module = lm.layers.mlp_out_name(layer)
     acc_dtype = _DTYPES[dtype]
-    total = torch.zeros(d_k, d_k, dtype=acc_dtype, device=lm.device)
+    total: torch.Tensor | None = None  # on the keys' device (a dispatched model's layers may differ)
     seen = 0
     keys: list[torch.Tensor] = []
 
@@ -293,14 +294,16 @@ def compute_key_statistics(
             except _Stop:
                 pass
             k = keys[0].reshape(-1, d_k).to(acc_dtype)
-            total.addmm_(k.T, k)
+            if total is None:
+                total = torch.zeros(d_k, d_k, dtype=acc_dtype, device=k.device)
+            total.addmm_(k.T, k.to(total.device))
             seen += len(piece)
             bar.update(len(piece))
             if seen >= n_tokens:
                 break
     finally:
         bar.close()
-    if seen < n_tokens:
+    if seen < n_tokens or total is None:
         raise StatisticsError(f"corpus {source.identity!r} has only {seen:,} tokens; asked for {n_tokens:,}")
     mom2 = (total / seen).double().cpu()
     return KeyStatistics(kind="second_moment", model=lm.name, fingerprint=key_fingerprint(lm, layer), layer=layer,

@@ -370,7 +370,7 @@ def _set_position0(rows: torch.Tensor, value: torch.Tensor):
 
     def fn(h: torch.Tensor) -> torch.Tensor:
         h = h.clone()
-        h[rows.to(h.device), 0] = value.to(h.dtype)
+        h[rows.to(h.device), 0] = value.to(h.device, h.dtype)
         return h
 
     return fn
@@ -418,7 +418,7 @@ def _copy_clean_row(t: int):
 def _set_rows(t: int, value: torch.Tensor):
     def fn(h):
         h = h.clone()
-        h[1:, t] = value.to(h.dtype)
+        h[1:, t] = value.to(h.device, h.dtype)
         return h
 
     return fn

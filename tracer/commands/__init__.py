@@ -1,9 +1,17 @@
-"""Sub-commands of the ``factscope`` CLI; see :mod:`tracer.cli`."""
+"""Sub-commands of the ``factscope`` CLI; see :mod:`tracer.cli`.
+
+Every command that loads a model takes the same model options, defined once here
+(:func:`add_model_arguments`) and passed to :func:`tracer.models.load_model` by
+:func:`load_model_from_args`.
+"""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from ..errors import FactscopeError
+from ..models import EMBEDDED_ALIAS, LanguageModel, load_model
+from ..placement import DEVICE_MAPS, DTYPES
 
 
 def check_output_path(path: Path | None, what: str = "output file") -> Path | None:
@@ -16,3 +24,28 @@ def check_output_path(path: Path | None, what: str = "output file") -> Path | No
     if not path.parent.exists():
         raise FactscopeError(f"folder {str(path.parent)!r} for the {what} does not exist; create it first")
     return path
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model`` and how to load it: ``--device``, ``--dtype``, ``--device-map``,
+    ``--max-memory``, ``--offload-folder`` (transformers and accelerate do the placement)."""
+    g = parser.add_argument_group("model", "which model, in which precision, on which devices")
+    g.add_argument("--model", default=EMBEDDED_ALIAS,
+                   help=f"model alias, Hugging Face id, directory or .gguf (default {EMBEDDED_ALIAS})")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N for the whole model (default: cuda when available)")
+    g.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
+                   help="the weights' dtype (default float32); scores, noise and key statistics are computed "
+                        "in float32 or float64 whatever it is")
+    g.add_argument("--device-map", default=None, choices=DEVICE_MAPS,
+                   help="instead of --device: let accelerate spread the layers over the GPUs, the CPU and "
+                        "--offload-folder")
+    g.add_argument("--max-memory", default=None, metavar="DEVICE=SIZE,...",
+                   help="with --device-map: the most each device may hold, e.g. cpu=2GiB,cuda:0=70GiB")
+    g.add_argument("--offload-folder", type=Path, default=None, metavar="DIR",
+                   help="with --device-map: where layers that fit on no device are offloaded")
+
+
+def load_model_from_args(args: argparse.Namespace) -> LanguageModel:
+    """:func:`tracer.models.load_model` with the options of :func:`add_model_arguments`."""
+    return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                      max_memory=args.max_memory, offload_folder=args.offload_folder)

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import check_output_path
+from . import add_model_arguments, check_output_path, load_model_from_args
 from ..files import write_json_atomic
 from ..limits import check_count, check_seed
-from ..models import EMBEDDED_ALIAS, load_model
 from ..trace import trace_all
 from ..trace_result import KINDS
 
@@ -15,7 +14,6 @@ def register(sub) -> None:
     p = sub.add_parser("trace", help="causal trace: which (token, layer) states restore the answer",
                        description="Corrupt the subject's embeddings, restore one site at a time, and report "
                                    "how much of the clean answer's probability comes back.")
-    p.add_argument("--model", default=EMBEDDED_ALIAS, help=f"model alias, Hugging Face id, directory or .gguf (default {EMBEDDED_ALIAS})")
     p.add_argument("--prompt", required=True, help='e.g. "The Eiffel Tower is located in the city of"')
     p.add_argument("--subject", required=True, help='a substring of the prompt, e.g. "The Eiffel Tower"')
     p.add_argument("--kind", default="hidden", choices=[*KINDS, "all"])
@@ -28,10 +26,10 @@ def register(sub) -> None:
     p.add_argument("--window", type=int, default=10, help="MLP/attention layers restored together (default 10)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--naive", action="store_true", help="one forward pass per restoration (the original code's way)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--top", type=int, default=5, help="how many of the strongest cells to print")
     p.add_argument("--json", type=Path, help="write TraceResult.to_dict() (a list of three for --kind all)")
     p.add_argument("--no-progress", action="store_true")
+    add_model_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -39,7 +37,7 @@ def run(args) -> int:
     check_output_path(args.json, "--json file")
     check_seed(args.seed, "--seed")  # settings that need no model are refused before it loads
     check_count("--samples", args.samples)
-    lm = load_model(args.model, device=args.device)
+    lm = load_model_from_args(args)
     kinds = KINDS if args.kind == "all" else (args.kind,)
     results = trace_all(lm, args.prompt, args.subject, kinds=kinds, samples=args.samples, noise=args.noise,
                         noise_mode=args.noise_mode, uniform_noise=args.uniform, replace=args.replace,

@@ -8,7 +8,7 @@ from ..dataset_trace import check_settings, load_failures, trace_dataset
 from ..errors import HyperParameterError
 from ..knowns import load_facts
 from ..limits import check_count
-from ..models import load_model
+from . import add_model_arguments, load_model_from_args
 from .averages import hook, report
 
 
@@ -26,7 +26,6 @@ def register(subparsers) -> None:
         "trace-dataset", help="trace every fact of a facts file (resumable) and average the effects",
         description="Trace each fact into DIR/facts/<id>.json (finished facts are skipped on restart, failures "
                     "go to DIR/failed/), then write DIR/averages.json with bucketed average effects.")
-    p.add_argument("--model", default="smollm2-135m", help="model alias, Hugging Face id, directory or .gguf")
     p.add_argument("--facts", type=Path, required=True, help="known_1000.json-format file or `factscope knowns` output")
     p.add_argument("--kind", default="all", help="all, none, or a comma list of hidden,mlp,attn (default all)")
     p.add_argument("--severed", default="", help="comma list of mlp,attn: add hidden traces with that path severed "
@@ -45,7 +44,7 @@ def register(subparsers) -> None:
     p.add_argument("--shard", default=None, metavar="K/N",
                    help="trace only facts whose index %% N == K; run N such processes (one per core) on one --out")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the averages' CIs (default 1000)")
-    p.add_argument("--device", default=None)
+    add_model_arguments(p)
     p.set_defaults(func=run, on_averages=None)  # see tracer.commands.averages
 
 
@@ -59,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
                     severed_tokens=args.severed_tokens, shard=args.shard)
     check_settings(**settings)  # all before the model loads and before --out is created
     load_facts(args.facts)
-    lm = load_model(args.model, device=args.device)
+    lm = load_model_from_args(args)
     summary = trace_dataset(lm, args.facts, args.out, noise=args.noise, noise_mode=args.noise_mode, **settings)
     print(f"{summary.traced} traced, {summary.failed} failed, {summary.already_done} already done "
           f"of {summary.selected} facts in {summary.seconds:.0f} s -> {args.out}")

@@ -25,11 +25,11 @@ import logging
 import time
 from pathlib import Path
 
+from tracer.commands import add_model_arguments, load_model_from_args
 from tracer.edit import EditRecord, EditRequest, Ledger, ROMEHyperParams, check_edit, rome_edit
 from tracer.errors import FactscopeError, HyperParameterError
 from tracer.lens import logit_lens
 from tracer.limits import check_count
-from tracer.models import load_model
 from tracer.trace import trace_all
 from tracer.trace_result import TraceResult
 
@@ -48,7 +48,6 @@ DEFAULT_NEIGHBOURS = ("The Louvre is located in the city of", "The Arc de Triomp
 def register(subparsers) -> None:
     p = subparsers.add_parser("report", help="trace, edit, re-trace and check one fact; write an offline HTML report",
                               description=__doc__.splitlines()[0].split(": ", 1)[1])
-    p.add_argument("--model", default="smollm2-135m", help="model name, directory or .gguf (default: smollm2-135m)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt that contains the subject")
     p.add_argument("--subject", default=DEFAULT_SUBJECT, help="the subject, as written in the prompt")
     p.add_argument("--target", default=DEFAULT_TARGET, help="new answer of the edit, with its leading space (default ' Rome')")
@@ -63,7 +62,6 @@ def register(subparsers) -> None:
     p.add_argument("--stats-tokens", type=int, default=None,
                    help="tokens of Wikipedia text for the key statistics (default: ROME hyper-parameter default; cached)")
     p.add_argument("--no-edited-trace", action="store_true", help="skip the traces of the edited model")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
     p.add_argument("--from-trace", type=Path, default=None, metavar="JSON",
                    help="build the report from a saved trace (factscope trace --json) without loading a model")
@@ -71,6 +69,7 @@ def register(subparsers) -> None:
                    help="with --from-trace: a saved trace of the edited model, shown beside the original")
     p.add_argument("--ledger", type=Path, default=None, metavar="FILE",
                    help="with --from-trace: a ledger file (factscope edit --save-ledger); its edits' before/after")
+    add_model_arguments(p)
     p.set_defaults(func=handler)
 
 
@@ -90,7 +89,7 @@ def handler(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     seconds = {}
 
-    lm = load_model(args.model, device=args.device)
+    lm = load_model_from_args(args)
     overrides = {k: v for k, v in (("layer", args.layer), ("stats_tokens", args.stats_tokens)) if v is not None}
     hparams = ROMEHyperParams.for_model(lm, **overrides)
     _say(f"model {lm.name}: {lm.n_layers} layers; tracing {args.prompt!r} (subject {args.subject!r}) ...")
