@@ -549,3 +549,28 @@ def test_suspended_gives_the_unedited_model_and_restores_the_edits_bit_for_bit(t
         with ledger.suspended():
             raise RuntimeError("inside")
     assert ledger.records == tuple(records) and _same(lm, edited_state)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rome_and_memit_apply_and_revert_bit_exactly_in_half_precision(dtype):
+    """Weights in bfloat16 / float16: the edits are computed (v*, z and the solves in float32/float64),
+    written in the weights' own dtype, and reverted to the same bits."""
+    from tracer.edit import MemitHyperParams, Request, compute_memit
+
+    lm = make_tiny_model("llama")
+    lm.model.to(dtype)
+    before = _state(lm)
+    hp = _hp(lm)
+    record = rome_edit(lm, REQUESTS[0], hp, stats="identity", progress=False)
+    assert torch.isfinite(record.u).all() and torch.isfinite(record.v).all()
+    batch = compute_memit(lm, [Request("Paris", "{} is the capital of", "Germany")],
+                          MemitHyperParams(layers=(hp.layer - 1, hp.layer), v_steps=3), stats="identity",
+                          templates=("{}",), progress=False, apply=False)
+    with Ledger(lm) as ledger:
+        ledger.apply(record)
+        ledger.apply(batch, verify=False)
+        w = lm.model.get_submodule(record.module).weight
+        assert w.dtype == dtype and not _same(lm, before)
+        ledger.revert(record)
+        ledger.revert(batch)
+        assert _same(lm, before)

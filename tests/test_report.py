@@ -235,7 +235,7 @@ def test_report_from_saved_results_loads_no_model(tiny_model_dir, tmp_path, monk
     def no_model(*a, **k):
         raise AssertionError("a report from saved results must not load a model")
 
-    monkeypatch.setattr(command, "load_model", no_model)
+    monkeypatch.setattr(command, "load_model_from_args", no_model)
     out = tmp_path / "saved.html"
     assert main(["report", "--from-trace", str(trace_json), "--ledger", str(ledger), "--edited-trace", str(trace_json),
                  "--out", str(out)]) == 0

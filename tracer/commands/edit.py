@@ -13,6 +13,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from . import add_model_arguments, load_model_from_args
 from ..edit.check import check_edit, check_prompts
 from ..edit.hparams import ROMEHyperParams
 from ..edit.ledger import Ledger
@@ -22,7 +23,7 @@ from ..edit.rome import rome_edit
 from ..errors import EditError, HyperParameterError
 from ..files import write_json_atomic
 from ..limits import check_count, prompt_ids
-from ..models import cache_dir, load_model
+from ..models import cache_dir
 from ..stats import StatsCache
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 def register(subparsers) -> None:
     p = subparsers.add_parser("edit", help="rewrite a fact with ROME (rank-one model editing)",
                               description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m", help="model name, directory or .gguf (default: smollm2-135m)")
+    add_model_arguments(p)
     p.add_argument("--subject", required=True, help="the subject, e.g. 'The Eiffel Tower'")
     p.add_argument("--prompt", required=True, help="prompt with {} for the subject (or containing the subject)")
     p.add_argument("--target", required=True, help="new answer, with its leading space, e.g. ' Rome'")
@@ -47,7 +48,6 @@ def register(subparsers) -> None:
     p.add_argument("--save-ledger", default=None, metavar="PATH", help="write the edit as a ledger file (.safetensors)")
     p.add_argument("--save-model", default=None, metavar="DIR", help="write the edited model to a new directory")
     p.add_argument("--json", default=None, metavar="PATH", help="write the record and the checks as JSON")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=run)
 
 
@@ -105,7 +105,7 @@ def run(args) -> int:
 
     _check_outputs(args)
     request = EditRequest(args.prompt, args.subject, args.target, args.true_target)
-    lm = load_model(args.model, device=args.device)
+    lm = load_model_from_args(args)
     hp, stats = settings(args, lm)
     _check_prompts(lm, request, hp, args.check)
     record = rome_edit(lm, request, hp, stats, progress=bool(getattr(args, "verbose", False)))

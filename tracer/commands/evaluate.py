@@ -5,20 +5,20 @@ import argparse
 import json
 from pathlib import Path
 
+from . import add_model_arguments, load_model_from_args
 from ..errors import HyperParameterError
 from ..evaluate import run_evaluation
 from ..evaluate.methods import METHODS, check_overrides
 from ..evaluate.records import load_cases
 from ..evaluate.report import summary_markdown
 from ..limits import check_seed
-from ..models import load_model
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="CounterFact / zsRE evaluation of none, FT-L, ROME or MEMIT",
                               description="Edit each case (or batch), measure the papers' metrics, revert; writes "
                                           "DIR/cases/<id>.json (resumable) and DIR/summary.{json,md,html}.")
-    p.add_argument("--model", default="smollm2-135m", help="model alias, Hugging Face id, directory or .gguf")
+    add_model_arguments(p)
     p.add_argument("--method", required=True, choices=tuple(METHODS),
                    help="an editing method of the registry (tracer.evaluate.methods.METHODS)")
     p.add_argument("--dataset", required=True, choices=("counterfact", "counterfact-10k", "zsre"))
@@ -36,7 +36,6 @@ def register(subparsers) -> None:
     p.add_argument("--no-generation", action="store_true", help="skip generations (fluency GE, consistency RS)")
     p.add_argument("--generation-prompts", type=int, default=None, help="generation prompts per case (default: all 10)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.set_defaults(func=run)
 
@@ -86,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     check_seed(args.seed, "--seed")
     if cases:  # generations are seeded with seed + case id
         check_seed(args.seed + max(c.case_id for c in cases), "--seed plus the largest case id")
-    lm = load_model(args.model, device=args.device)
+    lm = load_model_from_args(args)
     summary = run_evaluation(lm, args.method, args.dataset, args.out, limit=args.limit, batch_size=batch, cases=cases,
                              data_path=args.data, generation=not args.no_generation,
                              generation_prompts=args.generation_prompts, seed=args.seed, method_options=options)

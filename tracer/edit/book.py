@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from typing import Iterator, Protocol, runtime_checkable
 
 import torch
+from accelerate.utils import has_offloaded_params
 
 from ..errors import EditError, UnknownLayerError
 from ..models import LanguageModel, as_model
@@ -166,6 +167,9 @@ class WeightBook:
             module = self.lm.model.get_submodule(name)
         except AttributeError:
             raise UnknownLayerError(f"edit {record.id} targets {name!r}, which this model does not have") from None
+        if has_offloaded_params(module):
+            raise EditError(f"edit {record.id} writes {name}, whose weight is offloaded (on disk or the meta device); "
+                            "load the model with more --max-memory so the edited layers stay on a device; nothing was applied")
         weight = module.weight
         delta = record.module_delta(name)
         d_out, d_k = (weight.shape[1], weight.shape[0]) if self.lm.layers.mlp_out_transposed else weight.shape
