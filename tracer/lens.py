@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -31,8 +30,8 @@ from .hooks import TensorFn, hooked, record_outputs
 from .layers import get_module
 from .limits import Estimate, ModelShape, check_count, check_memory, forward_bytes, prompt_ids
 from .models import LanguageModel, as_model
-from .noise import corrupt, draw_noise
-from .trace_result import TraceResult
+from .noise import corrupting, draw_noise
+from .trace_result import TraceResult, restored_layers
 
 log = logging.getLogger(__name__)
 
@@ -235,11 +234,7 @@ def restored_lens(model: LanguageModel | str, result, token: int, layer: int, *,
     n_tok, n_layers = result.scores.shape
     if not (0 <= token < n_tok and 0 <= layer < n_layers):
         raise HyperParameterError(f"cell ({token}, {layer}) is outside the trace's {n_tok} tokens x {n_layers} layers")
-    if result.kind == "hidden":
-        restored = [layer]
-    else:
-        w = result.window
-        restored = list(range(max(0, layer - w // 2), min(n_layers, layer + math.ceil(w / 2))))
+    restored = restored_layers(result.kind, layer, result.window, n_layers)
     sites = [lm.layers.name(result.kind, i) for i in restored]
     recorders, clean = record_outputs(sites)
     with torch.no_grad(), hooked(lm.model, outputs=recorders):
@@ -255,22 +250,16 @@ def restored_lens(model: LanguageModel | str, result, token: int, layer: int, *,
 
         return restore
 
-    hooks = {lm.layers.embed: _noise_hook(result), **{site: restorer(site) for site in sites}}
+    hooks = {lm.layers.embed: _noise_hook(result, lm.hidden_size), **{site: restorer(site) for site in sites}}
     what = f"layer {layer}" if result.kind == "hidden" else f"{result.kind} layers {restored[0]}-{restored[-1]}"
     return logit_lens(lm, result.prompt, targets=[result.answer_id, *targets], answer=False,
                       extra_outputs=hooks, runs=result.samples,
                       label=f"restored {result.tokens[token]!r}, {what}")
 
 
-def _noise_hook(result):
+def _noise_hook(result, hidden_size: int):
     """Embedding-output hook adding the trace's noise (same draw) to the subject's tokens."""
 
     start, end = result.subject_span
-
-    def add(h: torch.Tensor) -> torch.Tensor:
-        noise = draw_noise(result.noise, result.samples, end - start, h.shape[-1], result.seed)
-        h = h.clone()
-        h[:, start:end] = corrupt(h[:, start:end], noise, result.noise.replace)
-        return h
-
-    return add
+    noise = draw_noise(result.noise, result.samples, end - start, hidden_size, result.seed)
+    return corrupting(start, end, noise, result.noise.replace)

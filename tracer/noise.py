@@ -97,6 +97,20 @@ def draw_noise(spec: NoiseSpec, samples: int, n_tokens: int, hidden: int, seed: 
     return raw * spec.scale
 
 
+def corrupting(lo: int, hi: int, noise: torch.Tensor, replace: bool, first_row: int = 0):
+    """An embedding-output hook (for :func:`tracer.hooks.hooked`): ``h`` with columns ``lo:hi`` of
+    rows ``first_row:`` corrupted by ``noise`` ("rows (hi - lo) hidden", or broadcastable to it), see
+    :func:`corrupt`. The one noise hook of the causal traces (batched and naive) and of the lens
+    that replays them."""
+
+    def add(h: torch.Tensor) -> torch.Tensor:
+        h = h.clone()
+        h[first_row:, lo:hi] = corrupt(h[first_row:, lo:hi], noise, replace)
+        return h
+
+    return add
+
+
 def corrupt(embeddings: torch.Tensor, noise: torch.Tensor, replace: bool) -> torch.Tensor:
     """Add (or substitute) float64 ``noise`` to ``embeddings`` of the same shape, keeping dtype.
 

@@ -22,7 +22,6 @@ How the batched engine saves work, all without changing a number:
 """
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -36,10 +35,10 @@ from .errors import HyperParameterError
 from .hooks import hooked, record_outputs
 from .layers import get_module
 from .limits import Estimate, ModelShape, check_count, check_memory, check_seed, trace_estimate
-from .models import LanguageModel, as_model
-from .noise import corrupt, draw_noise, resolve_noise
+from .models import LanguageModel, as_model, cache_keyword
+from .noise import corrupting, draw_noise, resolve_noise
 from .subject import tokenize_with_subject
-from .trace_result import KINDS, NoiseSpec, TraceKind, TraceResult
+from .trace_result import KINDS, NoiseSpec, TraceKind, TraceResult, restored_layers
 
 #: which token rows a trace computes: every one, the last subject token, or given positions
 TokenSelection = Union[Literal["all", "last_subject"], Sequence[int]]
@@ -189,17 +188,7 @@ def _noise_hook(run: _Run, start: int, rows_per_sample: int):
     if lo >= e:
         return None
     noise = repeat(run.noise[:, lo - b: e - b], "s p h -> (u s) p h", u=rows_per_sample)
-
-    def add(h: torch.Tensor) -> torch.Tensor:
-        h = h.clone()
-        h[:, lo - start: e - start] = corrupt(h[:, lo - start: e - start], noise, run.spec.replace)
-        return h
-
-    return add
-
-
-def _cache_kwarg(module) -> str:
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+    return corrupting(lo - start, e - start, noise, run.spec.replace)
 
 
 def _last_logits(lm: LanguageModel, input_ids: torch.Tensor, **kwargs):
@@ -266,11 +255,7 @@ def _units(n_layers: int, rows: list[int], kind: TraceKind, window: int) -> list
     units = []
     for t in rows:
         for layer in range(n_layers):
-            if kind == "hidden":
-                layers = (layer,)
-            else:
-                layers = tuple(range(max(0, layer - window // 2), min(n_layers, layer + math.ceil(window / 2))))
-            units.append((t, layer, layers))
+            units.append((t, layer, restored_layers(kind, layer, window, n_layers)))
     return units
 
 
@@ -356,7 +341,7 @@ def _forward_restored(run: _Run, kind: TraceKind, batch, severed) -> torch.Tenso
 
         prefix = [(repeat(k[:, :, :t], "s h p d -> (u s) h p d", u=n_units),
                    repeat(v[:, :, :t], "s h p d -> (u s) h p d", u=n_units)) for k, v in run.kv]
-        kwargs[_cache_kwarg(get_module(model, lm.layers.backbone))] = DynamicCache(prefix, config=model.config)
+        kwargs[cache_keyword(get_module(model, lm.layers.backbone))] = DynamicCache(prefix, config=model.config)
         kwargs["use_cache"] = True
     input_ids = torch.tensor([run.ids[t:]], device=lm.device).expand(rows, -1)
     with hooked(model, outputs=outputs, replace=replace):
@@ -383,13 +368,7 @@ def _run_naive(run: _Run, kind, units, severed, scores, progress) -> int:
     """One forward pass per restoration (batch = clean row + samples), as the original code."""
     lm, model, samples = run.lm, run.lm.model, run.samples
     input_ids = torch.tensor([run.ids], device=lm.device).expand(samples + 1, -1)
-    b, e = run.span
-    noise = run.noise
-
-    def add_noise(h):
-        h = h.clone()
-        h[1:, b:e] = corrupt(h[1:, b:e], noise, run.spec.replace)
-        return h
+    add_noise = corrupting(*run.span, run.noise, run.spec.replace, first_row=1)  # row 0 stays clean
 
     for t, cell_layer, layers in tqdm(units, desc=f"trace {kind} (naive)", disable=not progress, leave=False):
         outputs = {lm.layers.embed: add_noise}

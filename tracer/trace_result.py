@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -47,6 +48,14 @@ class NoiseSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "NoiseSpec":
         return cls(**d)
+
+
+def restored_layers(kind: str, layer: int, window: int, n_layers: int) -> tuple[int, ...]:
+    """The layers restored for the heat-map cell at ``layer``: the block itself (``hidden``), or
+    ROME's window of ``window`` MLP / attention layers around it, cut at the model's ends."""
+    if kind == "hidden":
+        return (layer,)
+    return tuple(range(max(0, layer - window // 2), min(n_layers, layer + math.ceil(window / 2))))
 
 
 @dataclass(frozen=True)
