@@ -51,6 +51,7 @@ class Done:
     seconds: float = 0.0       # wall time of the last attempt, measured where it ran
     cpu_seconds: float = 0.0   # CPU time of the last attempt (that worker process)
     attempts: int = 1
+    worker: int = 0            # the worker slot that ran the last attempt (0 in this process)
 
     @property
     def ok(self) -> bool:
@@ -157,9 +158,11 @@ class RayPool:
 
     ``address=None`` starts a local Ray cluster on this machine (stopped on close); an address
     (``"HOST:6379"``, ``"auto"``) joins a running one. In a process already connected to Ray the
-    pool uses that connection. ``workers`` defaults to the cluster's GPUs, else its free CPUs;
-    ``device`` (``"cpu"``, ``"cuda"``; default: GPUs where the cluster has them); ``threads``
-    per CPU worker defaults to the free CPUs divided among the workers.
+    pool uses that connection. ``workers`` defaults to the cluster's free GPUs, else its free
+    CPUs; ``device`` (``"cpu"``, ``"cuda"``; default: GPUs where the cluster has them);
+    ``threads`` per CPU worker defaults to the free CPUs divided among the workers. Workers that
+    do not fit the cluster are refused at once; those that wait for resources others hold start
+    when they are freed, or fail after ``load_timeout`` seconds.
     """
 
     def __init__(self, model: "LanguageModel | str", *, workers: int | None = None, address: str | None = None,
@@ -207,15 +210,16 @@ class RayPool:
             raise
 
     def _start_actors(self, ray) -> None:
-        free = ray.available_resources()
-        cpus, gpus = int(free.get("CPU", 0)), int(free.get("GPU", 0))
+        total, free = ray.cluster_resources(), ray.available_resources()
+        cpus, gpus = int(total.get("CPU", 0)), int(total.get("GPU", 0))
+        free_cpus, free_gpus = int(free.get("CPU", 0)), int(free.get("GPU", 0))
         gpu = self.device.startswith("cuda") if self.device else gpus > 0
-        self.workers = self.requested or (gpus if gpu else max(1, cpus))
-        threads = self.threads or max(1, cpus // self.workers)
+        self.workers = self.requested or (max(1, free_gpus) if gpu else max(1, free_cpus))
+        threads = self.threads or max(1, free_cpus // self.workers)
         need_gpu, need_cpu = (self.workers, self.workers) if gpu else (0, self.workers * threads)
         if need_gpu > gpus or need_cpu > cpus:
             raise WorkerError(f"{self.workers} workers need {need_cpu} CPUs and {need_gpu} GPUs but the Ray cluster "
-                              f"has {cpus} CPUs and {gpus} GPUs free; pass fewer --workers")
+                              f"has {cpus} CPUs and {gpus} GPUs; pass fewer --workers")
         shipped = ray.put(self.model) if isinstance(self.model, LanguageModel) else self.model
         self._options = dict(num_cpus=1 if gpu else threads, num_gpus=1 if gpu else 0, max_restarts=0)
         self._args = (shipped, "cuda" if gpu else "cpu", 1 if gpu else threads)
@@ -249,6 +253,10 @@ class RayPool:
             ray.shutdown()
         self._owns_ray = False
 
+    @property
+    def live_workers(self) -> int:
+        return sum(self._live)
+
     # ------------------------------------------------------------------ work
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -259,8 +267,8 @@ class RayPool:
         for slot in [s for s, live in enumerate(self._live) if live]:
             try:
                 return _unwrap(ray, self._actors[slot].call.remote(fn, args))
-            except RayActorError as e:
-                self._lost(ray, slot, e)
+            except RayActorError:
+                self._lost(ray, slot)
         raise WorkerError("no Ray worker is left to run the job; see the worker logs above")
 
     def map(self, fn: Task, items: Iterable[tuple[Hashable, Any]], *, shared: Any = None, desc: str = "",
@@ -295,36 +303,38 @@ class RayPool:
                 slot, i = running.pop(ref)
                 busy.discard(slot)
                 attempts[i] += 1
+                key, again = items[i][0], False
                 try:
                     result, seconds, cpu = ray.get(ref)
+                    done = Done(key, result, seconds=seconds, cpu_seconds=cpu, attempts=attempts[i], worker=slot)
                 except RayTaskError as e:
                     cause = e.cause if isinstance(e.cause, BaseException) else e
-                    error, again = describe_error(cause), not isinstance(cause, FactscopeError)
+                    done = Done(key, error=describe_error(cause), attempts=attempts[i], worker=slot)
+                    again = not isinstance(cause, FactscopeError)
                 except RayActorError as e:
-                    self._lost(ray, slot, e)
-                    error, again = f"WorkerError: worker lost ({str(e).splitlines()[0][:200]})", True
-                else:
-                    yield Done(items[i][0], result, seconds=seconds, cpu_seconds=cpu, attempts=attempts[i])
-                    bar.update(sizes[i] if sizes is not None else 1)
-                    continue
+                    self._lost(ray, slot)
+                    reason = (str(e).splitlines() or [""])[0][:200]
+                    done = Done(key, error=f"WorkerError: worker lost ({reason})", attempts=attempts[i], worker=slot)
+                    again = True
                 if again and attempts[i] <= self.retries:
                     queue.appendleft(i)
                     retried += 1
-                else:
-                    failed += 1
-                    bar.update(sizes[i] if sizes is not None else 1)
-                    yield Done(items[i][0], error=error, attempts=attempts[i])
-                bar.set_postfix(workers=sum(self._live), retried=retried, failed=failed, refresh=False)
+                    continue
+                failed += not done.ok
+                bar.update(sizes[i] if sizes is not None else 1)
+                bar.set_postfix(workers=self.live_workers, retried=retried, failed=failed, refresh=False)
+                yield done
         finally:
             bar.close()
 
     # ------------------------------------------------------------------ lost workers
 
-    def _lost(self, ray, slot: int, error: BaseException) -> None:
+    def _lost(self, ray, slot: int) -> None:
         """Mark a worker dead and start a replacement in its slot (while the pool has spares)."""
         if not self._live[slot]:
             return
         self._live[slot] = False
+        self.info[slot] = {}
         try:
             ray.kill(self._actors[slot], no_restart=True)
         except Exception:
