@@ -228,3 +228,19 @@ def test_cli_trace_dataset_with_ray(tiny, pool, runs, tmp_path, capsys):
     assert "5 workers need 5 CPUs and 0 GPUs but the Ray cluster has 4 CPUs" in capsys.readouterr().err
     with pytest.raises(ModelNotFoundError):
         RayPool(str(tmp_path / "no-model"), workers=1).start()
+
+
+@pytest.mark.slow
+@pytest.mark.embedded
+def test_embedded_model_trace_dataset_with_ray_equals_without(shared_data, tmp_path):
+    """`factscope trace-dataset --facts F --kind hidden --samples 3 --ray --workers 2` writes the
+    facts/*.json of the same command without --ray (bytes equal where the thread counts are)."""
+    from tracer.cli import main
+
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps(json.loads((shared_data / "known_1000.json").read_text())[:4]))
+    common = ["trace-dataset", "--facts", str(facts), "--kind", "hidden", "--samples", "3", "--n-boot", "0"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--ray", "--workers", "2", "--out", str(tmp_path / "ray")]) == 0
+    assert_same_run(tmp_path / "plain", tmp_path / "ray")
+    assert len(list((tmp_path / "ray" / "facts").glob("*.json"))) == 4

@@ -222,7 +222,7 @@ class RayPool:
                               f"has {cpus} CPUs and {gpus} GPUs; pass fewer --workers")
         shipped = ray.put(self.model) if isinstance(self.model, LanguageModel) else self.model
         self._options = dict(num_cpus=1 if gpu else threads, num_gpus=1 if gpu else 0, max_restarts=0)
-        self._args = (shipped, "cuda" if gpu else "cpu", 1 if gpu else threads)
+        self._args = (shipped, "cuda" if gpu else (self.device or "cpu"), 1 if gpu else threads)
         self._spare = self.workers
         for _ in range(self.workers):
             self._actors.append(ray.remote(_Worker).options(**self._options).remote(*self._args))
