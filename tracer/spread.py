@@ -234,7 +234,12 @@ class RayPool:
             raise WorkerError(f"only {len(ready)} of {self.workers} workers started within {self.load_timeout:.0f} s; "
                               "the cluster may lack the CPUs or GPUs each worker needs on one node")
         for slot, ref in enumerate(loads):
-            self.info[slot] = _unwrap(ray, ref)
+            try:
+                self.info[slot] = _unwrap(ray, ref)
+            except ray.exceptions.RayActorError as e:
+                reason = (str(e).splitlines() or [""])[0][:200]
+                raise WorkerError(f"Ray worker {slot + 1} of {self.workers} died while loading the model ({reason}); "
+                                  "see the worker logs above") from None
             self._live[slot] = True
 
     def close(self) -> None:
