@@ -138,8 +138,8 @@ def _dies_once(lm, item, marker_dir):
 
 
 def test_a_killed_workers_items_are_finished_by_the_other(pool, tmp_path):
-    done = list(pool.map(_dies_once, [(i, i) for i in range(6)], shared=str(tmp_path), progress=False))
     assert [info["threads"] for info in pool.info] == [1, 1]  # CPU workers split the cores
+    done = list(pool.map(_dies_once, [(i, i) for i in range(6)], shared=str(tmp_path), progress=False))
     assert sorted(d.key for d in done) == list(range(6)) and all(d.ok for d in done)
     assert [d.result for d in sorted(done, key=lambda d: d.key)] == [i * i for i in range(6)]
     assert {d.key: d.attempts for d in done}[3] == 2
