@@ -46,7 +46,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results import add_result_arguments, save_result  # noqa: E402
-from tracer.dataset_trace import parse_shard  # noqa: E402
 from tracer.files import write_json_atomic  # noqa: E402
 from tracer.edit import Ledger  # noqa: E402
 from tracer.errors import FactscopeError  # noqa: E402
@@ -56,6 +55,20 @@ from tracer.edit.sequential import heldout_texts, perplexity  # noqa: E402
 from tracer.edit.zs import compute_zs  # noqa: E402
 from tracer.evaluate import case_scores, load_cases, measure_probabilities, summarize  # noqa: E402
 from tracer.models import load_model  # noqa: E402
+
+
+def parse_shard(value: str | None) -> tuple[int, int] | None:
+    """``"K/N"`` -> ``(K, N)``: this process optimises the z of cases K, K+N, K+2N, ... (the bench's
+    own split of the z work ahead; factscope's commands spread work with --ray, tracer.spread)."""
+    if value is None:
+        return None
+    try:
+        k, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like K/N (e.g. 0/2), got {value!r}") from None
+    if not (n >= 1 and 0 <= k < n):
+        raise ValueError(f"--shard K/N needs N >= 1 and 0 <= K < N, got {value!r}")
+    return k, n
 
 
 def scores(lm, cases):

@@ -33,7 +33,7 @@ from tracer.files import write_text_atomic  # noqa: E402
 RESULTS_DIR = ROOT / "bench" / "results"
 #: the Markdown files whose tables are rendered
 DOCS = ("README.md", "docs/tracing.md", "docs/editing.md", "docs/evaluation.md", "docs/defaults.md",
-        "docs/benchmarks.md")
+        "docs/benchmarks.md", "docs/ray.md")
 MARKER = re.compile(r"(<!-- table:([A-Za-z0-9_-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
 
 
@@ -333,13 +333,28 @@ def edit_speed(r: dict) -> list[str]:
         ["**speed-up**", f"**{v['reference'] / v['fast']:.1f}×**", ""]])
 
 
+def ray_scale(r: dict) -> list[str]:
+    f = r["figures"]
+    rows = [[f"{run['workers']} worker{'s' if run['workers'] > 1 else ''}", num(run["wall_s"], 1, " s"),
+             num(run["task_cpu_s"], 1, " s"), f"{run['overhead_per_item_s']:.3f} s", f"{run['round_trip_s'] * 1000:.1f} ms",
+             num(run["pool_start_s"], 1, " s")] for run in f["runs"]]
+    rows.append(["**speed-up**", f"**{f['speedup']:.2f}×**", "", "", "", ""])
+    load = f["load_average"][0]
+    return table(["Ray workers", "trace wall time", "CPU-s in the workers", "overhead per fact", "empty-task round trip",
+                  "pool start (once)"], rows) + [
+        "", f"{f['facts']} known facts, kind {f['kind']}, {f['samples']} samples, embedded model, one torch thread per "
+            f"worker, one local cluster of {f['cluster_cpus']} CPUs (started in {f['cluster_start_s']:.1f} s); the two "
+            f"runs wrote {'the same' if f['same_files'] else '**different**'} facts/*.json bytes; load average at the "
+            f"end {load:.2f}."]
+
+
 RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "trace_speed": trace_speed, "trace_speed_busy": trace_speed, "trace_precision": trace_precision,
     "precision": precision, "aggregate_speed": aggregate_speed, "known_facts_averages": known_facts_averages,
     "rome_layer_traces": rome_layer_traces, "memit_layer_traces": memit_layer_traces, "stats_tokens": stats_tokens,
     "memit_lambda": memit_lambda, "ftl_epsilon": ftl_epsilon, "counterfact": counterfact, "zsre": zsre,
     "memit_scale": memit_scale, "memit_sequential": memit_sequential, "rome_sequential": rome_sequential,
-    "z_order": z_order, "z_order_keys": z_order, "edit_speed": edit_speed,
+    "z_order": z_order, "z_order_keys": z_order, "edit_speed": edit_speed, "ray_scale": ray_scale,
 }
 
 

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 import tracer.dataset_trace as dt
 from tracer.aggregate import aggregate_all
 from tracer.errors import DatasetError, FactscopeError, HyperParameterError
-from tracer.files import STALE_AFTER, host_id
+from tracer.files import host_id
 
 FACTS = [
     {"known_id": 10, "subject": "The city", "prompt": "The city of London is"},
@@ -96,37 +95,6 @@ def test_killed_run_resumes_to_identical_files(tiny, uninterrupted, tmp_path, mo
     assert (again.already_done, again.traced, again.failed) == (5, 0, 0)
 
 
-def test_shards_fill_one_directory_like_one_process(tiny, uninterrupted, tmp_path):
-    whole, _ = uninterrupted
-    out = tmp_path / "sharded"
-    first = dt.trace_dataset(tiny, FACTS, out, shard=(0, 2), **SETTINGS)
-    assert (first.selected, first.traced, first.failed) == (3, 2, 1)  # indices 0, 2 (fails), 4
-    temp_of(out / "facts" / "11.json", os.getpid()).write_text("{")  # our own: stray
-    elsewhere = temp_of(out / "facts" / "13.json", os.getpid(), host="other-machine")  # a shard on another host
-    elsewhere.write_text("{")
-    abandoned = temp_of(out / "failed" / "12.json", 7, host="other-machine")  # ... and one it left long ago
-    abandoned.write_text("{")
-    os.utime(abandoned, (time.time() - 2 * STALE_AFTER,) * 2)
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        temp_of(out / "facts" / "13.json", live.pid).write_text("{")  # another shard still writing it
-        second = dt.trace_dataset(tiny, FACTS, out, shard="1/2", **SETTINGS)
-        assert temp_of(out / "facts" / "13.json", live.pid).exists()  # left alone
-    finally:
-        live.kill()
-        live.wait()
-    # a pid means nothing on another machine: its fresh file stays (though our pid is its), the old one goes
-    assert elsewhere.exists() and not abandoned.exists()
-    temp_of(out / "facts" / "13.json", live.pid).unlink()
-    elsewhere.unlink()
-    assert (second.selected, second.traced) == (2, 2)
-    assert not list((out / "facts").glob(".*.tmp")) and snapshot(out) == snapshot(whole)
-    for bad in ("2/2", "a/b", "1", (3, 2), (1,)):
-        with pytest.raises(HyperParameterError, match="K/N"):
-            dt.parse_shard(bad)
-    assert dt.parse_shard((1, 2)) == dt.parse_shard("1/2") == (1, 2)
-
-
 def test_limit_then_extend(tiny, uninterrupted, tmp_path):
     whole, _ = uninterrupted
     out = tmp_path / "limited"
@@ -192,8 +160,10 @@ def test_cli_end_to_end(tiny, tmp_path, capsys):
     assert "no facts/ folder" in capsys.readouterr().err
     assert main(["averages", str(out), "--n-boot", "0"]) == 2
     assert "--n-boot must be a whole number in [1, 100000], got 0" in capsys.readouterr().err
-    assert main(["trace-dataset", "--facts", str(facts), "--out", str(out), "--shard", "2/2"]) == 2  # before loading
-    assert "0 <= K < N" in capsys.readouterr().err
+    assert main(["trace-dataset", "--facts", str(facts), "--out", str(out), "--workers", "2"]) == 2  # before loading
+    assert "add --ray" in capsys.readouterr().err
+    assert main(["trace-dataset", "--facts", str(facts), "--out", str(out), "--ray", "--workers", "0"]) == 2
+    assert "--workers must be a whole number in [1, 4096], got 0" in capsys.readouterr().err
     # argparse names the accepted values in one line (exit 2, no traceback)
     with pytest.raises(SystemExit) as exit_:
         main(["trace-dataset", "--facts", str(facts), "--out", str(out), "--severed-tokens", "first"])
@@ -271,7 +241,7 @@ BAD_SETTINGS = [
     (dict(noise=-1.0), "noise scale"), (dict(noise=float("nan")), "noise scale"), (dict(noise_mode="numpy"), "noise mode"),
     (dict(kinds=("mlps",)), "unknown kind"), (dict(kinds=(), severed=()), "nothing to trace"),
     (dict(severed=("hidden",)), "severed"), (dict(severed_tokens="first"), "severed_tokens"), (dict(limit=0), "limit"),
-    (dict(shard="2/2"), "K/N"), (dict(retry_failed="yes"), "retry_failed"),
+    (dict(retry_failed="yes"), "retry_failed"),
 ]
 
 

@@ -33,8 +33,9 @@ PACKAGES = ("tracer", "widgets")
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("tracer.errors", "tracer.files", "tracer.markdown"),
     ("tracer.limits", "tracer.layers", "tracer.datapaths", "tracer.subject", "tracer.targets", "tracer.trace_result"),
-    ("tracer.hooks", "tracer.models", "tracer.placement"),
-    ("tracer.noise", "tracer.stats", "tracer.knowns", "tracer.aggregate", "tracer.generation", "tracer.scoring"),
+    ("tracer.hooks", "tracer.models", "tracer.placement", "tracer.spread"),
+    ("tracer.noise", "tracer.corpus", "tracer.stats", "tracer.knowns", "tracer.aggregate", "tracer.generation",
+     "tracer.scoring"),
     ("tracer.trace", "tracer.lens", "tracer.dataset_trace"),
     ("tracer.edit",),
     ("tracer.evaluate",),
@@ -54,6 +55,7 @@ LOCAL_IMPORTS_ALLOWED = {
     "nbconvert": "optional (the `test` extra): needed only to export notebooks",
     "nbclient": "optional (the `test` extra): needed only to execute notebooks",
     "jupyter_bokeh": "loads Bokeh and ipywidgets; `widgets.export` reads only its JavaScript file",
+    "ray": "heavy (about 1 s) and needed only when work is spread over Ray workers (--ray)",
     "grp": "POSIX-only standard module (absent on Windows)",
     "pwd": "POSIX-only standard module (absent on Windows)",
 }

@@ -10,15 +10,19 @@ Layout of ``out_dir``::
     failed/<id>.json    {"index", "fact", "error"}                               one per failed fact
     log.jsonl           one line per fact attempted: id, status, wall and CPU seconds (timings live only here)
 
-Every file is written to a temporary name and renamed, so a killed run leaves whole files only.
-Every setting is checked before anything is created. ``run.json`` is created exclusively, so of
-processes starting together on one directory one writes it and the others compare with it.
-A restart with the same settings skips facts that have a ``facts/`` (or ``failed/``) file and
-continues; different settings are refused (:class:`DatasetError`) rather than mixed. Temporary
-files of a killed writer are removed on restart; those of a live writer (a shard, possibly on
-another machine sharing the folder) are left alone (:func:`tracer.files.stray_writer_dead`). The
-per-fact files hold no timings, so an interrupted-and-resumed run writes the same bytes as an
-uninterrupted one. A fact whose tracing raises is recorded under ``failed/`` and the run goes on.
+Every file is written by this process (the driver) to a temporary name and renamed, so a killed
+run leaves whole files only. Every setting is checked before anything is created. ``run.json`` is
+created exclusively, so of two runs started together on one directory one writes it and the other
+compares with it. A restart with the same settings skips facts that have a ``facts/`` (or
+``failed/``) file and continues; different settings are refused (:class:`DatasetError`) rather than
+mixed. Temporary files of a killed writer are removed on restart
+(:func:`tracer.files.stray_writer_dead`). The per-fact files hold no timings, so an
+interrupted-and-resumed run writes the same bytes as an uninterrupted one. A fact whose tracing
+raises is recorded under ``failed/`` and the run goes on.
+
+The facts are traced through a :mod:`tracer.spread` runner: in this process on the model given,
+or on a :class:`tracer.spread.RayPool` of model workers (``factscope trace-dataset --ray``), which
+return each fact's traces for this process to write: the same files, no shared file system.
 """
 from __future__ import annotations
 
@@ -31,14 +35,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
-from tqdm.auto import tqdm
-
 from .errors import DatasetError, HyperParameterError, PromptError, SubjectNotFoundError
 from .files import open_append, stray_writer_dead, write_json_atomic
 from .knowns import load_facts, normalize_facts
 from .limits import check_count, check_seed, check_memory
-from .models import LanguageModel, as_model
+from .models import LanguageModel
 from .noise import resolve_noise
+from .spread import Runner, as_runner
 from .trace import estimate_trace, trace, trace_all
 from .trace_result import KINDS, NoiseSpec, TraceResult
 
@@ -118,25 +121,11 @@ def _check_kinds(kinds: Iterable[str], severed: Iterable[str]) -> tuple[tuple[st
     return tuple(dict.fromkeys(kinds)), tuple(dict.fromkeys(severed))
 
 
-def parse_shard(value: "str | tuple[int, int] | None") -> tuple[int, int] | None:
-    """``"1/4"`` or ``(1, 4)`` -> ``(1, 4)``: this process traces the facts whose index % 4 == 1."""
-    if value is None:
-        return None
-    try:
-        k, n = (int(x) for x in (value.split("/") if isinstance(value, str) else value))
-    except (ValueError, TypeError):
-        raise HyperParameterError(f"shard must look like K/N (e.g. 0/2), got {value!r}") from None
-    if not (n >= 1 and 0 <= k < n):
-        raise HyperParameterError(f"shard K/N needs N >= 1 and 0 <= K < N, got {value!r}")
-    return k, n
-
-
 def check_settings(*, kinds: Iterable[str] = KINDS, severed: Iterable[str] = (), samples: int = 10, window: int = 10,
                    seed: int = 1, severed_tokens: str = "last_subject", limit: int | None = None,
-                   retry_failed: bool = False, shard: "tuple[int, int] | str | None" = None,
-                   ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[int, int] | None]:
+                   retry_failed: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Check every setting of :func:`trace_dataset` but the noise (which needs the model) before
-    anything is loaded or created; returns the deduplicated kinds and severed paths and the shard."""
+    anything is loaded or created; returns the deduplicated kinds and severed paths."""
     kinds, severed = _check_kinds(kinds, severed)
     check_count("samples", samples)
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
@@ -148,7 +137,7 @@ def check_settings(*, kinds: Iterable[str] = KINDS, severed: Iterable[str] = (),
         raise HyperParameterError(f"limit must be a positive integer, got {limit!r}")
     if not isinstance(retry_failed, bool):
         raise HyperParameterError(f"retry_failed must be True or False, got {retry_failed!r}")
-    return kinds, severed, parse_shard(shard)
+    return kinds, severed
 
 
 def _check_memory_for_longest(lm: LanguageModel, facts: list[dict], kinds: tuple[str, ...], samples: int,
@@ -163,6 +152,14 @@ def _check_memory_for_longest(lm: LanguageModel, facts: list[dict], kinds: tuple
     except (PromptError, SubjectNotFoundError):
         return
     check_memory(estimate, lm.device, hint=f"lower --samples ({samples})")
+
+
+def _prepare(lm: LanguageModel, noise, noise_mode: str, longest: list[dict], kinds: tuple[str, ...], samples: int,
+             window: int) -> tuple[str, NoiseSpec]:
+    """Where the model is: its name and the noise resolved on its weights, after the memory check."""
+    spec = resolve_noise(lm, noise, noise_mode)
+    _check_memory_for_longest(lm, longest, kinds, samples, window)
+    return lm.name, spec
 
 
 def _read_run_file(run_file: Path) -> DatasetTraceSettings:
@@ -196,12 +193,13 @@ def _claim_dir(out_dir: Path, settings: DatasetTraceSettings) -> None:
     for sub in ("facts", "failed"):
         (out_dir / sub).mkdir(exist_ok=True)
     for folder in (out_dir, out_dir / "facts", out_dir / "failed"):
-        for stray in folder.glob(".*.tmp"):  # left by a killed writer (not by a live shard, here or elsewhere)
+        for stray in folder.glob(".*.tmp"):  # left by a killed writer (not by another live run)
             if stray_writer_dead(stray):
                 stray.unlink(missing_ok=True)
 
 
 def _trace_fact(lm: LanguageModel, fact: dict, s: DatasetTraceSettings) -> dict[str, dict]:
+    """The task: every trace of one fact as JSON-ready dicts."""
     common = dict(samples=s.samples, noise=s.noise, noise_mode=s.noise.mode, window=s.window, seed=s.seed,
                   progress=False)
     results = dict(trace_all(lm, fact["prompt"], fact["subject"], kinds=s.kinds, **common)) if s.kinds else {}
@@ -217,7 +215,7 @@ def _trace_fact(lm: LanguageModel, fact: dict, s: DatasetTraceSettings) -> dict[
 
 
 def trace_dataset(
-    model: LanguageModel | str,
+    model: "LanguageModel | str | Runner",
     facts: list[dict] | str | Path,
     out_dir: str | Path,
     *,
@@ -231,24 +229,21 @@ def trace_dataset(
     limit: int | None = None,
     retry_failed: bool = False,
     severed_tokens: str = "last_subject",
-    shard: "tuple[int, int] | str | None" = None,
     progress: bool = True,
 ) -> DatasetRunSummary:
     """Trace the first ``limit`` facts (all when None) into ``out_dir``, skipping finished ones.
 
-    ``kinds`` are traced with :func:`tracer.trace.trace_all`; each entry of ``severed`` adds a
-    hidden-state trace with that path severed (``"mlp"``/``"attn"``, the paper's Figure 7), at the
-    last subject token as in the paper (``severed_tokens="last_subject"``; ``"all"`` traces every
-    token from the subject on).
-    ``retry_failed`` traces facts recorded under ``failed/`` again. ``shard=(k, n)`` (or ``"k/n"``)
-    traces only the facts whose index in the file is k modulo n, so n processes (one per core or
-    machine) can fill one directory together; the files are the same as from one process.
+    ``model`` is a model (or its name), traced in this process, or a :mod:`tracer.spread` runner
+    such as a :class:`~tracer.spread.RayPool`, whose workers trace the facts while this process
+    writes the files. ``kinds`` are traced with :func:`tracer.trace.trace_all`; each entry of
+    ``severed`` adds a hidden-state trace with that path severed (``"mlp"``/``"attn"``, the paper's
+    Figure 7), at the last subject token as in the paper (``severed_tokens="last_subject"``;
+    ``"all"`` traces every token from the subject on). ``retry_failed`` traces facts recorded under
+    ``failed/`` again.
     """
-    kinds, severed, shard = check_settings(kinds=kinds, severed=severed, samples=samples, window=window, seed=seed,
-                                           severed_tokens=severed_tokens, limit=limit, retry_failed=retry_failed,
-                                           shard=shard)
-    lm = as_model(model)
-    spec = resolve_noise(lm, noise, noise_mode)
+    kinds, severed = check_settings(kinds=kinds, severed=severed, samples=samples, window=window, seed=seed,
+                                    severed_tokens=severed_tokens, limit=limit, retry_failed=retry_failed)
+    runner = as_runner(model)
     if isinstance(facts, (str, Path)):
         facts_path = Path(facts)
         facts = load_facts(facts_path)
@@ -256,46 +251,38 @@ def trace_dataset(
     else:
         facts = normalize_facts(list(facts))
         md5 = hashlib.md5(json.dumps(facts, sort_keys=True).encode()).hexdigest()
-    settings = DatasetTraceSettings(model=lm.name, kinds=kinds, severed=severed, samples=samples, noise=spec,
+    longest = [max(facts[:limit], key=lambda f: len(f["prompt"]))] if facts else []
+    name, spec = runner.call(_prepare, noise, noise_mode, longest, kinds or ("hidden",), samples, window)
+    settings = DatasetTraceSettings(model=name, kinds=kinds, severed=severed, samples=samples, noise=spec,
                                     window=window, seed=seed, facts_md5=md5, severed_tokens=severed_tokens)
-    _check_memory_for_longest(lm, facts[:limit], kinds or ("hidden",), samples, window)
     out_dir = Path(out_dir)
     _claim_dir(out_dir, settings)  # the first file system change of the run
 
-    selected = [(i, f) for i, f in list(enumerate(facts))[:limit] if shard is None or i % shard[1] == shard[0]]
+    selected = list(enumerate(facts))[:limit]
     finished = {p.stem for p in (out_dir / "facts").glob("*.json")}
     failed_before = {p.stem for p in (out_dir / "failed").glob("*.json")}
     skip = finished if retry_failed else finished | failed_before
     todo = [(i, f) for i, f in selected if fact_file_name(f["known_id"]) not in skip]
     started = time.perf_counter()
     n_ok = n_failed = 0
-    where = f" (shard {shard[0]}/{shard[1]})" if shard else ""
-    bar = tqdm(total=len(todo), desc=f"tracing {len(todo)} of {len(selected)} facts{where}", unit="fact",
-               disable=not progress, dynamic_ncols=True)
+    where = f" on {runner.workers} workers" if runner.workers > 1 else ""
     with open_append(out_dir / "log.jsonl") as log_file:
-        for index, fact in todo:
+        for done in runner.map(_trace_fact, todo, shared=settings, desc=f"tracing {len(todo)} of {len(selected)} "
+                               f"facts{where}", unit="fact", progress=progress):
+            index, fact = done.key, facts[done.key]
             name = fact_file_name(fact["known_id"])
-            t0, c0 = time.perf_counter(), time.process_time()
-            try:
-                traces = _trace_fact(lm, fact, settings)
-            except Exception as e:  # recorded, not fatal; KeyboardInterrupt still stops the run
-                n_failed += 1
-                log.warning("fact %s failed: %s: %s", fact["known_id"], type(e).__name__, e)
-                _save(out_dir / "failed" / f"{name}.json",
-                      {"index": index, "fact": fact, "error": f"{type(e).__name__}: {e}"})
-                status = "failed"
-            else:
+            if done.ok:
                 n_ok += 1
-                _save(out_dir / "facts" / f"{name}.json", {"index": index, "fact": fact, "traces": traces})
+                _save(out_dir / "facts" / f"{name}.json", {"index": index, "fact": fact, "traces": done.result})
                 (out_dir / "failed" / f"{name}.json").unlink(missing_ok=True)
-                status = "ok"
-            log_file.write(json.dumps({"id": fact["known_id"], "status": status,
-                                       "seconds": round(time.perf_counter() - t0, 3),
-                                       "cpu_seconds": round(time.process_time() - c0, 3)}) + "\n")
+            else:
+                n_failed += 1
+                log.warning("fact %s failed: %s", fact["known_id"], done.error)
+                _save(out_dir / "failed" / f"{name}.json", {"index": index, "fact": fact, "error": done.error})
+            log_file.write(json.dumps({"id": fact["known_id"], "status": "ok" if done.ok else "failed",
+                                       "seconds": round(done.seconds, 3),
+                                       "cpu_seconds": round(done.cpu_seconds, 3)}) + "\n")
             log_file.flush()
-            bar.update(1)
-            bar.set_postfix(failed=n_failed, refresh=False)
-    bar.close()
     return DatasetRunSummary(selected=len(selected), already_done=len(selected) - len(todo), traced=n_ok,
                              failed=n_failed, seconds=time.perf_counter() - started)
 

@@ -56,3 +56,7 @@ class StatisticsError(FactscopeError):
 
 class DatasetError(FactscopeError):
     """A facts file or a dataset-trace directory is malformed or belongs to a different run."""
+
+
+class WorkerError(FactscopeError):
+    """Ray workers could not start (Ray missing, too few CPUs or GPUs) or were all lost."""

@@ -8,7 +8,9 @@
 Keys ("tokens d_k") are read with :func:`tracer.hooks.hooked` at the input of
 ``lm.layers.mlp_out_name(layer)`` while text from a :class:`Corpus` streams through the model in
 chunks of at most ``chunk_tokens`` tokens; the forward pass stops at that module. The sum of
-``k kᵀ`` is accumulated in float64 (or float32) on the keys' device, whatever the weights' dtype.
+``k kᵀ`` is accumulated in float64 (or float32) on the keys' device, whatever the weights' dtype, in
+parts that a :mod:`tracer.spread` runner can spread over Ray workers (``cache.get(pool, ...)``);
+the parts' float64 sums are added in order by the caller.
 
 A cache file is keyed by the model's name and a fingerprint of every weight the keys depend on
 (:func:`key_fingerprint`: embeddings and blocks below ``layer``, and block ``layer`` except the
@@ -18,7 +20,6 @@ SHA-256 of the matrix); a truncated or mismatched file is logged and recomputed.
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
@@ -26,85 +27,23 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Iterable, Literal
 
 import torch
 from safetensors import safe_open
-from tqdm.auto import tqdm
 
-from .datapaths import WIKIPEDIA, data_file
+from .corpus import Corpus, default_corpus  # noqa: F401 (default_corpus: read from here by callers)
 from .errors import StatisticsError
 from .files import save_safetensors_atomic
-from .hooks import hooked
-from .models import LanguageModel, as_model, file_sha256
+from .hooks import run_until
+from .models import LanguageModel, as_model
 from .placement import named_weights
+from .spread import Runner, as_runner
 
 log = logging.getLogger(__name__)
 
 _FORMAT = 1
-
-
-def default_corpus() -> Path:
-    """``$FACTSCOPE_CORPUS`` if set, else the Wikipedia sample of the data folder
-    (:func:`tracer.datapaths.data_file`). Read when used, so setting a variable later still counts."""
-    corpus = os.environ.get("FACTSCOPE_CORPUS", "").strip()
-    return Path(corpus) if corpus else data_file(WIKIPEDIA)
-
-
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
-
-
-# ---------------------------------------------------------------------------- corpus
-
-
-@dataclass(frozen=True)
-class Corpus:
-    """A source of documents with a stable identity (part of the cache key).
-
-    Build with :meth:`from_source`: ``None`` (the default Wikipedia file), a path to a ``.jsonl``
-    / ``.jsonl.gz`` file of ``{"text": ...}`` objects or a plain ``.txt`` / ``.txt.gz`` file
-    (documents separated by blank lines), or an iterable of strings with a ``name``.
-    """
-
-    identity: str
-    path: Path | None = None
-    texts_: tuple[str, ...] | None = field(default=None, repr=False)
-
-    @classmethod
-    def from_source(cls, source: "Corpus | str | os.PathLike | Iterable[str] | None" = None, name: str | None = None) -> "Corpus":
-        if isinstance(source, Corpus):
-            return source
-        if source is None or isinstance(source, (str, os.PathLike)):
-            path = Path(source) if source is not None else default_corpus()
-            if not path.is_file():
-                raise StatisticsError(f"corpus file {str(path)!r} does not exist; pass corpus= (or set FACTSCOPE_CORPUS to) "
-                                      "a .jsonl(.gz) file with a 'text' field per line, a .txt file, or a list of strings "
-                                      "with corpus_name=")
-            return cls(identity=name or f"{path.name}:{path.stat().st_size}:{file_sha256(path)[:16]}", path=path)
-        texts = tuple(source)
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise StatisticsError("a corpus given as an iterable must yield at least one string")
-        digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
-        return cls(identity=name or f"texts:{len(texts)}:{digest}", texts_=texts)
-
-    def texts(self) -> Iterator[str]:
-        if self.texts_ is not None:
-            yield from self.texts_
-            return
-        assert self.path is not None
-        opener = gzip.open if self.path.suffix == ".gz" else open
-        jsonl = ".jsonl" in self.path.suffixes or ".json" in self.path.suffixes
-        with opener(self.path, "rt", encoding="utf-8") as f:
-            if jsonl:
-                for line in f:
-                    if line.strip():
-                        text = json.loads(line).get("text", "")
-                        if text.strip():
-                            yield text
-            else:
-                for doc in re.split(r"\n\s*\n", f.read()):
-                    if doc.strip():
-                        yield doc.strip()
 
 
 # ---------------------------------------------------------------------------- fingerprint
@@ -229,22 +168,62 @@ def _chunk_tokens(lm: LanguageModel, chunk_tokens: int | None) -> int:
     return min(1024, lm.max_length) if chunk_tokens is None else chunk_tokens
 
 
-class _Stop(Exception):
-    """Raised inside a hook to end a forward pass once the keys are read."""
-
-
-def _chunks(lm: LanguageModel, corpus: Corpus, chunk_tokens: int) -> Iterator[list[int]]:
+def _pieces(tokenizer, corpus: Corpus, chunk_tokens: int, n_tokens: int) -> list[torch.Tensor]:
+    """Token id rows ("pos") of at most ``chunk_tokens`` from the corpus's documents, the last one
+    trimmed so that they hold ``n_tokens`` in all (fewer when the corpus is shorter)."""
+    pieces, seen = [], 0
     for text in corpus.texts():
-        ids = lm.tokenizer(text, add_special_tokens=True)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         for start in range(0, len(ids), chunk_tokens):
             piece = ids[start:start + chunk_tokens]
             if len(piece) > 1:
-                yield piece
+                pieces.append(torch.tensor(piece[: n_tokens - seen], dtype=torch.long))
+                seen += len(pieces[-1])
+                if seen >= n_tokens:
+                    return pieces
+    return pieces
 
 
-@torch.no_grad()
+def _parts(pieces: list[torch.Tensor], n_parts: int) -> list[list[torch.Tensor]]:
+    """``pieces`` cut into at most ``n_parts`` consecutive groups of about equal token counts."""
+    total = sum(len(p) for p in pieces)
+    parts: list[list[torch.Tensor]] = [[] for _ in range(n_parts)]
+    before = 0
+    for p in pieces:
+        parts[min(n_parts - 1, before * n_parts // total)].append(p)
+        before += len(p)
+    return [part for part in parts if part]
+
+
+def _layer_facts(lm: LanguageModel, layer: int, chunk_tokens: int | None) -> dict:
+    """A task (:mod:`tracer.spread`): what statistics at ``layer`` need of the model, its tokenizer too."""
+    _check_layer(lm, layer)
+    return {"model": lm.name, "fingerprint": key_fingerprint(lm, layer), "module": lm.layers.mlp_out_name(layer),
+            "d_k": _key_dim(lm, layer), "chunk_tokens": _chunk_tokens(lm, chunk_tokens), "max_length": lm.max_length,
+            "tokenizer": lm.tokenizer}
+
+
+def _moment_part(lm: LanguageModel, pieces: list[torch.Tensor], shared: tuple[str, int, str]) -> torch.Tensor:
+    """A task: Σ k kᵀ ("d_k d_k", float64 on the CPU) over the keys of ``pieces``, accumulated in
+    ``dtype`` on the keys' device (a dispatched model's layers may differ); the forward pass stops
+    at the module."""
+    module, d_k, dtype = shared
+    total: torch.Tensor | None = None
+    keys: list[torch.Tensor] = []
+    with torch.no_grad():
+        for piece in pieces:
+            keys.clear()
+            run_until(lm.model, lambda: lm.model(input_ids=piece.view(1, -1).to(lm.device), use_cache=False), module,
+                      inputs={module: lambda x: keys.append(x.detach())})
+            k = keys[0].reshape(-1, d_k).to(_DTYPES[dtype])
+            if total is None:
+                total = torch.zeros(d_k, d_k, dtype=k.dtype, device=k.device)
+            total.addmm_(k.T, k.to(total.device))
+    return total.double().cpu()
+
+
 def compute_key_statistics(
-    model: "LanguageModel | str",
+    model: "LanguageModel | str | Runner",
     layer: int,
     n_tokens: int,
     corpus: "Corpus | str | os.PathLike | Iterable[str] | None" = None,
@@ -257,58 +236,48 @@ def compute_key_statistics(
     """C = E[k kᵀ] over exactly ``n_tokens`` tokens of ``corpus`` (no cache; see :class:`StatsCache`).
 
     Documents are tokenised and cut into chunks of at most ``chunk_tokens`` tokens (default
-    min(1024, context length)); the last chunk
-    is trimmed so the count is exact. :class:`StatisticsError` when the corpus is too short or
-    ``n_tokens < d_k`` (C would be singular).
+    min(1024, context length)); the last chunk is trimmed so the count is exact.
+    :class:`StatisticsError` when the corpus is too short or ``n_tokens < d_k`` (C would be
+    singular). ``model`` may be a :mod:`tracer.spread` runner (a :class:`~tracer.spread.RayPool`):
+    the chunks are cut into four parts per worker, each worker returns its parts' sums of k kᵀ
+    (float64) and they are added here in the parts' order, so the result equals the one-process
+    one up to float64 summation order.
     """
-    lm = as_model(model)
-    _check_layer(lm, layer)
-    d_k = _key_dim(lm, layer)
-    chunk_tokens = _chunk_tokens(lm, chunk_tokens)
+    runner = as_runner(model)
+    return _compute(runner, runner.call(_layer_facts, layer, chunk_tokens), layer, n_tokens,
+                    Corpus.from_source(corpus, corpus_name), dtype, progress)
+
+
+def _compute(runner: "Runner", about: dict, layer: int, n_tokens: int, source: Corpus, dtype: str,
+             progress: bool) -> KeyStatistics:
+    d_k, chunk_tokens = about["d_k"], about["chunk_tokens"]
     if dtype not in _DTYPES:
         raise StatisticsError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     if not isinstance(n_tokens, int) or n_tokens < d_k:
         raise StatisticsError(f"n_tokens must be an integer >= d_k={d_k} (fewer keys give a singular C), got {n_tokens!r}; "
                               "use KeyStatistics.identity(...) to opt out of C")
-    if not isinstance(chunk_tokens, int) or not 2 <= chunk_tokens <= lm.max_length:
-        raise StatisticsError(f"chunk_tokens must be an integer in [2, {lm.max_length}], got {chunk_tokens!r}")
-    source = Corpus.from_source(corpus, corpus_name)
-    module = lm.layers.mlp_out_name(layer)
-    acc_dtype = _DTYPES[dtype]
-    total: torch.Tensor | None = None  # on the keys' device (a dispatched model's layers may differ)
-    seen = 0
-    keys: list[torch.Tensor] = []
-
-    def grab(x: torch.Tensor):
-        keys.append(x.detach())
-        raise _Stop
-
-    bar = tqdm(total=n_tokens, desc=f"key statistics L{layer}", unit="tok", disable=not progress, leave=False)
-    try:
-        for piece in _chunks(lm, source, chunk_tokens):
-            piece = piece[: n_tokens - seen]
-            keys.clear()
-            try:
-                with hooked(lm.model, inputs={module: grab}):
-                    lm.model(input_ids=torch.tensor([piece], device=lm.device), use_cache=False)
-            except _Stop:
-                pass
-            k = keys[0].reshape(-1, d_k).to(acc_dtype)
-            if total is None:
-                total = torch.zeros(d_k, d_k, dtype=acc_dtype, device=k.device)
-            total.addmm_(k.T, k.to(total.device))
-            seen += len(piece)
-            bar.update(len(piece))
-            if seen >= n_tokens:
-                break
-    finally:
-        bar.close()
-    if seen < n_tokens or total is None:
+    if not isinstance(chunk_tokens, int) or not 2 <= chunk_tokens <= about["max_length"]:
+        raise StatisticsError(f"chunk_tokens must be an integer in [2, {about['max_length']}], got {chunk_tokens!r}")
+    pieces = _pieces(about["tokenizer"], source, chunk_tokens, n_tokens)
+    seen = sum(len(p) for p in pieces)
+    if seen < n_tokens:
         raise StatisticsError(f"corpus {source.identity!r} has only {seen:,} tokens; asked for {n_tokens:,}")
-    mom2 = (total / seen).double().cpu()
-    return KeyStatistics(kind="second_moment", model=lm.name, fingerprint=key_fingerprint(lm, layer), layer=layer,
-                         module=module, d_k=d_k, n_tokens=seen, corpus=source.identity, chunk_tokens=chunk_tokens,
-                         dtype=dtype, mom2=mom2)
+    parts = _parts(pieces, 4 * runner.workers)
+    sums: dict[int, torch.Tensor] = {}
+    total = torch.zeros(d_k, d_k, dtype=torch.float64)
+    merged = 0
+    for done in runner.map(_moment_part, enumerate(parts), shared=(about["module"], d_k, dtype),
+                           desc=f"key statistics L{layer}", unit="tok", sizes=[sum(len(p) for p in part) for part in parts],
+                           progress=progress):
+        if not done.ok:
+            raise StatisticsError(f"key statistics at layer {layer}: part {done.key + 1} of {len(parts)} failed: {done.error}")
+        sums[done.key] = done.result
+        while merged in sums:  # in the parts' order, whatever order they finish in
+            total += sums.pop(merged)
+            merged += 1
+    return KeyStatistics(kind="second_moment", model=about["model"], fingerprint=about["fingerprint"], layer=layer,
+                         module=about["module"], d_k=d_k, n_tokens=seen, corpus=source.identity,
+                         chunk_tokens=chunk_tokens, dtype=dtype, mom2=total / seen)
 
 
 # ---------------------------------------------------------------------------- cache
@@ -334,7 +303,7 @@ class StatsCache:
 
     def get(
         self,
-        model: "LanguageModel | str",
+        model: "LanguageModel | str | Runner",
         layer: int,
         n_tokens: int,
         corpus: "Corpus | str | os.PathLike | Iterable[str] | None" = None,
@@ -345,17 +314,16 @@ class StatsCache:
         progress: bool = True,
     ) -> KeyStatistics:
         """Cached :func:`compute_key_statistics` (same arguments)."""
-        lm = as_model(model)
-        _check_layer(lm, layer)
+        runner = as_runner(model)
+        about = runner.call(_layer_facts, layer, chunk_tokens)
         source = Corpus.from_source(corpus, corpus_name)
-        chunk_tokens = _chunk_tokens(lm, chunk_tokens)
-        key = _cache_key(lm.name, key_fingerprint(lm, layer), layer, lm.layers.mlp_out_name(layer), source.identity,
-                         n_tokens, chunk_tokens, dtype)
+        key = _cache_key(about["model"], about["fingerprint"], layer, about["module"], source.identity, n_tokens,
+                         about["chunk_tokens"], dtype)
         path = self.path_for(key)
         stats = self.load(path, key)
         if stats is not None:
             return stats
-        stats = compute_key_statistics(lm, layer, n_tokens, source, chunk_tokens=chunk_tokens, dtype=dtype, progress=progress)
+        stats = _compute(runner, about, layer, n_tokens, source, dtype, progress)
         self.save(stats)
         return stats
 

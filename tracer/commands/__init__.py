@@ -7,11 +7,15 @@ Every command that loads a model takes the same model options, defined once here
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-from ..errors import FactscopeError
+from ..errors import FactscopeError, HyperParameterError
+from ..limits import check_count
 from ..models import EMBEDDED_ALIAS, LanguageModel, load_model
 from ..placement import DEVICE_MAPS, DTYPES
+from ..spread import LocalRunner, RayPool, Runner
 
 
 def check_output_path(path: Path | None, what: str = "output file") -> Path | None:
@@ -49,3 +53,35 @@ def load_model_from_args(args: argparse.Namespace) -> LanguageModel:
     """:func:`tracer.models.load_model` with the options of :func:`add_model_arguments`."""
     return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                       max_memory=args.max_memory, offload_folder=args.offload_folder)
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--ray``, ``--ray-address``, ``--workers``: the one way a command spreads its work."""
+    group = parser.add_argument_group("spreading the work over Ray workers (one model each; this process writes the files)")
+    group.add_argument("--ray", action="store_true",
+                       help="spread the work over Ray workers: a local Ray cluster, or the one at --ray-address")
+    group.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="join the running Ray cluster at ADDR (HOST:6379, or auto) instead of starting one here")
+    group.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="Ray workers (default: one per GPU of the cluster, else one per free CPU)")
+
+
+def check_ray_arguments(args: argparse.Namespace) -> None:
+    """Refuse ``--ray-address`` / ``--workers`` without ``--ray`` and a bad worker count (before any work)."""
+    if (args.ray_address is not None or args.workers is not None) and not args.ray:
+        raise HyperParameterError("--ray-address and --workers spread the work over Ray workers; add --ray")
+    if args.workers is not None:
+        check_count("--workers", args.workers, (1, 4096))
+
+
+@contextmanager
+def model_runner(args: argparse.Namespace) -> Iterator[Runner]:
+    """The model of ``--model`` / ``--device`` in this process, or with ``--ray`` a pool of Ray workers."""
+    if args.ray:
+        options = {"dtype": args.dtype, "device_map": args.device_map, "max_memory": args.max_memory,
+                   "offload_folder": args.offload_folder}
+        with RayPool(args.model, workers=args.workers, address=args.ray_address, device=args.device,
+                     load_options=options) as pool:
+            yield pool
+    else:
+        yield LocalRunner(load_model_from_args(args))

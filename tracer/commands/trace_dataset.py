@@ -8,7 +8,7 @@ from ..dataset_trace import check_settings, load_failures, trace_dataset
 from ..errors import HyperParameterError
 from ..knowns import load_facts
 from ..limits import check_count
-from . import add_model_arguments, load_model_from_args
+from . import add_model_arguments, add_ray_arguments, check_ray_arguments, model_runner
 from .averages import hook, report
 
 
@@ -23,7 +23,7 @@ def _kinds(text: str) -> tuple[str, ...]:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "trace-dataset", help="trace every fact of a facts file (resumable) and average the effects",
+        "trace-dataset", help="trace every fact of a facts file (resumable, --ray) and average the effects",
         description="Trace each fact into DIR/facts/<id>.json (finished facts are skipped on restart, failures "
                     "go to DIR/failed/), then write DIR/averages.json with bucketed average effects.")
     p.add_argument("--facts", type=Path, required=True, help="known_1000.json-format file or `factscope knowns` output")
@@ -41,10 +41,9 @@ def register(subparsers) -> None:
     p.add_argument("--window", type=int, default=10)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--retry-failed", action="store_true", help="trace facts recorded as failed again")
-    p.add_argument("--shard", default=None, metavar="K/N",
-                   help="trace only facts whose index %% N == K; run N such processes (one per core) on one --out")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the averages' CIs (default 1000)")
     add_model_arguments(p)
+    add_ray_arguments(p)
     p.set_defaults(func=run, on_averages=None)  # see tracer.commands.averages
 
 
@@ -55,11 +54,13 @@ def run(args: argparse.Namespace) -> int:
     severed = tuple(s.strip() for s in args.severed.split(",") if s.strip())
     settings = dict(kinds=_kinds(args.kind), severed=severed, samples=args.samples, window=args.window,
                     seed=args.seed, limit=args.limit, retry_failed=args.retry_failed,
-                    severed_tokens=args.severed_tokens, shard=args.shard)
+                    severed_tokens=args.severed_tokens)
     check_settings(**settings)  # all before the model loads and before --out is created
+    check_ray_arguments(args)
     load_facts(args.facts)
-    lm = load_model_from_args(args)
-    summary = trace_dataset(lm, args.facts, args.out, noise=args.noise, noise_mode=args.noise_mode, **settings)
+    with model_runner(args) as runner:
+        summary = trace_dataset(runner, args.facts, args.out, noise=args.noise, noise_mode=args.noise_mode,
+                                **settings)
     print(f"{summary.traced} traced, {summary.failed} failed, {summary.already_done} already done "
           f"of {summary.selected} facts in {summary.seconds:.0f} s -> {args.out}")
     for rec in load_failures(args.out)[:5]:
