@@ -128,8 +128,7 @@ def check_settings(*, kinds: Iterable[str] = KINDS, severed: Iterable[str] = (),
     anything is loaded or created; returns the deduplicated kinds and severed paths."""
     kinds, severed = _check_kinds(kinds, severed)
     check_count("samples", samples)
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise HyperParameterError(f"window must be a whole number >= 1, got {window!r}")
+    check_count("window", window)
     check_seed(seed)
     if severed_tokens not in ("last_subject", "all"):
         raise HyperParameterError(f"severed_tokens must be 'last_subject' or 'all', got {severed_tokens!r}")

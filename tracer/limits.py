@@ -50,6 +50,7 @@ COUNT_LIMITS: dict[str, tuple[int, int]] = {
     "batch_tokens": (1, 1 << 26),  # rows x positions per forward pass of the trace engine
     "runs": (1, 100_000),          # copies of a prompt in one logit-lens batch
     "steps": (1, 10_000),          # optimisation steps of v* / z (ROME uses 20-25)
+    "window": (1, 10_000),         # MLP / attention layers restored together (ROME uses 10)
 }
 
 

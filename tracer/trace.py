@@ -163,9 +163,8 @@ def _check_settings(kinds, samples, window, seed, severed, batch_tokens) -> tupl
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
         raise HyperParameterError(f"kind must be one of {', '.join(KINDS)} or 'all', got {bad or kinds}")
-    for name, value in (("samples", samples), ("window", window)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise HyperParameterError(f"{name} must be a whole number >= 1, got {value!r}")
+    check_count("samples", samples)
+    check_count("window", window)
     check_seed(seed)
     if severed is not None and (severed not in ("mlp", "attn") or kinds != ("hidden",)):
         raise HyperParameterError("severed must be 'mlp' or 'attn' and goes with kind='hidden' only")
