@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random models of each supported family, and the embedded model.
+"""Shared fixtures: tiny random models of each supported family, and the embedded models.
 
 Tiny models get real tokenizers trained here (in well under a second) on the shared Wikipedia
 text: byte-level BPE with and without a leading-space prefix (GPT-2 style), a SentencePiece-style
@@ -131,6 +131,14 @@ def embedded():
     from tracer.models import load_model
 
     return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """The embedded Gemma 3 270M (loaded once per test session)."""
+    from tracer.models import load_model
+
+    return load_model("gemma3-270m", device="cpu")
 
 
 @pytest.fixture(scope="session")
