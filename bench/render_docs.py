@@ -315,6 +315,33 @@ def edit_speed(r: dict) -> list[str]:
         ["**speed-up**", f"**{v['reference'] / v['fast']:.1f}×**", ""]])
 
 
+def known_facts_layers(r: dict) -> list[str]:
+    f = r["figures"]
+    t, cost = f["total_effect"], f.get("cpu_s_per_fact")
+    peaks = "; ".join(f"{row['label']} peaks at layer {row['peak']} of {f['n_layers']} ({row['relative_depth']:.0%} of "
+                      f"the depth; inside its interval: layers {', '.join(map(str, row['inside_peak_ci']))})"
+                      for row in f["rows"])
+    spent = f" Cost: {cost['mean']:.1f} CPU-s per fact on average (median {cost['median']:.1f})." if cost else ""
+    return layer_values(r, "label", 3) + [
+        "", f"{f['facts']} facts of {f['model']} ({f['failures']} failures). Average total effect {t['mean']:.3f} "
+            f"[{t['ci'][0]:.3f}, {t['ci'][1]:.3f}] (clean {t['clean']:.3f}, corrupted {t['corrupted']:.3f}). "
+            f"{peaks}.{spent}"]
+
+
+def model_load(r: dict) -> list[str]:
+    f = r["figures"]
+    rows = []
+    for row in f["rows"]:
+        w, c = row["warm"], row.get("cold")
+        rows.append([f"`{row['model']}`", f"{w['layers']} × {w['hidden']}", f"{w['parameters'] / 1e6:.0f} M",
+                     num(c["cache_mb"], 0, " MB") if c else None, num(c["seconds"], 0, " s") if c else None,
+                     num(c["peak_rss_mb"], 0, " MB") if c else None, num(w["seconds"], 1, " s"),
+                     num(w["rss_loaded_mb"], 0, " MB"), num(w["rss_after_forward_mb"], 0, " MB"),
+                     f"{cell(repr(w['answer']))} {short(w['p'])}"])
+    return table(["model", "layers × width", "parameters", "converted cache", "first load (conversion)",
+                  "its peak RSS", "cached load", "RSS loaded", "RSS after a forward pass", "answer"], rows)
+
+
 RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "trace_speed": trace_speed, "trace_speed_busy": trace_speed, "trace_precision": trace_precision,
     "aggregate_speed": aggregate_speed, "known_facts_averages": known_facts_averages,
@@ -322,6 +349,7 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "memit_lambda": memit_lambda, "ftl_epsilon": ftl_epsilon, "counterfact": counterfact, "zsre": zsre,
     "memit_scale": memit_scale, "memit_sequential": memit_sequential, "rome_sequential": rome_sequential,
     "z_order": z_order, "z_order_keys": z_order, "edit_speed": edit_speed,
+    "known_facts_averages_gemma3": known_facts_layers, "model_load": model_load,
 }
 
 
