@@ -67,6 +67,7 @@ def main() -> None:
     p.add_argument("traces", type=Path, help="the --out directory of `factscope trace-dataset`")
     p.add_argument("--bucket", default="last_subject", help="token bucket (default last_subject)")
     p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--note", default="", help="how the traces were made (stored in the result file)")
     add_result_arguments(p, None)
     args = p.parse_args()
     f = figures(args.traces, args.bucket, args.n_boot)
@@ -74,7 +75,7 @@ def main() -> None:
         print(f"{row['label']:<32} peak L{row['peak']} of {f['n_layers']} ({row['relative_depth']:.0%} of the depth) "
               f"{row['values'][row['peak']]:.3f} {row['peak_ci']}; inside its CI: {row['inside_peak_ci']}")
     if args.result_name:
-        save_result(args, args.result_name, f, threads=None, note=f"traces in {args.traces} ({f['facts']} facts)")
+        save_result(args, args.result_name, f, threads=None, note=args.note or f"traces in {args.traces}")
 
 
 if __name__ == "__main__":

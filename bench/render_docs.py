@@ -349,7 +349,8 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "memit_lambda": memit_lambda, "ftl_epsilon": ftl_epsilon, "counterfact": counterfact, "zsre": zsre,
     "memit_scale": memit_scale, "memit_sequential": memit_sequential, "rome_sequential": rome_sequential,
     "z_order": z_order, "z_order_keys": z_order, "edit_speed": edit_speed,
-    "known_facts_averages_gemma3": known_facts_layers, "model_load": model_load,
+    "known_facts_averages_gemma3": known_facts_layers, "known_facts_averages_gemma3_w6": known_facts_layers,
+    "model_load": model_load,
 }
 
 
