@@ -8,7 +8,7 @@
 
 The embedded models (:data:`EMBEDDED`) are GGUF files inside pip wheels, whole (SmolLM2) or in
 consecutive chunks, one wheel each (Gemma 3: four chunks of ~64 MB, read in order as one file).
-A GGUF is dequantised once (~25 s; ~50 s for Gemma 3) and cached as safetensors under
+A GGUF is dequantised once (~25 s; about a minute for Gemma 3) and cached as safetensors under
 ``$FACTSCOPE_CACHE`` (default ``~/.cache/factscope``); later loads take a few seconds. The cache
 entry records the GGUF's SHA-256 and its own, and is rebuilt when either does not match. The
 conversion holds a lock beside the entry and puts the finished folder in place in one rename, so
