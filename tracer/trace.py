@@ -221,8 +221,13 @@ def _prepare(lm, ids, span, spec, samples, seed, kinds, severed) -> _Run:
                high_score=high, low_score=0.0, clean={k: v[0] for k, v in clean.items()}, corrupted={}, kv=[])
     fns, corrupted = record_outputs(corrupt_sites)
     fns[lm.layers.embed] = _noise_hook(run, 0, 1)
+    # a cache without a config keeps every position of every layer: a sliding-window layer's own
+    # cache keeps only its window, and the restored runs need the keys and values before any ``t``
+    from transformers import DynamicCache
+
+    full = {cache_keyword(get_module(model, lm.layers.backbone)): DynamicCache(), "use_cache": True}
     with hooked(model, outputs=fns):
-        logits, out = _last_logits(lm, input_ids.expand(samples, -1), use_cache=True)
+        logits, out = _last_logits(lm, input_ids.expand(samples, -1), **full)
     run.low_score = float(torch.softmax(logits.float(), -1)[:, answer_id].mean())
     run.corrupted = corrupted
     cache = out.cache if hasattr(out, "cache") else out.past_key_values

@@ -82,6 +82,15 @@ MEASURED: tuple[Measured, ...] = (
                  "ftl.norm_constraint": "ε sweep on the same 20 records: 1e-2 is the largest of 5e-4 … 5e-2 that keeps the "
                                         "neighbourhood score within 10 points of the unedited model's "
                                         "(bench/results/ftl_epsilon.json)"}),
+    Measured("Gemma 3 270M (the second embedded model)",
+             {"family": "gemma3_text", "n_layers": 18, "hidden_size": 640, "vocab_size": 262144},
+             rome={"layer": 4},
+             evidence={
+                 "rome.layer": "MLP-window causal traces of the first 20 known facts it answers (window 6, a third of "
+                               "the depth as 10 is for SmolLM2): peak at layer 4 of 18, layers 2-6 inside its interval "
+                               "(bench/results/known_facts_averages_gemma3_w6.json); single Eiffel→Rome edits wrote the "
+                               "prompt and a paraphrase at layers 2 and 4, broke the Louvre neighbour at 3 and were weak "
+                               "at 6. MEMIT is refused on this family (post-feed-forward norm); FT-L keeps ROME's ε."}),
     Measured("GPT-2 XL", {"family": "gpt2", "n_layers": 48, "hidden_size": 1600},
              rome={"layer": 17}, memit={"layers": (13, 14, 15, 16, 17), "mom2_weight": 20000.0},
              evidence={"rome.layer": "ROME paper / hparams/ROME/gpt2-xl.json",

@@ -87,6 +87,10 @@ def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: Mem
     if not reqs:
         raise EditError("no requests to edit")
     hp = hp or MemitHyperParams.for_model(lm)
+    if lm.layers.mlp_post_norm:
+        raise HyperParameterError(f"MEMIT writes each layer's share of the change as an MLP output added to the residual; "
+                                  f"{lm.layers.family} normalises the MLP output first, so the update would not land "
+                                  "where MEMIT puts it: use ROME (rome_edit) on this model")
     if hp.layers[-1] >= lm.n_layers:
         raise HyperParameterError(f"layers must be < {lm.n_layers} for {lm.name}, got {list(hp.layers)}")
     t0 = time.perf_counter()

@@ -99,10 +99,11 @@ def _build_rows(lm, requests, templates, kl_prompt) -> _Rows:
 class _Reference:
     """ROME's forward: the whole model on right-padded rows, delta added by an MLP output hook."""
 
-    def __init__(self, lm: LanguageModel, layer: int, rows: _Rows):
+    def __init__(self, lm: LanguageModel, layer: int, rows: _Rows, site: Literal["mlp", "hidden"] = "mlp"):
         self.lm, self.rows = lm, rows
         self.ids, self.mask = right_pad(rows.ids, lm.pad_id, lm.device)
         self.mlp, self.block = lm.layers.name("mlp", layer), lm.layers.block_name(layer)
+        self.site = lm.layers.name(site, layer)
         self.row_idx = torch.arange(len(rows.ids), device=lm.device)
         self.look = torch.tensor(rows.lookup, device=lm.device)
         self.req = torch.tensor(rows.request, device=lm.device)
@@ -121,7 +122,7 @@ class _Reference:
             add_rows = add_rows.index_put((self.row_idx, self.look), delta[self.req].to(h.dtype))
             return h + add_rows
 
-        with hooked(self.lm.model, outputs={self.mlp: add}):
+        with hooked(self.lm.model, outputs={self.site: add}):
             logits = self.lm.model(input_ids=self.ids, attention_mask=self.mask, use_cache=False).logits
         log_probs = torch.log_softmax(logits.float(), -1)
         t = self.rows.targets
@@ -134,12 +135,13 @@ class _Fast:
     """Prefix-cached forward: rows are aligned so every row's last subject token sits in column P.
 
     Columns before P (left-padded prefixes) never change; their keys/values at every layer are
-    cached once. Each step feeds columns P.. through the blocks above ``layer`` only (blocks
-    0..layer are replaced by the cached block output plus delta at column P) and unembeds only
-    the positions the loss reads.
+    cached once. Each step feeds columns P.. through the blocks from ``layer`` on (``site="mlp"``:
+    blocks below are replaced by their cached output and delta is added to block ``layer``'s MLP
+    output, which is right also where a norm follows the MLP) or above it (``"hidden"``: block
+    ``layer``'s cached output plus delta) and unembeds only the positions the loss reads.
     """
 
-    def __init__(self, lm: LanguageModel, layer: int, rows: _Rows):
+    def __init__(self, lm: LanguageModel, layer: int, rows: _Rows, site: Literal["mlp", "hidden"] = "mlp"):
         from transformers import DynamicCache
 
         self.lm, self.rows, self.layer = lm, rows, layer
@@ -162,15 +164,23 @@ class _Fast:
         self.cache_kw = cache_keyword(self.backbone)
         self.req = torch.tensor(rows.request, device=device)
         mlp, block = lm.layers.name("mlp", layer), lm.layers.block_name(layer)
+        # delta goes where the site is: at the MLP output, block ``layer`` itself runs each step (its MLP
+        # output feeds a norm before the residual in Gemma 2/3) on the cached output of block ``layer - 1``
+        self.mlp_site = site == "mlp"
         store = {}
-        with torch.no_grad(), hooked(model, outputs={mlp: lambda h: store.__setitem__("mlp", h.detach()),
-                                                     block: lambda h: store.__setitem__("block", h.detach())}):
-            out = self.backbone(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, use_cache=True)
+        rec = {mlp: lambda h: store.__setitem__("mlp", h.detach()), block: lambda h: store.__setitem__("block", h.detach())}
+        if self.mlp_site and layer > 0:
+            rec[lm.layers.block_name(layer - 1)] = lambda h: store.__setitem__("below", h.detach())
+        with torch.no_grad(), hooked(model, outputs=rec):
+            out = self.backbone(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, use_cache=True,
+                                **{self.cache_kw: DynamicCache()})  # every position, also in sliding-window layers
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         # padded prefix columns are masked; make sure they hold finite numbers all the same
         self.prefix = [(torch.nan_to_num(layer_.keys[:, :, :P]), torch.nan_to_num(layer_.values[:, :, :P]))
                        for layer_ in cache.layers] if P > 0 else None
-        self.h_clean = store["block"][:, P:]
+        self.h_clean = (None if self.mlp_site and layer == 0  # block 0 runs on the embeddings each step
+                        else store["below" if self.mlp_site else "block"][:, P:])
+        self.mlp_name = mlp
         bare = torch.tensor(rows.bare, device=device)
         self.mlp_init = store["mlp"][bare, P].float()
         self.hidden_init = store["block"][bare, P].float()
@@ -179,16 +189,19 @@ class _Fast:
         self.t_cols = torch.tensor([p - rows.lookup[r] for r, p, _ in t], device=device)
         self.t_tok = torch.tensor([k for _, _, k in t], device=device)
         self.kl_rows = torch.tensor(rows.kl_rows, device=device)
-        self.replaced = [lm.layers.block_name(i) for i in range(layer + 1)]
+        self.replaced = [lm.layers.block_name(i) for i in range(layer + (0 if self.mlp_site else 1))]
 
     def forward(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h0 = self.h_clean[:, :1] + delta[self.req].to(self.h_clean.dtype)[:, None]
-        h = torch.cat([h0, self.h_clean[:, 1:]], 1)
+        def add(x: torch.Tensor) -> torch.Tensor:  # delta at column 0: the last subject token
+            return torch.cat([x[:, :1] + delta[self.req].to(x.dtype)[:, None], x[:, 1:]], 1)
+
+        h = self.h_clean if self.mlp_site else add(self.h_clean)
         kwargs = {"input_ids": self.ids[:, self.P:], "attention_mask": self.mask, "position_ids": self.pos[:, self.P:],
                   "use_cache": True}
         if self.prefix is not None:
             kwargs[self.cache_kw] = self._DynamicCache(self.prefix, config=self.lm.model.config)
-        with hooked(self.lm.model, replace={name: (lambda *a, **k: h) for name in self.replaced}):
+        with hooked(self.lm.model, replace={name: (lambda *a, **k: h) for name in self.replaced},
+                    outputs={self.mlp_name: add} if self.mlp_site else {}):
             hidden = self.backbone(**kwargs).last_hidden_state
         picked = torch.cat([hidden[self.t_rows, self.t_cols], hidden[self.kl_rows, 0]], 0)
         log_probs = torch.log_softmax(self.unembed(picked).float(), -1)
@@ -215,7 +228,8 @@ def compute_v(model: "LanguageModel | str", layer: int, requests: Sequence[EditR
     if engine not in ("fast", "reference"):
         raise HyperParameterError(f"engine must be 'fast' or 'reference', got {engine!r}")
     rows = _build_rows(lm, requests, context_templates, hparams.kl_prompt)
-    run = _Fast(lm, layer, rows) if engine == "fast" else _Reference(lm, layer, rows)
+    site = "mlp" if reference == "mlp" else "hidden"
+    run = _Fast(lm, layer, rows, site) if engine == "fast" else _Reference(lm, layer, rows, site)
     n_req, device = len(requests), lm.device
     init = run.mlp_init if reference == "mlp" else run.hidden_init
     init_norm = init.norm(dim=-1)
