@@ -163,7 +163,7 @@ def _check_settings(kinds, samples, window, seed, severed, batch_tokens) -> tupl
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
         raise HyperParameterError(f"kind must be one of {', '.join(KINDS)} or 'all', got {bad or kinds}")
-    check_count("samples", samples)
+    check_count("samples", samples, (1, 1 << 62))  # no count cap: the memory estimate refuses what cannot fit
     check_count("window", window)
     check_seed(seed)
     if severed is not None and (severed not in ("mlp", "attn") or kinds != ("hidden",)):
