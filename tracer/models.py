@@ -214,6 +214,63 @@ def load_model(
     return LanguageModel(model=model, tokenizer=tokenizer, layers=layer_map_for(model, layer_map), name=name)
 
 
+def model_skeleton(name_or_path: str | os.PathLike = EMBEDDED_ALIAS, dtype: "torch.dtype | str | None" = None,
+                   layer_map: LayerMap | None = None) -> LanguageModel:
+    """The model of ``name_or_path`` on the meta device: its config, tokenizer and module tree, no weights.
+
+    What a planner reads (shapes, parameter counts, the layer map, defaults) without loading or
+    converting anything: the embedded model's config comes from its converted cache folder, or from
+    the GGUF file's metadata when it was never converted (no tensor is read); a Hugging Face id's
+    from the local cache (the hub is asked for the config alone when it is not cached and
+    ``HF_HUB_OFFLINE`` is not set). Parameters are created by ``accelerate.init_empty_weights``.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    name = str(name_or_path)
+    dtype = resolve_dtype(dtype)
+    source, extra = _config_source(name)
+    try:
+        config = AutoConfig.from_pretrained(source, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    except OSError as e:
+        raise _not_found(name, e) from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # from_config on the meta device leaves tied embeddings as two parameters
+    model.eval().requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LanguageModel(model=model, tokenizer=tokenizer, layers=layer_map_for(model, layer_map), name=name)
+
+
+def _config_source(name: str) -> tuple["str | Path", dict]:
+    """Where :func:`model_skeleton` reads a config and tokenizer, and ``from_pretrained``'s extra
+    arguments (``gguf_file`` for a GGUF never converted); nothing is converted or downloaded."""
+    if not name.strip():
+        raise ModelNotFoundError(f"empty model name; pass {EMBEDDED_ALIAS!r}, a Hugging Face id, a directory or a .gguf file")
+    if name == EMBEDDED_ALIAS or name.endswith(".gguf"):
+        gguf = embedded_gguf_path() if name == EMBEDDED_ALIAS else Path(name)
+        if not gguf.is_file():
+            raise ModelNotFoundError(f"GGUF file {name!r} does not exist")
+        converted = _converted_path(gguf, file_sha256(gguf))
+        if (converted / "config.json").is_file() and (converted / "factscope-manifest.json").is_file():
+            return converted, {}
+        return gguf.parent, {"gguf_file": gguf.name}
+    if Path(name).exists():
+        if not (Path(name) / "config.json").is_file():
+            raise ModelNotFoundError(f"directory {name!r} has no config.json; pass a folder written by save_pretrained")
+        return Path(name), {}
+    cached = _cached_snapshot(name)
+    if cached is not None:
+        return cached, {}
+    if _hub_offline():
+        raise _not_found(name, OSError(f"{name!r} is not in the local Hugging Face cache"))
+    return name, {}
+
+
 def _from_pretrained(source: "str | Path", dtype: torch.dtype, placement: dict, *, local_files_only: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -305,6 +362,11 @@ def _conversion_lock(target: Path) -> Iterator[None]:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
+def _converted_path(gguf: Path, source_sha: str) -> Path:
+    """Where the conversion of ``gguf`` (SHA-256 ``source_sha``) is cached."""
+    return cache_dir() / "models" / f"{gguf.stem}-{source_sha[:16]}"
+
+
 def _cached_gguf_dir(gguf: Path) -> Path:
     """Directory with the GGUF dequantised to safetensors, (re)built when missing or invalid.
 
@@ -313,7 +375,7 @@ def _cached_gguf_dir(gguf: Path) -> Path:
     complete one; a second loader waits for the lock and then finds the verified entry.
     """
     source_sha = file_sha256(gguf)
-    target = cache_dir() / "models" / f"{gguf.stem}-{source_sha[:16]}"
+    target = _converted_path(gguf, source_sha)
     if _verified(target, source_sha):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 from . import add_model_arguments, load_model_from_args
+from .plan import refuse_too_large
 from ..edit.check import check_edit, check_prompts
 from ..edit.hparams import ROMEHyperParams
 from ..edit.ledger import Ledger
@@ -105,6 +106,8 @@ def run(args) -> int:
 
     _check_outputs(args)
     request = EditRequest(args.prompt, args.subject, args.target, args.true_target)
+    refuse_too_large(args, "edit", prompt=request.prompt, subject=request.subject, target=request.target_new,
+                     layer=args.layer, steps=args.steps, stats_tokens=0 if args.no_stats else args.stats_tokens)
     lm = load_model_from_args(args)
     hp, stats = settings(args, lm)
     _check_prompts(lm, request, hp, args.check)
