@@ -158,7 +158,8 @@ def plan(job: str, model: "str | LanguageModel" = "smollm2-135m", *, dtype: "tor
 
     - ``trace``: ``prompt``, ``subject`` (or ``tokens``), ``samples``, ``kinds``, ``window``, ``naive``, ``severed``;
     - ``edit``: ``prompt`` (with ``{}``), ``subject``, ``target``, ``layer``, ``steps``, ``stats_tokens``;
-    - ``memit``: ``edits`` (the first records of ``dataset``, or ``requests``), ``layers``, ``chunk_requests``;
+    - ``memit``: ``edits`` (the first records of ``dataset``, or ``requests``), ``layers``, ``chunk_requests``,
+      ``memory_mb``, ``stats_tokens`` (0: C = I);
     - ``evaluate``: ``method`` (none, ft-l, rome, memit), ``edits``, ``batch_size``, ``generation``;
     - ``stats``: ``layers``, ``stats_tokens``, ``chunk_tokens``;
     - ``trace-dataset``: ``facts`` (a facts file), ``limit``, ``samples``, ``kinds``, ``window``, ``workers``.
@@ -279,8 +280,10 @@ def _edit(lm, shape, device, *, prompt: str = EXAMPLE.prompt, subject: str = EXA
 
 
 def _memit(lm, shape, device, *, edits: int | None = None, requests=None, dataset: str = "counterfact",
-           layers: Sequence[int] | None = None, chunk_requests: int | None = None):
-    overrides = {k: v for k, v in (("layers", layers), ("chunk_requests", chunk_requests)) if v is not None}
+           layers: Sequence[int] | None = None, chunk_requests: int | None = None, memory_mb: int | None = None,
+           stats_tokens: int | None = None):
+    overrides = {k: v for k, v in (("layers", layers), ("chunk_requests", chunk_requests), ("memory_mb", memory_mb),
+                                   ("mom2_n_tokens", stats_tokens)) if v is not None}
     hp = MemitHyperParams.for_model(lm, **overrides)
     reqs = _requests(lm, edits, requests, dataset)
     n_templates = 1 + 5 * hp.context_templates_per_start
@@ -288,8 +291,8 @@ def _memit(lm, shape, device, *, edits: int | None = None, requests=None, datase
     geo = _rows(lm, reqs[:max(1, chunk)], hp.context_template_length + 1, n_templates)
     geo_all = _rows(lm, reqs, hp.context_template_length + 1, n_templates)
     geo = {**geo, "prefix": geo_all["prefix"], "suffix": geo_all["suffix"]}  # the longest rows decide the width
-    c = len(hp.layers) * shape.intermediate ** 2 * 8
-    phases, work = _statistics(lm, shape, list(hp.layers), hp.mom2_n_tokens, None)
+    c = len(hp.layers) * shape.intermediate ** 2 * 8 if hp.mom2_n_tokens else 0  # 0 tokens: C = I
+    phases, work = _statistics(lm, shape, list(hp.layers), hp.mom2_n_tokens, None) if hp.mom2_n_tokens else ((), 0.0)
     z = value_estimate(shape, layer=hp.layers[-1], steps=hp.v_steps, **geo)
     batch_rows = max(8, hp.chunk_requests * n_templates if hp.chunk_requests else 256)
     upd = memit_update_estimate(shape, requests=len(reqs), templates=n_templates, layers=len(hp.layers),
