@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from accelerate import init_empty_weights
 
 from .errors import HyperParameterError, ModelNotFoundError
 from .files import open_append, save_safetensors_atomic, stray_writer_dead, write_directory_atomic, write_json_atomic
@@ -224,7 +225,6 @@ def model_skeleton(name_or_path: str | os.PathLike = EMBEDDED_ALIAS, dtype: "tor
     from the local cache (the hub is asked for the config alone when it is not cached and
     ``HF_HUB_OFFLINE`` is not set). Parameters are created by ``accelerate.init_empty_weights``.
     """
-    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     name = str(name_or_path)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
+from accelerate import infer_auto_device_map
 
 from .datapaths import KNOWNS, data_file
 from .edit.hparams import MemitHyperParams, ROMEHyperParams
@@ -192,8 +193,6 @@ def _weights(lm: LanguageModel, shape: ModelShape, placement: dict, dtype: torch
     if "device_map" not in placement:
         device = placement["device"]
         return {_name(device): shape.weight_bytes}, device
-    from accelerate import infer_auto_device_map
-
     try:
         mapping = placement["device_map"] if isinstance(placement["device_map"], dict) else infer_auto_device_map(
             lm.model, max_memory=placement.get("max_memory"), dtype=dtype,
@@ -248,13 +247,15 @@ def _requests(lm, edits: int | None, requests, dataset: str) -> list:
     return [Request.coerce(c) for c in cases] or [Request.coerce(EXAMPLE)] * n
 
 
-def _rows(lm, requests, template_tokens: int, n_templates: int) -> dict:
-    """The v* engine's rows for ``requests``: every template row and one KL row per request,
-    aligned on the last subject token (:func:`tracer.edit.zs.extent` per request)."""
+def _rows(lm, requests, template_tokens: int, n_templates: int, chunk: int | None = None) -> dict:
+    """The v* engine's rows for ``chunk`` requests at a time (default all): every template row and
+    one KL row per request, aligned on the last subject token and as wide as the widest request
+    (:func:`tracer.edit.zs.extent`), with the target tokens of the ``chunk`` longest targets."""
     extents = [extent(lm, r.edit_request()) for r in requests]
-    n_target = sum(len(target_ids(lm.tokenizer, r.target_new)) for r in requests)
-    return {"rows": len(requests) * (n_templates + 1), "prefix": max(p for _, p in extents) + template_tokens,
-            "suffix": max(s for s, _ in extents), "picked": n_target * n_templates + len(requests)}
+    n = len(requests) if chunk is None else chunk
+    n_target = sorted((len(target_ids(lm.tokenizer, r.target_new)) for r in requests), reverse=True)[:n]
+    return {"rows": n * (n_templates + 1), "prefix": max(p for _, p in extents) + template_tokens,
+            "suffix": max(s for s, _ in extents), "picked": sum(n_target) * n_templates + n}
 
 
 def _edit(lm, shape, device, *, prompt: str = EXAMPLE.prompt, subject: str = EXAMPLE.subject,
@@ -288,9 +289,7 @@ def _memit(lm, shape, device, *, edits: int | None = None, requests=None, datase
     reqs = _requests(lm, edits, requests, dataset)
     n_templates = 1 + 5 * hp.context_templates_per_start
     chunk = min(len(reqs), hp.chunk_requests or auto_chunk(lm, hp, n_templates))
-    geo = _rows(lm, reqs[:max(1, chunk)], hp.context_template_length + 1, n_templates)
-    geo_all = _rows(lm, reqs, hp.context_template_length + 1, n_templates)
-    geo = {**geo, "prefix": geo_all["prefix"], "suffix": geo_all["suffix"]}  # the longest rows decide the width
+    geo = _rows(lm, reqs, hp.context_template_length + 1, n_templates, chunk=max(1, chunk))
     c = len(hp.layers) * shape.intermediate ** 2 * 8 if hp.mom2_n_tokens else 0  # 0 tokens: C = I
     phases, work = _statistics(lm, shape, list(hp.layers), hp.mom2_n_tokens, None) if hp.mom2_n_tokens else ((), 0.0)
     z = value_estimate(shape, layer=hp.layers[-1], steps=hp.v_steps, **geo)

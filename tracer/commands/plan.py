@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import add_model_arguments, parse_layers
 from ..errors import JobTooLargeError
+from ..models import LanguageModel, model_skeleton
 from ..plan import JOBS, Plan, check_plan, plan
 from ..trace_result import KINDS
 
@@ -73,16 +74,23 @@ def sizes(args: argparse.Namespace) -> dict:
     return {**trace, "facts": args.facts, "limit": args.limit, "workers": args.workers}
 
 
-def plan_from_args(args: argparse.Namespace, job: str, measure: bool = False, **job_sizes) -> Plan:
+def skeleton_from_args(args: argparse.Namespace) -> LanguageModel:
+    """``--model`` on the meta device (:func:`tracer.models.model_skeleton`): settings and prompts
+    can be checked against it before the weights load."""
+    return model_skeleton(args.model, args.dtype)
+
+
+def plan_from_args(args: argparse.Namespace, job: str, measure: bool = False, skeleton: LanguageModel | None = None,
+                   **job_sizes) -> Plan:
     """:func:`tracer.plan.plan` with the model options of :func:`add_model_arguments`."""
-    return plan(job, args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
+    return plan(job, skeleton or args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
                 max_memory=args.max_memory, measure=measure, **job_sizes)
 
 
-def refuse_too_large(args: argparse.Namespace, job: str, **job_sizes) -> Plan:
+def refuse_too_large(args: argparse.Namespace, job: str, skeleton: LanguageModel | None = None, **job_sizes) -> Plan:
     """Plan ``job`` from the model's config and refuse it (one line: estimate and limit) when a
     device cannot hold it; called by the heavy commands before the model loads."""
-    p = plan_from_args(args, job, **job_sizes)
+    p = plan_from_args(args, job, skeleton=skeleton, **job_sizes)
     check_plan(p)
     return p
 
