@@ -379,6 +379,22 @@ def trace_speed_rome(r: dict) -> list[str]:
         "", "Adapted to import ROME's code here: " + "; ".join(f["rome_adapted"]) + "."]
 
 
+def naive_vs_rome(r: dict) -> list[str]:
+    f = r["figures"]
+    cpu, wall = f["ms_per_forward"], f["wall_ms_per_forward"]
+    counts, base = list(cpu), "ROME's trace_with_patch"
+
+    def entry(n: str, name: str) -> str:
+        ratio = "" if name == base else f", {cpu[n][name] / cpu[n][base]:.2f}×"
+        return f"{cpu[n][name]:.0f} ms ({wall[n][name]:.0f} ms{ratio})"
+
+    rows = [[name] + [entry(n, name) for n in counts] for name in cpu[counts[0]]]
+    header = ["forward pass"] + [f"{n} thread{'' if n == '1' else 's'}: CPU (wall, CPU vs ROME)" for n in counts]
+    return table(header, rows) + [
+        "", f"{f['cells']} restorations of the embedded model ({f['rows']} rows x {f['tokens']} tokens), "
+            f"{f['rounds']} interleaved rounds; max |score difference| ROME vs factscope {sci(f['max_abs_score_difference'])}."]
+
+
 def gpu_suite(r: dict) -> list[str]:
     f = r["figures"]
     rows = [[name, j["model"], j["dtype"], num(j.get("seconds"), 1, " s"), mib(j["planned_device_bytes"]),
@@ -399,6 +415,7 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "memit_scale": memit_scale, "memit_sequential": memit_sequential, "rome_sequential": rome_sequential,
     "z_order": z_order, "z_order_keys": z_order, "edit_speed": edit_speed, "ray_scale": ray_scale,
     "plan_accuracy": plan_accuracy, "trace_speed_rome": trace_speed_rome, "gpu_suite": gpu_suite,
+    "naive_vs_rome": naive_vs_rome,
 }
 
 

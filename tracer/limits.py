@@ -176,14 +176,19 @@ def resident_memory() -> int:
     """Bytes this process holds in memory now (its resident set: Python, torch, libraries, models)."""
     if psutil is not None:
         return int(psutil.Process().memory_info().rss)
+    return _proc_bytes("/proc/self/status", "VmRSS:") or 0
+
+
+def _proc_bytes(path: str, key: str) -> int | None:
+    """The ``key`` line of a ``/proc`` file (kB) in bytes, or None where there is none."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(key):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return None
 
 
 def _measured_memory(device: torch.device) -> int | None:
@@ -194,13 +199,9 @@ def _measured_memory(device: torch.device) -> int | None:
         return None
     if psutil is not None:
         return int(psutil.virtual_memory().available)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    available = _proc_bytes("/proc/meminfo", "MemAvailable:")
+    if available is not None:
+        return available
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
