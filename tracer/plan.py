@@ -241,10 +241,10 @@ def _requests(lm, edits: int | None, requests, dataset: str) -> list:
         return [Request.coerce(r) for r in requests]
     n = check_count("--edits", edits if edits is not None else 1, (1, 1_000_000))
     try:
-        cases = load_cases(dataset, limit=n)
-    except FactscopeError:  # no dataset here: the example request, n times
+        cases = [Request.coerce(c) for c in load_cases(dataset, limit=n)]
+    except FactscopeError:  # no dataset here: the example request stands in
         cases = []
-    return [Request.coerce(c) for c in cases] or [Request.coerce(EXAMPLE)] * n
+    return cases + [Request.coerce(EXAMPLE)] * (n - len(cases))
 
 
 def _rows(lm, requests, template_tokens: int, n_templates: int, chunk: int | None = None) -> dict:
