@@ -111,6 +111,7 @@ def run(args) -> int:
     _check_prompts(skeleton, request, hp, args.check)
     refuse_too_large(args, "edit", skeleton, prompt=request.prompt, subject=request.subject, target=request.target_new,
                      layer=hp.layer, steps=hp.v_num_grad_steps, stats_tokens=0 if args.no_stats else hp.stats_tokens)
+    del skeleton  # its tokenizer and module tree: memory the edit can use
     lm = load_model_from_args(args)
     _check_prompts(lm, request, hp, args.check)  # the memory of one check batch, on the model's device
     record = rome_edit(lm, request, hp, stats, progress=bool(getattr(args, "verbose", False)))

@@ -94,6 +94,7 @@ def handler(args: argparse.Namespace) -> int:
     refuse_too_large(args, "trace", skeleton, prompt=args.prompt, subject=args.subject, samples=args.samples, kinds=KINDS)
     refuse_too_large(args, "edit", skeleton, prompt=request.prompt, subject=request.subject, target=request.target_new,
                      layer=args.layer, stats_tokens=args.stats_tokens)
+    del skeleton  # its tokenizer and module tree: memory the jobs can use
     lm = load_model_from_args(args)
     overrides = {k: v for k, v in (("layer", args.layer), ("stats_tokens", args.stats_tokens)) if v is not None}
     hparams = ROMEHyperParams.for_model(lm, **overrides)
