@@ -373,6 +373,65 @@ def model_load(r: dict) -> list[str]:
                   "its peak RSS", "cached load", "RSS loaded", "RSS after a forward pass", "answer"], rows)
 
 
+def mib(n: float | None) -> str | None:
+    return None if n is None else f"{n / 2**20:,.0f} MiB"
+
+
+def plan_accuracy(r: dict) -> list[str]:
+    f = r["figures"]
+    rows = [[name, mib(j["planned_peak_bytes"]), mib(j["measured_peak_bytes"]), f"{j['peak_error']:+.1%}",
+             j["largest_phase"], num(j["planned_seconds"], 0, " s"), num(j["measured_cpu_s"], 0, " s"),
+             num(j["measured_wall_s"], 0, " s")] for name, j in f["jobs"].items()]
+    return table(["job", "planned peak", "measured peak RSS", "error", "largest phase", "planned time", "CPU time",
+                  "wall time"], rows) + [
+        "", f"{f['model']} on the {f['device']}; the plan from `factscope plan --json` in its own process, the job in "
+            f"another (peak resident set from `os.wait4`); load average at the end {f['load_average'][0]:.1f}."]
+
+
+def trace_speed_rome(r: dict) -> list[str]:
+    f = r["figures"]
+    rows = [[label, num(f[m]["seconds"], 1, " s"), num(f[m]["cpu_seconds"], 1, " s"), num(f[m]["forwards"], 0),
+             num(f[m]["peak_mib"], 0, " MiB")]
+            for m, label in (("rome", "ROME's own code (`calculate_hidden_flow`, from a checkout)"),
+                             ("naive", "naive (one forward per restoration)"), ("batched", "batched"))]
+    b = f["batched"]
+    rows += [[f"**batched vs {label}**", f"**{f[m]['seconds'] / b['seconds']:.1f}×**",
+              f"**{f[m]['cpu_seconds'] / b['cpu_seconds']:.1f}×**", "",
+              f"max |score difference| {sci(f[key])}"]
+             for m, label, key in (("rome", "ROME", "rome_max_abs_score_difference"),
+                                   ("naive", "naive", "max_abs_score_difference"))]
+    return table(["mode", "time", "CPU time", "forward passes", "peak RSS"], rows) + [
+        "", "Adapted to import ROME's code here: " + "; ".join(f["rome_adapted"]) + "."]
+
+
+def naive_vs_rome(r: dict) -> list[str]:
+    f = r["figures"]
+    cpu, wall = f["ms_per_forward"], f["wall_ms_per_forward"]
+    counts, base = list(cpu), "ROME's trace_with_patch"
+
+    def entry(n: str, name: str) -> str:
+        ratio = "" if name == base else f", {cpu[n][name] / cpu[n][base]:.2f}×"
+        return f"{cpu[n][name]:.0f} ms ({wall[n][name]:.0f} ms{ratio})"
+
+    rows = [[name] + [entry(n, name) for n in counts] for name in cpu[counts[0]]]
+    header = ["forward pass"] + [f"{n} thread{'' if n == '1' else 's'}: CPU (wall, CPU vs ROME)" for n in counts]
+    return table(header, rows) + [
+        "", f"{f['cells']} restorations of the embedded model ({f['rows']} rows x {f['tokens']} tokens), "
+            f"{f['rounds']} interleaved rounds; max |score difference| ROME vs factscope {sci(f['max_abs_score_difference'])}."]
+
+
+def gpu_suite(r: dict) -> list[str]:
+    f = r["figures"]
+    rows = [[name, j["model"], j["dtype"], num(j.get("seconds"), 1, " s"), mib(j["planned_device_bytes"]),
+             mib(j.get("peak_bytes")), f"{j['peak_error']:+.1%}" if "peak_error" in j else j.get("error")]
+            for name, j in f["jobs"].items()]
+    lines = table(["job", "model", "dtype", "time", "planned peak", "measured peak", "error"], rows)
+    if "trace_speedup" in f:
+        lines += ["", f"Batched trace {f['trace_speedup']:.1f}× faster than naive (max |score difference| "
+                      f"{sci(f['trace_max_abs_score_difference'])}); the suite took {f['wall_s']:.0f} s."]
+    return lines
+
+
 RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "trace_speed": trace_speed, "trace_speed_busy": trace_speed, "trace_precision": trace_precision,
     "precision": precision, "aggregate_speed": aggregate_speed, "known_facts_averages": known_facts_averages,
@@ -382,6 +441,8 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "z_order": z_order, "z_order_keys": z_order, "edit_speed": edit_speed, "ray_scale": ray_scale,
     "known_facts_averages_gemma3": known_facts_layers, "known_facts_averages_gemma3_w6": known_facts_layers,
     "model_load": model_load,
+    "plan_accuracy": plan_accuracy, "trace_speed_rome": trace_speed_rome, "gpu_suite": gpu_suite,
+    "naive_vs_rome": naive_vs_rome,
 }
 
 

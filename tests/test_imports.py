@@ -38,7 +38,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "tracer.scoring"),
     ("tracer.trace", "tracer.lens", "tracer.dataset_trace"),
     ("tracer.edit",),
-    ("tracer.evaluate",),
+    ("tracer.evaluate", "tracer.plan"),
     ("=tracer",),
     ("tracer.commands", "tracer.cli"),
     ("widgets.text", "widgets.palette", "widgets.figures", "widgets.summary", "widgets.page", "widgets.report",

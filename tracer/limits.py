@@ -5,19 +5,21 @@
     check_seed(seed); check_count("samples", samples)                # ranges in COUNT_LIMITS
     est = trace_estimate(ModelShape.of(lm), n_tokens=12, subject=(1, 4), samples=10)
     check_memory(est, lm.device, hint="lower --samples or shorten the prompt")
+    value_estimate(ModelShape.of(lm), rows=22, prefix=6, suffix=8, layer=4, picked=30, steps=20)  # v*, z
 
 Every refusal is one line saying the estimate (or the count) and the limit. Memory estimates are
 upper-bound-minded sums of the arrays the engine allocates (see :func:`trace_estimate`), in
 bytes, compared with the memory available now (``psutil`` or ``/proc/meminfo`` for the CPU,
-``torch.cuda.mem_get_info`` for CUDA). They are deliberately simple so that a planner can show
-them before a job starts; they are not a profiler.
+``torch.cuda.mem_get_info`` for CUDA). They are deliberately simple so that the planner
+(:mod:`tracer.plan`) can show them before a job starts, from a model's config alone; they are
+not a profiler. ``Estimate.work`` counts token-layers; :func:`flops` turns it into FLOPs.
 """
 from __future__ import annotations
 
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -30,8 +32,10 @@ class _Model(Protocol):
     """What the checks read of a :class:`tracer.models.LanguageModel` (this module sits below it)."""
 
     model: torch.nn.Module
+    layers: Any  # tracer.layers.LayerMap
     max_length: int
     hidden_size: int
+    n_layers: int
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -168,6 +172,25 @@ def available_memory(device: "torch.device | str" = "cpu") -> int | None:
     return min(cap, measured)
 
 
+def resident_memory() -> int:
+    """Bytes this process holds in memory now (its resident set: Python, torch, libraries, models)."""
+    if psutil is not None:
+        return int(psutil.Process().memory_info().rss)
+    return _proc_bytes("/proc/self/status", "VmRSS:") or 0
+
+
+def _proc_bytes(path: str, key: str) -> int | None:
+    """The ``key`` line of a ``/proc`` file (kB) in bytes, or None where there is none."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _measured_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -176,13 +199,9 @@ def _measured_memory(device: torch.device) -> int | None:
         return None
     if psutil is not None:
         return int(psutil.virtual_memory().available)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    available = _proc_bytes("/proc/meminfo", "MemAvailable:")
+    if available is not None:
+        return available
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -202,6 +221,8 @@ class ModelShape:
     max_length: int
     itemsize: int  # bytes per activation element (the weights' dtype)
     eager_attention: bool = False  # attention scores materialised ("eager"), not fused (sdpa, flash)
+    layer_params: int = 0  # parameters of one block: a token through it costs 2 x this FLOPs
+    params: int = 0  # parameters of the whole model, tied ones once (its weights: params x itemsize)
 
     @classmethod
     def of(cls, lm: _Model) -> "ModelShape":
@@ -220,10 +241,18 @@ class ModelShape:
         kv_heads = first("num_key_value_heads", default=heads)
         out = lm.model.get_output_embeddings()
         vocab = int(out.weight.shape[0]) if out is not None else first("vocab_size", default=hidden)
+        block = lm.model.get_submodule(lm.layers.block_name(0))
         return cls(n_layers=lm.n_layers, hidden=hidden, intermediate=first("intermediate_size", "n_inner", default=4 * hidden),
                    heads=heads, kv_dim=kv_heads * head_dim, vocab=vocab, max_length=lm.max_length,
                    itemsize=next(lm.model.parameters()).element_size(),
-                   eager_attention=getattr(cfg, "_attn_implementation", "eager") in (None, "eager"))
+                   eager_attention=getattr(cfg, "_attn_implementation", "eager") in (None, "eager"),
+                   layer_params=sum(p.numel() for p in block.parameters()),
+                   params=sum(p.numel() for p in lm.model.parameters()))
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights (``params x itemsize``; 0 when the shape was written by hand)."""
+        return self.params * self.itemsize
 
 
 @dataclass(frozen=True)
@@ -248,12 +277,14 @@ def forward_bytes(shape: ModelShape, rows: int, positions: int, prefix: int = 0,
     MLP inner activations (``2 intermediate``; gate, up and their product), and with eager
     attention the scores ``rows x heads x positions x (prefix + positions)`` (fused attention does
     not materialise them), all doubled because an operation's input and output coexist; plus the
-    logits, their float32 copy and softmax at ``logit_positions`` positions per row. Checked
-    against the peak resident memory of a real trace (tests and the commit notes).
+    logits, their float32 copy (none when they are float32 already) and softmax at
+    ``logit_positions`` positions per row. Checked against the peak resident memory of real jobs
+    (``bench/plan_accuracy.py``).
     """
     per_token = 2 * (4 * shape.hidden + 2 * shape.intermediate)
     scores = 2 * shape.heads * positions * (prefix + positions) if shape.eager_attention else 0
-    return rows * (positions * per_token + scores) * shape.itemsize + rows * logit_positions * shape.vocab * 4 * 3
+    per_logit = shape.itemsize + 4 + (4 if shape.itemsize != 4 else 0)
+    return rows * (positions * per_token + scores) * shape.itemsize + rows * logit_positions * shape.vocab * per_logit
 
 
 def trace_estimate(shape: ModelShape, *, n_tokens: int, subject: tuple[int, int], samples: int, n_kinds: int = 1,
@@ -286,9 +317,9 @@ def trace_estimate(shape: ModelShape, *, n_tokens: int, subject: tuple[int, int]
         rows = per_batch * samples
         batch = (forward_bytes(shape, rows, suffix, prefix)
                  + rows * suffix * shape.hidden * item  # starting states repeated per row
-                 # the prefix cache repeated per row and the suffix's keys/values, copied when a
-                 # layer appends to its cache (old and new coexist)
-                 + 2 * 2 * layers * rows * n_tokens * shape.kv_dim * item)
+                 # the prefix cache repeated per row, kept while each layer's cache grows into a new
+                 # tensor of every position (old and new coexist)
+                 + 2 * layers * rows * (n_tokens + prefix) * shape.kv_dim * item)
     parts = (("noise", noise), ("clean states", clean), ("corrupted states", states + kv),
              ("forward pass", max(corrupted_pass, batch)))
     # work: the two full runs, then per kind every traced token t >= b restores each layer's window,
@@ -301,6 +332,67 @@ def trace_estimate(shape: ModelShape, *, n_tokens: int, subject: tuple[int, int]
         layer_sum = sum(layers - max(0, layer - window // 2) for layer in range(layers))
         work = full + n_kinds * samples * token_sum * layer_sum
     return Estimate(what="this trace", bytes=int(sum(p for _, p in parts)), parts=parts, work=float(work))
+
+
+def flops(shape: ModelShape, token_layers: float, logit_rows: float = 0.0) -> float:
+    """FLOPs of ``token_layers`` (one token through one block: two per block parameter; 12 hidden²
+    parameters when the shape does not say) and ``logit_rows`` unembedded positions."""
+    per_layer = shape.layer_params or 12 * shape.hidden ** 2
+    return 2.0 * (token_layers * per_layer + logit_rows * shape.hidden * shape.vocab)
+
+
+def value_estimate(shape: ModelShape, *, rows: int, prefix: int, suffix: int, layer: int, picked: int,
+                   steps: int) -> Estimate:
+    """Memory and work of the v* engine (:func:`tracer.edit.values.compute_v`, fast engine): ROME's
+    v* and MEMIT's z for ``rows`` rows aligned on the last subject token, ``prefix`` positions
+    before it and ``suffix`` from it, optimised at ``layer`` with ``picked`` unembedded positions:
+
+    - ``prefix cache``: keys/values of every layer before the last subject token, and the block
+      output from it (held for the whole optimisation);
+    - ``forward and backward``: the larger of the first pass (every position, its key/value cache)
+      and one step: what autograd keeps for the blocks above ``layer`` (about 10 hidden +
+      4 intermediate per token, the figure :func:`tracer.edit.zs.auto_chunk` uses), the caches
+      those blocks extend (old and new), the picked logits in float32 (log-softmax and gradient)
+      and one block's working set of the backward pass.
+    """
+    n_layers, item = shape.n_layers, shape.itemsize
+    above, width, kv = max(0, n_layers - layer - 1), prefix + suffix, 2 * shape.kv_dim * item  # kv: per token-layer
+    held = n_layers * rows * prefix * kv + rows * suffix * shape.hidden * item
+    first = forward_bytes(shape, rows, width, logit_positions=0) + n_layers * rows * width * kv
+    step = (rows * suffix * above * (10 * shape.hidden + 4 * shape.intermediate) * item + 2 * above * rows * width * kv
+            + picked * shape.vocab * 4 * 3 + forward_bytes(shape, rows, suffix, prefix, logit_positions=0))
+    parts = (("prefix cache", held), ("forward and backward", max(first, step)))
+    work = rows * width * n_layers + steps * 3 * rows * suffix * above  # a backward pass costs about two forwards
+    return Estimate(what="this optimisation", bytes=held + max(first, step), parts=parts, work=float(work))
+
+
+def statistics_estimate(shape: ModelShape, *, layer: int, n_tokens: int, chunk_tokens: int) -> Estimate:
+    """Memory and work of key statistics C at ``layer`` (:func:`tracer.stats.compute_key_statistics`):
+    one chunk's forward pass up to the layer, its keys (and their float64 copy), the running and the
+    part's sums of k kᵀ in float64 (and the part's copy), and the corpus's token ids."""
+    d_k = shape.intermediate
+    parts = (("forward pass", forward_bytes(shape, 1, chunk_tokens, logit_positions=0)),
+             ("keys", chunk_tokens * d_k * (shape.itemsize + 8)), ("sums of k kᵀ", 3 * d_k * d_k * 8),
+             ("token ids", n_tokens * 8))
+    return Estimate(what="these key statistics", bytes=sum(b for _, b in parts), parts=parts,
+                    work=float(n_tokens * (layer + 1)))
+
+
+def memit_update_estimate(shape: ModelShape, *, requests: int, templates: int, layers: int, batch_rows: int,
+                          width: int, deepest: int) -> Estimate:
+    """Memory and work of MEMIT's update after z (:func:`tracer.edit.memit.compute_memit`): C for
+    every edited layer (float64) and the edited weights' originals and ΔW held throughout; per
+    layer, a key pass of ``batch_rows`` rows of ``width`` tokens up to block ``deepest``, the keys
+    of all ``requests x templates`` rows, and the float64 solve (K, λC + K Kᵀ and its Cholesky
+    factor, A⁻¹K, R, ΔW)."""
+    d_k, hidden, n = shape.intermediate, shape.hidden, requests
+    held = layers * (d_k * d_k * 8 + hidden * d_k * (shape.itemsize + 4)) + n * hidden * 4
+    keys = (forward_bytes(shape, batch_rows, width, logit_positions=0)
+            + n * templates * (d_k + hidden) * shape.itemsize * 2)  # keys and z, read and put back in order
+    solve = 2 * d_k * d_k * 8 + 3 * d_k * n * 8 + hidden * n * 8 + hidden * d_k * (8 + 4)
+    parts = (("C, originals and ΔW", held), ("keys and solve", max(keys, solve)))
+    return Estimate(what="this MEMIT update", bytes=held + max(keys, solve), parts=parts,
+                    work=float(layers * n * templates * width * (deepest + 1)))
 
 
 def check_memory(estimate: Estimate, device: "torch.device | str" = "cpu", *, available: int | None = None,

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
+from accelerate import init_empty_weights
 
 from .errors import HyperParameterError, ModelNotFoundError
 from .files import (open_append, save_safetensors_atomic, stray_writer_dead, write_atomic, write_directory_atomic,
@@ -250,6 +251,67 @@ def load_model(
     return LanguageModel(model=model, tokenizer=tokenizer, layers=layer_map_for(model, layer_map), name=name)
 
 
+def model_skeleton(name_or_path: str | os.PathLike = EMBEDDED_ALIAS, dtype: "torch.dtype | str | None" = None,
+                   layer_map: LayerMap | None = None) -> LanguageModel:
+    """The model of ``name_or_path`` on the meta device: its config, tokenizer and module tree, no weights.
+
+    What a planner reads (shapes, parameter counts, the layer map, defaults) without loading or
+    converting anything: the embedded model's config comes from its converted cache folder, or from
+    the GGUF file's metadata when it was never converted (no tensor is read); a Hugging Face id's
+    from the local cache (the hub is asked for the config alone when it is not cached and
+    ``HF_HUB_OFFLINE`` is not set). Parameters are created by ``accelerate.init_empty_weights``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    name = str(name_or_path)
+    dtype = resolve_dtype(dtype)
+    source, extra = _config_source(name)
+    try:
+        config = AutoConfig.from_pretrained(source, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    except OSError as e:
+        raise _not_found(name, e) from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # from_config on the meta device leaves tied embeddings as two parameters
+    model.eval().requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LanguageModel(model=model, tokenizer=tokenizer, layers=layer_map_for(model, layer_map), name=name)
+
+
+def _config_source(name: str) -> tuple["str | Path", dict]:
+    """Where :func:`model_skeleton` reads a config and tokenizer, and ``from_pretrained``'s extra
+    arguments (``gguf_file`` for a GGUF never converted). Nothing is downloaded; only an embedded
+    model shipped in chunks and never converted is converted once (transformers reads GGUF
+    metadata from a whole file only)."""
+    if not name.strip():
+        raise ModelNotFoundError(f"empty model name; pass {_aliases()}, a Hugging Face id, a directory or a .gguf file")
+    if name in EMBEDDED or name.endswith(".gguf"):
+        entry = EMBEDDED.get(name)
+        if entry is None and not Path(name).is_file():
+            raise ModelNotFoundError(f"GGUF file {name!r} does not exist")
+        parts, whole = (entry.files(), entry.gguf) if entry else ([Path(name)], Path(name).name)
+        converted = _converted_path(whole, file_sha256(parts))
+        if (converted / "config.json").is_file() and (converted / "factscope-manifest.json").is_file():
+            return converted, {}
+        if len(parts) == 1:
+            return parts[0].parent, {"gguf_file": parts[0].name}
+        return _cached_gguf_dir(parts, whole, expected_sha256=entry.sha256, install=entry.install), {}
+    if Path(name).exists():
+        if not (Path(name) / "config.json").is_file():
+            raise ModelNotFoundError(f"directory {name!r} has no config.json; pass a folder written by save_pretrained")
+        return Path(name), {}
+    cached = _cached_snapshot(name)
+    if cached is not None:
+        return cached, {}
+    if _hub_offline():
+        raise _not_found(name, OSError(f"{name!r} is not in the local Hugging Face cache"))
+    return name, {}
+
+
 def _from_pretrained(source: "str | Path", dtype: torch.dtype, placement: dict, *, local_files_only: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -346,6 +408,11 @@ def _conversion_lock(target: Path) -> Iterator[None]:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
+def _converted_path(name: str, source_sha: str) -> Path:
+    """Where the conversion of the GGUF file ``name`` (SHA-256 ``source_sha``) is cached."""
+    return cache_dir() / "models" / f"{Path(name).stem}-{source_sha[:16]}"
+
+
 def _cached_gguf_dir(gguf: "Path | Sequence[Path]", name: str | None = None, *, expected_sha256: str | None = None,
                      install: str = "") -> Path:
     """Directory with the GGUF dequantised to safetensors, (re)built when missing or invalid.
@@ -361,7 +428,7 @@ def _cached_gguf_dir(gguf: "Path | Sequence[Path]", name: str | None = None, *, 
     if expected_sha256 is not None and source_sha != expected_sha256:
         raise ModelNotFoundError(f"{name} assembled from {len(parts)} file(s) has SHA-256 {source_sha[:16]}…, not the "
                                  f"release factscope knows ({expected_sha256[:16]}…); reinstall with: {install} --force-reinstall")
-    target = cache_dir() / "models" / f"{Path(name).stem}-{source_sha[:16]}"
+    target = _converted_path(name, source_sha)
     if _verified(target, source_sha):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,17 @@ def check_output_path(path: Path | None, what: str = "output file") -> Path | No
     return path
 
 
+def parse_layers(text: str) -> tuple[int, ...]:
+    """``--layers`` of evaluate and plan: ``2-6`` or ``2,3,4`` as a tuple of layers."""
+    try:
+        if "-" in text:
+            a, b = text.split("-", 1)
+            return tuple(range(int(a), int(b) + 1))
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise HyperParameterError(f"--layers must look like 2-6 or 2,3,4; got {text!r}") from None
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``--model`` and how to load it: ``--device``, ``--dtype``, ``--device-map``,
     ``--max-memory``, ``--offload-folder`` (transformers and accelerate do the placement)."""

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 from . import add_model_arguments, load_model_from_args
+from .plan import refuse_too_large, skeleton_from_args
 from ..edit.check import check_edit, check_prompts
 from ..edit.hparams import ROMEHyperParams
 from ..edit.ledger import Ledger
@@ -105,9 +106,14 @@ def run(args) -> int:
 
     _check_outputs(args)
     request = EditRequest(args.prompt, args.subject, args.target, args.true_target)
+    skeleton = skeleton_from_args(args)  # settings, prompts and memory checked before the weights load
+    hp, stats = settings(args, skeleton)
+    _check_prompts(skeleton, request, hp, args.check)
+    refuse_too_large(args, "edit", skeleton, prompt=request.prompt, subject=request.subject, target=request.target_new,
+                     layer=hp.layer, steps=hp.v_num_grad_steps, stats_tokens=0 if args.no_stats else hp.stats_tokens)
+    del skeleton  # its tokenizer and module tree: memory the edit can use
     lm = load_model_from_args(args)
-    hp, stats = settings(args, lm)
-    _check_prompts(lm, request, hp, args.check)
+    _check_prompts(lm, request, hp, args.check)  # the memory of one check batch, on the model's device
     record = rome_edit(lm, request, hp, stats, progress=bool(getattr(args, "verbose", False)))
     report = check_edit(lm, record, prompts=args.check)
     checks = [{"prompt": p.prompt, "kind": p.kind,

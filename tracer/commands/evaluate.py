@@ -5,7 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
-from . import add_model_arguments, load_model_from_args
+from . import add_model_arguments, load_model_from_args, parse_layers
+from .plan import refuse_too_large
 from ..errors import HyperParameterError
 from ..evaluate import run_evaluation
 from ..evaluate.methods import METHODS, check_overrides
@@ -38,16 +39,6 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.set_defaults(func=run)
-
-
-def parse_layers(text: str) -> tuple[int, ...]:
-    try:
-        if "-" in text:
-            a, b = text.split("-", 1)
-            return tuple(range(int(a), int(b) + 1))
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise HyperParameterError(f"--layers must look like 2-6 or 2,3,4; got {text!r}") from None
 
 
 def parse_hparams(items: list[str]) -> dict:
@@ -85,6 +76,11 @@ def run(args: argparse.Namespace) -> int:
     check_seed(args.seed, "--seed")
     if cases:  # generations are seeded with seed + case id
         check_seed(args.seed + max(c.case_id for c in cases), "--seed plus the largest case id")
+    if cases:
+        size = "layers" if args.method == "memit" else "layer"  # the option the method's plan reads
+        sized = {size: options[size]} if size in options and args.method != "none" else {}
+        refuse_too_large(args, "evaluate", method=args.method, requests=cases, batch_size=batch,
+                         generation=not args.no_generation, **sized)
     lm = load_model_from_args(args)
     summary = run_evaluation(lm, args.method, args.dataset, args.out, limit=args.limit, batch_size=batch, cases=cases,
                              data_path=args.data, generation=not args.no_generation,

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import add_model_arguments, check_output_path, load_model_from_args
+from .plan import refuse_too_large
 from ..files import write_json_atomic
 from ..limits import check_count, check_seed
 from ..trace import trace_all
@@ -37,8 +38,10 @@ def run(args) -> int:
     check_output_path(args.json, "--json file")
     check_seed(args.seed, "--seed")  # settings that need no model are refused before it loads
     check_count("--samples", args.samples)
-    lm = load_model_from_args(args)
     kinds = KINDS if args.kind == "all" else (args.kind,)
+    refuse_too_large(args, "trace", prompt=args.prompt, subject=args.subject, samples=args.samples, kinds=kinds,
+                     window=args.window, naive=args.naive)  # from the config, before the weights load
+    lm = load_model_from_args(args)
     results = trace_all(lm, args.prompt, args.subject, kinds=kinds, samples=args.samples, noise=args.noise,
                         noise_mode=args.noise_mode, uniform_noise=args.uniform, replace=args.replace,
                         window=args.window, seed=args.seed, naive=args.naive, progress=not args.no_progress)

@@ -9,6 +9,7 @@ from ..errors import HyperParameterError
 from ..knowns import load_facts
 from ..limits import check_count
 from . import add_model_arguments, add_ray_arguments, check_ray_arguments, model_runner
+from .plan import refuse_too_large
 from .averages import hook, report
 
 
@@ -58,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     check_settings(**settings)  # all before the model loads and before --out is created
     check_ray_arguments(args)
     load_facts(args.facts)
+    if settings["kinds"]:
+        refuse_too_large(args, "trace-dataset", facts=args.facts, limit=args.limit, samples=args.samples,
+                         kinds=settings["kinds"], window=args.window, workers=args.workers or 1 if args.ray else 1)
     with model_runner(args) as runner:
         summary = trace_dataset(runner, args.facts, args.out, noise=args.noise, noise_mode=args.noise_mode,
                                 **settings)

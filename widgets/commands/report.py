@@ -26,12 +26,13 @@ import time
 from pathlib import Path
 
 from tracer.commands import add_model_arguments, load_model_from_args
+from tracer.commands.plan import refuse_too_large, skeleton_from_args
 from tracer.edit import EditRecord, EditRequest, Ledger, ROMEHyperParams, check_edit, rome_edit
 from tracer.errors import FactscopeError, HyperParameterError
 from tracer.lens import logit_lens
 from tracer.limits import check_count
 from tracer.trace import trace_all
-from tracer.trace_result import TraceResult
+from tracer.trace_result import KINDS, TraceResult
 
 from ..report import save_report
 
@@ -89,6 +90,11 @@ def handler(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     seconds = {}
 
+    skeleton = skeleton_from_args(args)  # the planner, from the config: both jobs must fit before anything loads
+    refuse_too_large(args, "trace", skeleton, prompt=args.prompt, subject=args.subject, samples=args.samples, kinds=KINDS)
+    refuse_too_large(args, "edit", skeleton, prompt=request.prompt, subject=request.subject, target=request.target_new,
+                     layer=args.layer, stats_tokens=args.stats_tokens)
+    del skeleton  # its tokenizer and module tree: memory the jobs can use
     lm = load_model_from_args(args)
     overrides = {k: v for k, v in (("layer", args.layer), ("stats_tokens", args.stats_tokens)) if v is not None}
     hparams = ROMEHyperParams.for_model(lm, **overrides)
