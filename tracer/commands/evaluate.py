@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import HyperParameterError
 from ..evaluate import run_evaluation
-from ..evaluate.methods import check_overrides
+from ..evaluate.methods import METHODS, check_overrides, method_spec
 from ..evaluate.records import load_cases
 from ..evaluate.report import summary_markdown
 from ..limits import check_seed
@@ -15,18 +15,18 @@ from ..models import load_model
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="CounterFact / zsRE evaluation of none, FT-L, ROME or MEMIT",
+    p = subparsers.add_parser("evaluate", help="CounterFact / zsRE evaluation of none, FT-L, ROME, MEMIT or AlphaEdit",
                               description="Edit each case (or batch), measure the papers' metrics, revert; writes "
                                           "DIR/cases/<id>.json (resumable) and DIR/summary.{json,md,html}.")
     p.add_argument("--model", default="smollm2-135m", help="model alias, Hugging Face id, directory or .gguf")
-    p.add_argument("--method", required=True, choices=("none", "ft-l", "rome", "memit"))
+    p.add_argument("--method", required=True, choices=tuple(METHODS))
     p.add_argument("--dataset", required=True, choices=("counterfact", "counterfact-10k", "zsre"))
     p.add_argument("--data", type=Path, default=None, help="dataset file (default: the copy in $FACTSCOPE_DATA, else the data folder beside the checkout)")
     p.add_argument("--limit", type=int, default=None, help="first N records only")
     p.add_argument("--batch-size", type=int, default=None,
                    help="edits per MEMIT batch (default: all --limit records; ROME and FT-L always 1)")
     p.add_argument("--layer", type=int, default=None, help="ROME / FT-L layer (default: per architecture)")
-    p.add_argument("--layers", type=str, default=None, help="MEMIT layers, e.g. 2-6 or 2,3,4 (default: per architecture)")
+    p.add_argument("--layers", type=str, default=None, help="MEMIT / AlphaEdit layers, e.g. 2-6 or 2,3,4 (default: per architecture)")
     p.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
                    help="override one hyper-parameter of the method (repeatable), e.g. norm_constraint=5e-3 "
                         "for ft-l, mom2_weight=5000 for memit; VALUE is read as JSON, else as a string")
@@ -72,14 +72,14 @@ def run(args: argparse.Namespace) -> int:
     if batch is not None and (batch < 1 or (args.method in ("rome", "ft-l") and batch != 1)):
         raise HyperParameterError(f"--batch-size must be >= 1, and 1 for {args.method} (one edit at a time); got {batch}")
     if batch is None:
-        batch = None if args.method == "memit" else 1  # MEMIT: every selected case in one batch
+        batch = None if method_spec(args.method).batched else 1  # MEMIT, AlphaEdit: every selected case in one batch
     options = parse_hparams(args.hparam)
     check_overrides(args.method, options)
     if args.layer is not None:
         options["layer"] = args.layer
     if args.layers:
         options["layers"] = parse_layers(args.layers)
-    if args.stats == "identity" and args.method in ("rome", "memit"):
+    if args.stats == "identity" and args.method in ("rome", "memit", "alphaedit"):
         options["stats"] = "identity"
     cases = load_cases(args.dataset, args.data, limit=args.limit)  # a bad file is refused before the model loads
     check_seed(args.seed, "--seed")
