@@ -277,6 +277,57 @@ def memit_sequential(r: dict) -> list[str]:
                   "first batch: ES / PS / NS"], rows)
 
 
+def _es_ps_ns(d: dict | None) -> str | None:
+    return None if d is None else f"{d['ES']:g}/{d['PS']:g}/{d['NS']:g}"
+
+
+def _range(values: list, digits: int = 0, pct: bool = False) -> str:
+    fmt = (lambda v: f"{v * 100:.{digits}f}") if pct else (lambda v: f"{v:,.{digits}f}")
+    lo, hi = fmt(min(values)), fmt(max(values))
+    return (lo if lo == hi else f"{lo}–{hi}") + (" %" if pct else "")
+
+
+def sequential_editing_sweep(r: dict) -> list[str]:
+    f = r["figures"]
+    rows = []
+    for row in f["sweep"]:
+        mode, _, value = row["update"].partition(":")
+        label = "MEMIT (λ C)" if mode == "memit" else f"AlphaEdit, {mode} {value}"
+        rows.append([label, _range(row["null_dim"]) if "null_dim" in row else "–",
+                     _range(row["null_energy"], 1, True) if "null_energy" in row else "–",
+                     f"{_es_ps_ns(row['before'])} → {_es_ps_ns(row['after'])}", f"{row['perplexity']:.2f}",
+                     f"{max(row['norm_ratio']):.4f}"])
+    return table(["update", "null space (of 1,536)", "its share of E[‖k‖²]", f"first {f['batch']}: ES / PS / NS",
+                  f"perplexity (unedited {f['perplexity_unedited']:.2f})", "max ‖W‖ / ‖W₀‖"], rows)
+
+
+def sequential_editing(r: dict) -> list[str]:
+    f = r["figures"]
+    rows = []
+    for label, method_rows in f["sequential"].items():
+        for row in method_rows:
+            if "edits" not in row:
+                continue
+            if row["edits"] == 0:
+                rows.append([label, 0, "1", f"{row['perplexity']:.2f}", "–", "–",
+                             f"{_es_ps_ns(row['first_batch'])} (unedited)", "–"])
+                continue
+            this = row["this_batch"]
+            rows.append([label, f"{row['edits']:,}", f"{max(row['norm_ratio']):.4f}", f"{row['perplexity']:.2f}",
+                         f"{row['entropy']:.2f}", f"{_es_ps_ns(this['before'])} → {_es_ps_ns(this['after'])}",
+                         _es_ps_ns(row["first_batch"]),
+                         "–" if row["retention"] is None else f"{row['retention'] * 100:.0f} %"])
+    lines = table(["method", "edits", "max ‖W‖ / ‖W₀‖", "perplexity", "entropy", "this batch: ES / PS / NS",
+                   "first batch: ES / PS / NS", "retention"], rows)
+    if f.get("single"):
+        lines += ["", *table(["one batch", "edits", "layers", "ES / PS / NS (unedited → edited)", "perplexity", "wall"], [
+            [label, f"{row['n']:,}", f"{row['layers'][0]}–{row['layers'][-1]}",
+             f"{_es_ps_ns(row['before'])} → {_es_ps_ns(row['after'])}",
+             f"{f['perplexity_unedited']:.2f} → {row['perplexity']:.2f}", f"{row['wall_s']:,.0f} s"]
+            for label, row in f["single"].items()])]
+    return lines
+
+
 def rome_sequential(r: dict) -> list[str]:
     rows = []
     for row in r["figures"]["rows"]:
@@ -322,6 +373,7 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "memit_lambda": memit_lambda, "ftl_epsilon": ftl_epsilon, "counterfact": counterfact, "zsre": zsre,
     "memit_scale": memit_scale, "memit_sequential": memit_sequential, "rome_sequential": rome_sequential,
     "z_order": z_order, "z_order_keys": z_order, "edit_speed": edit_speed,
+    "sequential_editing": sequential_editing, "sequential_editing_sweep": sequential_editing_sweep,
 }
 
 

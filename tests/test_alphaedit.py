@@ -1,6 +1,8 @@
 """AlphaEdit: the projected update, its null-space invariant, K_p of a sequence, records and files."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -12,6 +14,9 @@ from tracer.edit.hparams import AlphaEditHyperParams
 from tracer.edit.memit import solve_update
 from tracer.edit.records import AlphaEditRecord
 from tracer.errors import EditError, HyperParameterError
+from tracer.evaluate import run_evaluation
+from tracer.evaluate.methods import make_method
+from tracer.evaluate.records import load_cases
 from tracer.hooks import hooked
 
 REQS = [Request("Paris", "{} is the capital of", "Germany"), Request("the cat", "I saw {} in", "the garden"),
@@ -178,3 +183,28 @@ def test_settings_are_checked():
     lm = make_tiny_model("gpt2")
     with pytest.raises(HyperParameterError, match="leaves no null space"):
         AlphaEditor(lm, AlphaEditHyperParams(layers=(1,)), stats="identity", templates=("{}",), progress=False)
+
+
+def test_evaluate_harness_runs_alphaedit_on_whole_batches_and_restores_weights(preserved, tmp_path):
+    """``factscope evaluate --method alphaedit``: every case in one batch by default, the edit in
+    place while measured (EM moves up), the weights bit-exact afterwards, K_p empty again."""
+    lm, _, stats = preserved
+    rec = {"case_id": 7, "requested_rewrite": {"prompt": "{} is located in", "relation_id": "P1", "subject": "The tower",
+                                               "target_new": {"str": "Rome"}, "target_true": {"str": "Paris"}},
+           "paraphrase_prompts": ["People say that The tower is in"],
+           "neighborhood_prompts": ["The museum is located in", "The bridge is located in"]}
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps([rec, {**rec, "case_id": 8}]))
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    options = {"layers": HP.layers, "v_steps": 15, "stats": {l: c for l, (c, _) in stats.items()},
+               "nullspace_threshold": 1e-9, "threshold_mode": "relative"}
+    s = run_evaluation(lm, "alphaedit", "counterfact", tmp_path / "run", data_path=data, batch_size=None,
+                       generation=False, method_options=options, progress=False)
+    assert s["settings"]["batch_size"] == 2 and s["settings"]["method_settings"]["projection"][0]["null_dim"] == 36
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    assert s["n_cases"] == 2 and s["post"]["EM"]["mean"] > s["pre"]["EM"]["mean"]
+    method = make_method("alphaedit", lm, **options)
+    handle = method.apply(lm, load_cases("counterfact", data))
+    assert method.editor.remembered == (handle,)
+    method.revert(lm, handle)
+    assert method.editor.remembered == () and all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
