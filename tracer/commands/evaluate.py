@@ -65,14 +65,8 @@ def parse_hparams(items: list[str]) -> dict:
     return out
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.limit is not None and args.limit < 1:
-        raise HyperParameterError(f"--limit must be >= 1, got {args.limit}")
-    batch = args.batch_size
-    if batch is not None and (batch < 1 or (args.method in ("rome", "ft-l") and batch != 1)):
-        raise HyperParameterError(f"--batch-size must be >= 1, and 1 for {args.method} (one edit at a time); got {batch}")
-    if batch is None:
-        batch = None if method_spec(args.method).batched else 1  # MEMIT, AlphaEdit: every selected case in one batch
+def method_options(args: argparse.Namespace) -> dict:
+    """``--hparam``, ``--layer``, ``--layers`` and ``--stats`` as options of ``make_method`` (checked)."""
     options = parse_hparams(args.hparam)
     check_overrides(args.method, options)
     if args.layer is not None:
@@ -81,6 +75,18 @@ def run(args: argparse.Namespace) -> int:
         options["layers"] = parse_layers(args.layers)
     if args.stats == "identity" and args.method in ("rome", "memit", "alphaedit"):
         options["stats"] = "identity"
+    return options
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise HyperParameterError(f"--limit must be >= 1, got {args.limit}")
+    batch = args.batch_size
+    if batch is not None and (batch < 1 or (args.method in ("rome", "ft-l") and batch != 1)):
+        raise HyperParameterError(f"--batch-size must be >= 1, and 1 for {args.method} (one edit at a time); got {batch}")
+    if batch is None:
+        batch = None if method_spec(args.method).batched else 1  # MEMIT, AlphaEdit: every selected case in one batch
+    options = method_options(args)
     cases = load_cases(args.dataset, args.data, limit=args.limit)  # a bad file is refused before the model loads
     check_seed(args.seed, "--seed")
     if cases:  # generations are seeded with seed + case id

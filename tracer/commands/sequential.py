@@ -5,12 +5,11 @@ import argparse
 from pathlib import Path
 
 from ..errors import HyperParameterError
-from ..evaluate.methods import check_overrides
 from ..evaluate.records import DATASETS, load_cases
 from ..evaluate.sequence import SEQUENTIAL_METHODS, Guard, run_sequence
 from ..limits import check_seed
 from ..models import load_model
-from .evaluate import parse_hparams, parse_layers
+from .evaluate import method_options
 
 #: exit status when the guard stopped the run (the offending batch reverted)
 GUARD_STOPPED = 3
@@ -58,14 +57,7 @@ def run(args: argparse.Namespace) -> int:
     batch = args.batch_size if args.batch_size is not None else (1 if args.method == "rome" else 100)
     if batch < 1:
         raise HyperParameterError(f"--batch-size must be >= 1, got {batch}")
-    options = parse_hparams(args.hparam)
-    check_overrides(args.method, options)
-    if args.layer is not None:
-        options["layer"] = args.layer
-    if args.layers:
-        options["layers"] = parse_layers(args.layers)
-    if args.stats == "identity":
-        options["stats"] = "identity"
+    options = method_options(args)
     guard = Guard(max_norm_growth=args.max_norm_growth, max_perplexity_rise=args.max_perplexity_rise,
                   max_entropy_drop=args.max_entropy_drop, min_retention=args.min_retention)
     check_seed(args.seed, "--seed")
