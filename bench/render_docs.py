@@ -218,7 +218,7 @@ def ftl_epsilon(r: dict) -> list[str]:
 
 def counterfact(r: dict) -> list[str]:
     rows = [[method_label(row), row["n"], f"{row['S']:.1f}",
-             *[mean_std(row[k]) for k in ("ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS")],
+             *[mean_std(row.get(k)) for k in ("ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS")],
              num(row["s_per_edit"], 2)] for row in r["figures"]["rows"]]
     return table(["method", "n", "S", "ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS", "s / edit"], rows)
 
@@ -374,6 +374,7 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "memit_scale": memit_scale, "memit_sequential": memit_sequential, "rome_sequential": rome_sequential,
     "z_order": z_order, "z_order_keys": z_order, "edit_speed": edit_speed,
     "sequential_editing": sequential_editing, "sequential_editing_sweep": sequential_editing_sweep,
+    "alphaedit_counterfact": counterfact,
 }
 
 
