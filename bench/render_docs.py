@@ -320,10 +320,12 @@ def sequential_editing(r: dict) -> list[str]:
     lines = table(["method", "edits", "max ‖W‖ / ‖W₀‖", "perplexity", "entropy", "this batch: ES / PS / NS",
                    "first batch: ES / PS / NS", "retention"], rows)
     if f.get("single"):
-        lines += ["", *table(["one batch", "edits", "layers", "ES / PS / NS (unedited → edited)", "perplexity", "wall"], [
+        lines += ["", *table(["one batch", "edits", "layers", f"ES / PS / NS of the first {f['eval']} (unedited → edited)",
+                              "perplexity", "wall (z optimised in it)"], [
             [label, f"{row['n']:,}", f"{row['layers'][0]}–{row['layers'][-1]}",
              f"{_es_ps_ns(row['before'])} → {_es_ps_ns(row['after'])}",
-             f"{f['perplexity_unedited']:.2f} → {row['perplexity']:.2f}", f"{row['wall_s']:,.0f} s"]
+             f"{f['perplexity_unedited']:.2f} → {row['perplexity']:.2f}",
+             f"{row['wall_s']:,.0f} s ({row['n'] - (row['z_reused'] or 0):,})"]
             for label, row in f["single"].items()])]
     return lines
 
@@ -374,7 +376,7 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "memit_scale": memit_scale, "memit_sequential": memit_sequential, "rome_sequential": rome_sequential,
     "z_order": z_order, "z_order_keys": z_order, "edit_speed": edit_speed,
     "sequential_editing": sequential_editing, "sequential_editing_sweep": sequential_editing_sweep,
-    "alphaedit_counterfact": counterfact,
+    "alphaedit_counterfact": counterfact, "sequential_editing_energy": sequential_editing,
 }
 
 

@@ -70,11 +70,12 @@ def main() -> None:
     cases = load_cases("counterfact-10k", limit=max(args.edits, args.single, args.batch))
     alpha = parse_hparams(args.alpha)
     configs = []  # (label, method, options)
+    tag = "".join(f" {k}={v}" for k, v in sorted(alpha.items()))  # labels name the settings that differ
     for m in args.methods.split(","):
-        configs.append((m, m, dict(alpha) if m == "alphaedit" else {}))
+        configs.append((m + tag, m, dict(alpha)) if m == "alphaedit" else (m, m, {}))
     if args.alpha_layers:
         layers = parse_layers(args.alpha_layers)
-        configs.append((f"alphaedit L{layers[0]}-{layers[-1]}", "alphaedit", {**alpha, "layers": layers}))
+        configs.append((f"alphaedit{tag} L{layers[0]}-{layers[-1]}", "alphaedit", {**alpha, "layers": layers}))
     texts = heldout_texts()
     t = time.perf_counter()
     hp0 = MemitHyperParams.for_model(lm)

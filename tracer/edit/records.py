@@ -4,7 +4,7 @@
 - :class:`MemitRecord`: one MEMIT batch, a dense ΔW at each of several modules.
 - :class:`AlphaEditRecord`: one AlphaEdit batch, a MEMIT-like record that also keeps the keys it wrote.
 
-Both follow the protocol of :class:`~tracer.edit.book.EditRecordLike` (``id``, ``modules``,
+All follow the protocol of :class:`~tracer.edit.book.EditRecordLike` (``id``, ``modules``,
 ``module_delta``, ``fingerprints``, ``to_dict``), so one book applies and reverts them and one
 file format (:mod:`tracer.edit.record_files`) holds them. A record's ``id`` is 16 hex digits of
 SHA-256 over every field of its ``to_dict()`` and all its tensors, so a file whose layer,
