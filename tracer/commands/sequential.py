@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     if result.breach:
         b = result.breach
         crossed = "; ".join(f"{c['reading']} {c['value']:.4g} (limit {c['limit']:g})" for c in b["crossed"])
-        kept = f"batches 1–{b['batch'] - 1} ({result.health[-1].n_edits} edits)" if b["batch"] > 1 else "no batch"
+        kept = {1: "no batch", 2: f"batch 1 ({result.health[-1].n_edits} edits)"}.get(
+            b["batch"], f"batches 1–{b['batch'] - 1} ({result.health[-1].n_edits} edits)")
         print(f"guard: batch {b['batch']} (cases {b['cases'][0]}–{b['cases'][-1]}) crossed {crossed}; it was reverted "
               f"(records {', '.join(b['records'])}); the ledger in {args.out} keeps {kept}")
         return GUARD_STOPPED
