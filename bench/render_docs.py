@@ -236,7 +236,7 @@ def ftl_epsilon(r: dict) -> list[str]:
 
 def counterfact(r: dict) -> list[str]:
     rows = [[method_label(row), row["n"], f"{row['S']:.1f}",
-             *[mean_std(row[k]) for k in ("ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS")],
+             *[mean_std(row.get(k)) for k in ("ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS")],
              num(row["s_per_edit"], 2)] for row in r["figures"]["rows"]]
     return table(["method", "n", "S", "ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS", "s / edit"], rows)
 
@@ -293,6 +293,59 @@ def memit_sequential(r: dict) -> list[str]:
     layers = f"{f['layers'][0]} … {f['layers'][-1]}"
     return table(["edits", f"‖W‖ / ‖W₀‖, layers {layers}", "perplexity", "this batch: ES / PS / NS",
                   "first batch: ES / PS / NS"], rows)
+
+
+def _es_ps_ns(d: dict | None) -> str | None:
+    return None if d is None else f"{d['ES']:g}/{d['PS']:g}/{d['NS']:g}"
+
+
+def _range(values: list, digits: int = 0, pct: bool = False) -> str:
+    fmt = (lambda v: f"{v * 100:.{digits}f}") if pct else (lambda v: f"{v:,.{digits}f}")
+    lo, hi = fmt(min(values)), fmt(max(values))
+    return (lo if lo == hi else f"{lo}–{hi}") + (" %" if pct else "")
+
+
+def sequential_editing_sweep(r: dict) -> list[str]:
+    f = r["figures"]
+    rows = []
+    for row in f["sweep"]:
+        mode, _, value = row["update"].partition(":")
+        label = "MEMIT (λ C)" if mode == "memit" else f"AlphaEdit, {mode} {value}"
+        rows.append([label, _range(row["null_dim"]) if "null_dim" in row else "–",
+                     _range(row["null_energy"], 1, True) if "null_energy" in row else "–",
+                     f"{_es_ps_ns(row['before'])} → {_es_ps_ns(row['after'])}", f"{row['perplexity']:.2f}",
+                     f"{max(row['norm_ratio']):.4f}"])
+    return table(["update", "null space (of 1,536)", "its share of E[‖k‖²]", f"first {f['batch']}: ES / PS / NS",
+                  f"perplexity (unedited {f['perplexity_unedited']:.2f})", "max ‖W‖ / ‖W₀‖"], rows)
+
+
+def sequential_editing(r: dict) -> list[str]:
+    f = r["figures"]
+    rows = []
+    for label, method_rows in f["sequential"].items():
+        for row in method_rows:
+            if "edits" not in row:
+                continue
+            if row["edits"] == 0:
+                rows.append([label, 0, "1", f"{row['perplexity']:.2f}", "–", "–",
+                             f"{_es_ps_ns(row['first_batch'])} (unedited)", "–"])
+                continue
+            this = row["this_batch"]
+            rows.append([label, f"{row['edits']:,}", f"{max(row['norm_ratio']):.4f}", f"{row['perplexity']:.2f}",
+                         f"{row['entropy']:.2f}", f"{_es_ps_ns(this['before'])} → {_es_ps_ns(this['after'])}",
+                         _es_ps_ns(row["first_batch"]),
+                         "–" if row["retention"] is None else f"{row['retention'] * 100:.0f} %"])
+    lines = table(["method", "edits", "max ‖W‖ / ‖W₀‖", "perplexity", "entropy", "this batch: ES / PS / NS",
+                   "first batch: ES / PS / NS", "retention"], rows)
+    if f.get("single"):
+        lines += ["", *table(["one batch", "edits", "layers", f"ES / PS / NS of the first {f['eval']} (unedited → edited)",
+                              "perplexity", "wall (z optimised in it)"], [
+            [label, f"{row['n']:,}", f"{row['layers'][0]}–{row['layers'][-1]}",
+             f"{_es_ps_ns(row['before'])} → {_es_ps_ns(row['after'])}",
+             f"{f['perplexity_unedited']:.2f} → {row['perplexity']:.2f}",
+             f"{row['wall_s']:,.0f} s ({row['n'] - (row['z_reused'] or 0):,})"]
+            for label, row in f["single"].items()])]
+    return lines
 
 
 def rome_sequential(r: dict) -> list[str]:
@@ -443,6 +496,8 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "model_load": model_load,
     "plan_accuracy": plan_accuracy, "trace_speed_rome": trace_speed_rome, "gpu_suite": gpu_suite,
     "naive_vs_rome": naive_vs_rome,
+    "sequential_editing": sequential_editing, "sequential_editing_sweep": sequential_editing_sweep,
+    "alphaedit_counterfact": counterfact, "sequential_editing_energy": sequential_editing,
 }
 
 

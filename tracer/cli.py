@@ -17,12 +17,13 @@ import sys
 from types import ModuleType
 from typing import Sequence
 
-from .commands import averages, defaults, edit, eval_table, evaluate, knowns, plan, trace, trace_dataset
+from .commands import averages, defaults, edit, eval_table, evaluate, knowns, plan, sequential, trace, trace_dataset
 from .errors import FactscopeError
 
-DESCRIPTION = "Locate (causal tracing) and edit (ROME, MEMIT) facts in language models."
+DESCRIPTION = "Locate (causal tracing) and edit (ROME, MEMIT, AlphaEdit) facts in language models."
 #: the engine's command modules, in the order ``factscope --help`` lists them
-COMMANDS: tuple[ModuleType, ...] = (trace, edit, defaults, knowns, trace_dataset, averages, evaluate, eval_table, plan)
+COMMANDS: tuple[ModuleType, ...] = (trace, edit, defaults, knowns, trace_dataset, averages, evaluate, eval_table,
+                                     sequential, plan)
 
 
 def build_parser(extra_commands: Sequence = ()) -> argparse.ArgumentParser:

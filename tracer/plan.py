@@ -161,7 +161,7 @@ def plan(job: str, model: "str | LanguageModel" = "smollm2-135m", *, dtype: "tor
     - ``edit``: ``prompt`` (with ``{}``), ``subject``, ``target``, ``layer``, ``steps``, ``stats_tokens``;
     - ``memit``: ``edits`` (the first records of ``dataset``, or ``requests``), ``layers``, ``chunk_requests``,
       ``memory_mb``, ``stats_tokens`` (0: C = I);
-    - ``evaluate``: ``method`` (none, ft-l, rome, memit), ``edits``, ``batch_size``, ``generation``;
+    - ``evaluate``: ``method`` (none, ft-l, rome, memit, alphaedit), ``edits``, ``batch_size``, ``generation``;
     - ``stats``: ``layers``, ``stats_tokens``, ``chunk_tokens``;
     - ``trace-dataset``: ``facts`` (a facts file), ``limit``, ``samples``, ``kinds``, ``window``, ``workers``.
     """
@@ -282,7 +282,7 @@ def _edit(lm, shape, device, *, prompt: str = EXAMPLE.prompt, subject: str = EXA
 
 def _memit(lm, shape, device, *, edits: int | None = None, requests=None, dataset: str = "counterfact",
            layers: Sequence[int] | None = None, chunk_requests: int | None = None, memory_mb: int | None = None,
-           stats_tokens: int | None = None):
+           stats_tokens: int | None = None, projected: bool = False):
     overrides = {k: v for k, v in (("layers", layers), ("chunk_requests", chunk_requests), ("memory_mb", memory_mb),
                                    ("mom2_n_tokens", stats_tokens)) if v is not None}
     hp = MemitHyperParams.for_model(lm, **overrides)
@@ -298,7 +298,14 @@ def _memit(lm, shape, device, *, edits: int | None = None, requests=None, datase
                                 batch_rows=min(batch_rows, len(reqs) * n_templates), width=geo["prefix"] + geo["suffix"],
                                 deepest=hp.layers[-1])
     chunks = math.ceil(len(reqs) / max(1, chunk))
-    phases += (_with(z, f"z ({chunk} requests per chunk)", ("C of every layer", c)), _with(upd, "MEMIT update"))
+    if projected:  # AlphaEdit: P and K_p K_pᵀ per layer kept in float64, eigh's workspace for one layer
+        kept = 2 * len(hp.layers) * shape.intermediate ** 2 * 8
+        upd = _with(upd, "AlphaEdit update", ("null-space projectors and K_p K_pᵀ", kept),
+                    ("eigendecomposition", 3 * shape.intermediate ** 2 * 8))
+        work += len(hp.layers) * 10 * shape.intermediate ** 3
+    else:
+        upd = _with(upd, "MEMIT update")
+    phases += (_with(z, f"z ({chunk} requests per chunk)", ("C of every layer", c)), upd)
     settings = {"edits": len(reqs), "layers": list(hp.layers), "chunk_requests": chunk, "templates": n_templates, **geo}
     return (phases, work + chunks * z.work + upd.work, chunks * geo["picked"] * hp.v_steps,
             f"edit fewer facts at once ({len(reqs)}) or set chunk_requests", settings)
@@ -306,12 +313,13 @@ def _memit(lm, shape, device, *, edits: int | None = None, requests=None, datase
 
 def _evaluate(lm, shape, device, *, method: str = "rome", edits: int = 1, requests=None, batch_size: int | None = None,
               generation: bool = True, dataset: str = "counterfact", **method_sizes):
-    if method not in ("none", "ft-l", "rome", "memit"):
-        raise HyperParameterError(f"method must be none, ft-l, rome or memit, got {method!r}")
+    if method not in ("none", "ft-l", "rome", "memit", "alphaedit"):
+        raise HyperParameterError(f"method must be none, ft-l, rome, memit or alphaedit, got {method!r}")
     reqs = _requests(lm, edits, requests, dataset)
-    batch = len(reqs) if method == "memit" and batch_size is None else (batch_size or 1)
-    if method == "memit":
-        phases, work, logits, hint, settings = _memit(lm, shape, device, requests=reqs[:batch], **method_sizes)
+    batch = len(reqs) if method in ("memit", "alphaedit") and batch_size is None else (batch_size or 1)
+    if method in ("memit", "alphaedit"):
+        phases, work, logits, hint, settings = _memit(lm, shape, device, requests=reqs[:batch],
+                                                      projected=method == "alphaedit", **method_sizes)
         work *= math.ceil(len(reqs) / batch)
     elif method in ("rome", "ft-l"):  # FT-L: gradients through the same rows, one layer's weights trained
         r = reqs[0]

@@ -9,14 +9,14 @@ from . import add_model_arguments, load_model_from_args, parse_layers
 from .plan import refuse_too_large
 from ..errors import HyperParameterError
 from ..evaluate import run_evaluation
-from ..evaluate.methods import METHODS, check_overrides
+from ..evaluate.methods import METHODS, check_overrides, method_spec
 from ..evaluate.records import load_cases
 from ..evaluate.report import summary_markdown
 from ..limits import check_seed
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="CounterFact / zsRE evaluation of none, FT-L, ROME or MEMIT",
+    p = subparsers.add_parser("evaluate", help="CounterFact / zsRE evaluation of none, FT-L, ROME, MEMIT or AlphaEdit",
                               description="Edit each case (or batch), measure the papers' metrics, revert; writes "
                                           "DIR/cases/<id>.json (resumable) and DIR/summary.{json,md,html}.")
     add_model_arguments(p)
@@ -28,7 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="edits per MEMIT batch (default: all --limit records; ROME and FT-L always 1)")
     p.add_argument("--layer", type=int, default=None, help="ROME / FT-L layer (default: per architecture)")
-    p.add_argument("--layers", type=str, default=None, help="MEMIT layers, e.g. 2-6 or 2,3,4 (default: per architecture)")
+    p.add_argument("--layers", type=str, default=None, help="MEMIT / AlphaEdit layers, e.g. 2-6 or 2,3,4 (default: per architecture)")
     p.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
                    help="override one hyper-parameter of the method (repeatable), e.g. norm_constraint=5e-3 "
                         "for ft-l, mom2_weight=5000 for memit; VALUE is read as JSON, else as a string")
@@ -56,6 +56,19 @@ def parse_hparams(items: list[str]) -> dict:
     return out
 
 
+def method_options(args: argparse.Namespace) -> dict:
+    """``--hparam``, ``--layer``, ``--layers`` and ``--stats`` as options of ``make_method`` (checked)."""
+    options = parse_hparams(args.hparam)
+    check_overrides(args.method, options)
+    if args.layer is not None:
+        options["layer"] = args.layer
+    if args.layers:
+        options["layers"] = parse_layers(args.layers)
+    if args.stats == "identity" and args.method in ("rome", "memit", "alphaedit"):
+        options["stats"] = "identity"
+    return options
+
+
 def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise HyperParameterError(f"--limit must be >= 1, got {args.limit}")
@@ -63,21 +76,14 @@ def run(args: argparse.Namespace) -> int:
     if batch is not None and (batch < 1 or (args.method in ("rome", "ft-l") and batch != 1)):  # one edit at a time
         raise HyperParameterError(f"--batch-size must be >= 1, and 1 for {args.method} (one edit at a time); got {batch}")
     if batch is None:
-        batch = None if args.method == "memit" else 1  # MEMIT: every selected case in one batch
-    options = parse_hparams(args.hparam)
-    check_overrides(args.method, options)
-    if args.layer is not None:
-        options["layer"] = args.layer
-    if args.layers:
-        options["layers"] = parse_layers(args.layers)
-    if args.stats == "identity" and args.method in ("rome", "memit"):
-        options["stats"] = "identity"
+        batch = None if method_spec(args.method).batched else 1  # MEMIT, AlphaEdit: every selected case in one batch
+    options = method_options(args)
     cases = load_cases(args.dataset, args.data, limit=args.limit)  # a bad file is refused before the model loads
     check_seed(args.seed, "--seed")
     if cases:  # generations are seeded with seed + case id
         check_seed(args.seed + max(c.case_id for c in cases), "--seed plus the largest case id")
     if cases:
-        size = "layers" if args.method == "memit" else "layer"  # the option the method's plan reads
+        size = "layers" if method_spec(args.method).batched else "layer"  # the option the method's plan reads
         sized = {size: options[size]} if size in options and args.method != "none" else {}
         refuse_too_large(args, "evaluate", method=args.method, requests=cases, batch_size=batch,
                          generation=not args.no_generation, **sized)

@@ -2,6 +2,7 @@
 
     ROMEHyperParams.for_model(lm)                 # the defaults for lm's identity (tracer.edit.defaults)
     MemitHyperParams.for_model(lm, mom2_weight=5000.0)
+    AlphaEditHyperParams.for_model(lm, nullspace_threshold=2e-2)
     FTLHyperParams.for_model(lm, norm_constraint=2e-3)
 """
 from __future__ import annotations
@@ -150,6 +151,44 @@ class MemitHyperParams:
         """The defaults for ``model``'s identity (:func:`~tracer.edit.defaults.defaults_for`), then ``overrides``."""
         return cls(**{**defaults_for(model).memit, **overrides})
 
+
+
+@dataclass(frozen=True)
+class AlphaEditHyperParams(MemitHyperParams):
+    """AlphaEdit's settings (Fang et al. 2025): MEMIT's, plus the null-space projection.
+
+    z, keys and layers are MEMIT's (the same fields, the same defaults for a model). The update
+    differs: λC is replaced by the projection P onto the eigenvectors of C (C = E[k kᵀ], the mean
+    over the corpus' tokens, as the authors' code reads it) that the threshold selects, and by
+    ``l2`` · I (the authors' ``L2``); ``mom2_weight`` is not used. ``threshold_mode``:
+
+    - ``"absolute"``: eigenvalues below ``nullspace_threshold`` (the authors' rule; their GPT-2 XL,
+      GPT-J and Llama-3 files use 2e-2 and L2 = 10). It depends on the keys' scale.
+    - ``"energy"``: the smallest eigenvalues whose sum stays within ``nullspace_threshold`` × the
+      trace — the null space then carries at most that share of the preserved keys' E[‖k‖²],
+      whatever the scale.
+    - ``"relative"``: eigenvalues below ``nullspace_threshold`` × the largest one.
+    """
+
+    nullspace_threshold: float = 2e-2
+    threshold_mode: Literal["absolute", "energy", "relative"] = "absolute"
+    l2: float = 10.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (self.nullspace_threshold > 0 and self.l2 > 0):
+            raise HyperParameterError(f"nullspace_threshold and l2 must be > 0, got {self.nullspace_threshold} and {self.l2}")
+        if self.threshold_mode not in ("absolute", "energy", "relative"):
+            raise HyperParameterError(f"threshold_mode must be 'absolute', 'energy' or 'relative', got {self.threshold_mode!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AlphaEditHyperParams":
+        """From :meth:`to_dict`: every setting's type is checked first (``threshold_mode``: a string)."""
+        mode = d.get("threshold_mode", "absolute")
+        if not isinstance(mode, str):
+            raise HyperParameterError(f"AlphaEdit setting 'threshold_mode' must be a string, got {mode!r:.40}")
+        hp = super().from_dict({k: v for k, v in d.items() if k != "threshold_mode"})
+        return cls(**{**hp.to_dict(), "threshold_mode": mode})
 
 
 _INT_SETTINGS = {"mom2_n_tokens", "v_steps", "context_template_length", "context_templates_per_start", "memory_mb", "seed"}

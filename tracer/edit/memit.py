@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -72,7 +72,8 @@ def solve_update(keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor | N
 def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: MemitHyperParams | None = None, *,
                   stats: Any = None, templates: Sequence[str] | None = None, progress: bool = True,
                   statistics: dict | None = None, apply: bool = True,
-                  checkpoint_dir: str | Path | None = None) -> MemitRecord:
+                  checkpoint_dir: str | Path | None = None,
+                  update: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> MemitRecord:
     """Compute and apply one MEMIT batch; returns its record (already applied).
 
     ``apply=False`` returns the record with the model unchanged, e.g. to hand it to a
@@ -81,6 +82,10 @@ def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: Mem
 
     ``statistics`` (from :func:`load_statistics`) lets sequential batches reuse C computed on the
     unedited model. If anything fails midway, the weights are restored before the error propagates.
+
+    ``update(layer, keys, resid)`` replaces MEMIT's solve (:func:`solve_update` with C and λ): ΔW
+    ("hidden d_k") from the keys ("n d_k") and residuals ("n hidden") of each layer, in order, on
+    the weights the lower layers' ΔW already changed (AlphaEdit's projected update).
     """
     lm = as_model(model)
     reqs = [Request.coerce(r) for r in requests]
@@ -117,7 +122,8 @@ def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: Mem
             for i, layer in enumerate(hp.layers):
                 keys, cur = keys_and_z(lm, rows, layer, hp.layers[-1], batch_rows, bar)
                 resid = (zres.z - cur) / (len(hp.layers) - i)  # "n hidden"
-                dw = solve_update(keys, resid, statistics[layer][0], hp.mom2_weight).float()  # "hidden d_k"
+                dw = (update(layer, keys, resid) if update is not None
+                      else solve_update(keys, resid, statistics[layer][0], hp.mom2_weight)).float()  # "hidden d_k"
                 w = weights[i]
                 stored = (dw.T if lm.layers.mlp_out_transposed else dw).to(w.dtype)
                 if not (torch.isfinite(dw).all() and torch.isfinite(w + stored).all()):

@@ -21,23 +21,28 @@ from safetensors import safe_open
 from ..errors import EditError
 from ..files import save_safetensors_atomic
 from .fields import TENSOR_FIELDS, checked_field, list_of
-from .records import EditRecord, MemitRecord
+from .records import AlphaEditRecord, EditRecord, MemitRecord
 
 LEDGER_FORMAT = 3             # 3: ids over every field; 2 (ROME and MEMIT) and 1 (ROME only) are still read
 LEGACY_LEDGER_FORMATS = (1, 2)
-RECORD_TYPES = (EditRecord, MemitRecord)
+RECORD_TYPES = (EditRecord, MemitRecord)  # AlphaEditRecord is a MemitRecord
 
 
 def check_record(record) -> None:
-    """An :class:`EditError` unless ``record`` is a ROME :class:`EditRecord` or a MEMIT :class:`MemitRecord`."""
+    """An :class:`EditError` unless ``record`` is a ROME :class:`EditRecord`, a MEMIT :class:`MemitRecord`
+    or an :class:`AlphaEditRecord`."""
     if not isinstance(record, RECORD_TYPES):
-        raise EditError(f"expected an EditRecord (ROME) or a MemitRecord (MEMIT batch), got {type(record).__name__}")
+        raise EditError(f"expected an EditRecord (ROME), a MemitRecord (MEMIT batch) or an AlphaEditRecord, "
+                        f"got {type(record).__name__}")
 
 
 def _record_tensors(i: int, record) -> dict[str, torch.Tensor]:
     if isinstance(record, EditRecord):
         return {f"{i}.{name}": getattr(record, name).double().contiguous().cpu() for name in TENSOR_FIELDS}
-    return {f"{i}.delta.{j}": d.contiguous().cpu() for j, d in enumerate(record.deltas)}
+    out = {f"{i}.delta.{j}": d.contiguous().cpu() for j, d in enumerate(record.deltas)}
+    if isinstance(record, AlphaEditRecord):
+        out.update({f"{i}.keys.{j}": k.float().contiguous().cpu() for j, k in enumerate(record.keys)})
+    return out
 
 
 def save_records(records: Sequence, path: str | os.PathLike) -> Path:
@@ -53,8 +58,8 @@ def save_records(records: Sequence, path: str | os.PathLike) -> Path:
 
 
 def load_records(path: str | os.PathLike) -> list:
-    """The records of a ledger file (ROME :class:`EditRecord` s and MEMIT batches), in their order,
-    each verified against its id; MEMIT batches come back unapplied. A malformed file is an
+    """The records of a ledger file (ROME :class:`EditRecord` s, MEMIT and AlphaEdit batches), in their
+    order, each verified against its id; batches come back unapplied. A malformed file is an
     :class:`EditError` naming the file and the field."""
     path = Path(path)
     name = repr(str(path))
@@ -80,13 +85,22 @@ def load_records(path: str | os.PathLike) -> list:
     for i, d in enumerate(entries):
         source = f"{name} record {i}"
         checked_field(d, "id", lambda x: isinstance(x, str), "the record's id (a string)", source)
-        if d.get("method") == "MEMIT":
+        if d.get("method") in ("MEMIT", "AlphaEdit"):
             modules = checked_field(d, "modules", list_of(lambda x: isinstance(x, str)), "a list of module names", source)
-            keys = [f"{i}.delta.{j}" for j in range(len(modules))]
+            deltas = [f"{i}.delta.{j}" for j in range(len(modules))]
+            key_names = [f"{i}.keys.{j}" for j in range(len(modules))] if d["method"] == "AlphaEdit" else []
+            keys = deltas + key_names
             missing = [k for k in keys if k not in tensors]
             if missing:
                 raise EditError(f"{name} lacks tensor {missing[0]!r}; the file is corrupted")
-            records.append(MemitRecord.from_dict(d, [tensors[k] for k in keys], source=source, legacy=legacy))
+            if d["method"] == "AlphaEdit":
+                if legacy:
+                    raise EditError(f"{source}: an AlphaEdit record in a ledger of format {fmt}, which had none; "
+                                    "the file is corrupted")
+                records.append(AlphaEditRecord.from_dict(d, [tensors[k] for k in deltas], [tensors[k] for k in key_names],
+                                                         source=source))
+            else:
+                records.append(MemitRecord.from_dict(d, [tensors[k] for k in deltas], source=source, legacy=legacy))
         else:
             keys = [f"{i}.{t}" for t in TENSOR_FIELDS]
             missing = [k for k in keys if k not in tensors]

@@ -2,8 +2,9 @@
 
 - :class:`EditRecord`: one ROME edit, ΔW = v uᵀ at one module.
 - :class:`MemitRecord`: one MEMIT batch, a dense ΔW at each of several modules.
+- :class:`AlphaEditRecord`: one AlphaEdit batch, a MEMIT-like record that also keeps the keys it wrote.
 
-Both follow the protocol of :class:`~tracer.edit.book.EditRecordLike` (``id``, ``modules``,
+All follow the protocol of :class:`~tracer.edit.book.EditRecordLike` (``id``, ``modules``,
 ``module_delta``, ``fingerprints``, ``to_dict``), so one book applies and reverts them and one
 file format (:mod:`tracer.edit.record_files`) holds them. A record's ``id`` is 16 hex digits of
 SHA-256 over every field of its ``to_dict()`` and all its tensors, so a file whose layer,
@@ -16,7 +17,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
@@ -25,11 +26,12 @@ from ..models import LanguageModel
 from .book import WeightBook
 from .fields import (MISSING, TENSOR_FIELDS, checked_field, checked_tensor, content_digest, dict_of, is_int, is_number,
                      list_of, verify_content)
-from .hparams import MemitHyperParams, ROMEHyperParams
+from .hparams import AlphaEditHyperParams, MemitHyperParams, ROMEHyperParams
 from .requests import EditRequest, Request
 
 RECORD_FORMAT = 2   # an EditRecord dict's "format": 2 = the id covers every field; absent = the old id
 MEMIT_FORMAT = 2    # a MemitRecord dict's "format": 2 = the id covers every field; 1 = over modules, requests, ΔW
+ALPHAEDIT_FORMAT = 1  # an AlphaEditRecord dict's "format" (its id covers every field, the ΔW and the keys)
 
 
 @dataclass(frozen=True, eq=False)
@@ -195,6 +197,11 @@ class MemitRecord:
     fingerprints: dict[int, str] = field(default_factory=dict)
     method: str = "MEMIT"
 
+    #: what a file's "method" and "format" must say, and the settings class, for this record type
+    METHOD: ClassVar[str] = "MEMIT"
+    FORMAT: ClassVar[int] = MEMIT_FORMAT
+    HPARAMS: ClassVar[type] = MemitHyperParams
+
     @property
     def layers(self) -> tuple[int, ...]:
         return tuple(self.hparams.layers)
@@ -253,18 +260,19 @@ class MemitRecord:
 
     @classmethod
     def from_dict(cls, meta: dict, deltas: Sequence[torch.Tensor], *, source: str = "MEMIT record",
-                  legacy: bool | None = None) -> "MemitRecord":
+                  legacy: bool | None = None, **extra) -> "MemitRecord":
         """The (unapplied) record from :meth:`to_dict` and its ΔW tensors, every field checked and
         verified against ``meta["id"]`` (by the format-1 rule for format-1 records, or when
-        ``legacy``). Errors are :class:`EditError` s naming ``source`` and the field."""
+        ``legacy``). Errors are :class:`EditError` s naming ``source`` and the field. ``extra``:
+        fields of a subclass, already checked (:meth:`AlphaEditRecord.from_dict`)."""
         if not isinstance(meta, dict):
             raise EditError(f"{source} must be a JSON object, got {type(meta).__name__}")
         fmt = meta.get("format")
         if legacy is None:
-            legacy = fmt == 1
-        want = 1 if legacy else MEMIT_FORMAT
-        if fmt != want or meta.get("method") != "MEMIT":
-            raise EditError(f"{source} is not a MEMIT record of format {want} (format {fmt!r:.40}, "
+            legacy = fmt == 1 and cls.METHOD == "MEMIT"
+        want = 1 if legacy else cls.FORMAT
+        if fmt != want or meta.get("method") != cls.METHOD:
+            raise EditError(f"{source} is not a {cls.METHOD} record of format {want} (format {fmt!r:.40}, "
                             f"method {meta.get('method')!r:.40})")
 
         def f(name, ok, accepted, *default):
@@ -283,7 +291,7 @@ class MemitRecord:
             for r in x), "a non-empty list of {subject, prompt, target_new} strings")
         try:
             requests = [Request.coerce(r) for r in reqs]
-            hparams = MemitHyperParams.from_dict(f("hparams", lambda x: isinstance(x, dict), "a JSON object"))
+            hparams = cls.HPARAMS.from_dict(f("hparams", lambda x: isinstance(x, dict), "a JSON object"))
         except (TypeError, ValueError) as e:
             raise EditError(f"{source}: invalid requests or hparams ({str(e)[:120]})") from None
         if [Request(**r) for r in reqs] != requests:
@@ -301,8 +309,65 @@ class MemitRecord:
                      stats=f("stats", list_of(lambda x: isinstance(x, dict)), "a list of JSON objects"),
                      z_losses=f("z_losses", list_of(list_of(is_number)), "a list of loss curves (finite numbers)"),
                      timings=f("timings", dict_of(is_number), "a JSON object of numbers"),
-                     fingerprints=fingerprints)
+                     fingerprints=fingerprints, **extra)
         if "id" in meta:
             f("id", is_str, "a string")
-            verify_content(record, meta, source, legacy, "MEMIT record")
+            verify_content(record, meta, source, legacy, f"{cls.METHOD} record")
         return record
+
+
+@dataclass(eq=False)
+class AlphaEditRecord(MemitRecord):
+    """One AlphaEdit batch (:mod:`tracer.edit.alphaedit`): ΔW per layer as in :class:`MemitRecord`,
+    each in the null space of its layer's preserved keys, plus what a sequence needs after it:
+
+    - ``keys``: the keys the batch wrote at each layer ("n d_k", float32, CPU): later batches of a
+      sequence keep them (the running set K_p), so a resumed sequence rebuilds K_p from its ledger;
+    - ``projection``: per layer, how P was made (threshold, its rule, the null-space dimension).
+
+    Applied, reverted, saved and loaded like any record (bit-exact; the id covers every field,
+    the ΔW and the keys).
+    """
+
+    keys: list[torch.Tensor] = field(default_factory=list)
+    projection: list[dict] = field(default_factory=list)
+    method: str = "AlphaEdit"
+
+    METHOD: ClassVar[str] = "AlphaEdit"
+    FORMAT: ClassVar[int] = ALPHAEDIT_FORMAT
+    HPARAMS: ClassVar[type] = AlphaEditHyperParams
+
+    @cached_property
+    def id(self) -> str:
+        """16 hex digits of SHA-256 over every field of :meth:`to_dict`, the ΔW and the keys (computed once)."""
+        return content_digest(self._content(), [(f"delta.{i}", d.detach().float()) for i, d in enumerate(self.deltas)]
+                              + [(f"keys.{i}", k.detach().float()) for i, k in enumerate(self.keys)])
+
+    @property
+    def legacy_id(self) -> str:
+        raise EditError("AlphaEdit records have no legacy format")
+
+    def _content(self) -> dict:
+        return {**super()._content(), "format": ALPHAEDIT_FORMAT, "method": "AlphaEdit", "projection": self.projection}
+
+    @classmethod
+    def from_dict(cls, meta: dict, deltas: Sequence[torch.Tensor], keys: Sequence[torch.Tensor] = (), *,
+                  source: str = "AlphaEdit record", legacy: bool | None = None) -> "AlphaEditRecord":
+        """The (unapplied) record from :meth:`to_dict`, its ΔW and its keys, checked and verified as
+        :meth:`MemitRecord.from_dict` does (one key tensor "n d_k" per ΔW, n = the requests)."""
+        if legacy:
+            raise EditError(f"{source}: AlphaEdit records have no legacy format")
+        if not isinstance(meta, dict):
+            raise EditError(f"{source} must be a JSON object, got {type(meta).__name__}")
+        projection = checked_field(meta, "projection", list_of(dict_of(lambda x: isinstance(x, str) or is_number(x))),
+                                   "a list of JSON objects of numbers and strings", source)
+        n = len(meta.get("requests") or [])
+        keys = [checked_tensor(k, f"keys.{i}", source, 2).float() for i, k in enumerate(keys)]
+        if len(keys) != len(deltas) or len(projection) != len(deltas):
+            raise EditError(f"{source} has {len(deltas)} ΔW tensors but {len(keys)} key tensors and {len(projection)} "
+                            "projection entries; the file is corrupted")
+        for i, (k, d) in enumerate(zip(keys, deltas)):
+            if k.shape[0] != n or k.shape[1] != d.shape[-1]:
+                raise EditError(f"{source}: tensor 'keys.{i}' has shape {tuple(k.shape)}, its record needs ({n}, "
+                                f"{d.shape[-1]}) (requests, d_k); the file is corrupted")
+        return super().from_dict(meta, deltas, source=source, legacy=False, keys=keys, projection=list(projection))

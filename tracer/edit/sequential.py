@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -43,11 +43,11 @@ def heldout_texts(n: int = 16, chars: int = 2000, path: str | Path | None = None
 
 @torch.no_grad()
 def perplexity(model: "LanguageModel | str", texts: Sequence[str], max_tokens: int = 256) -> float:
-    """exp(mean token NLL) over ``texts``, each cut to ``max_tokens`` tokens."""
+    """exp(mean token NLL) over ``texts``, each cut to ``max_tokens`` tokens (at most what the model reads)."""
     lm = as_model(model)
     total, count = 0.0, 0
     for text in texts:
-        ids = lm.tokenizer(text, add_special_tokens=True)["input_ids"][:max_tokens]
+        ids = lm.tokenizer(text, add_special_tokens=True)["input_ids"][:min(max_tokens, lm.max_length)]
         if len(ids) < 2:
             continue
         x = torch.tensor([ids], device=lm.device)
@@ -59,16 +59,26 @@ def perplexity(model: "LanguageModel | str", texts: Sequence[str], max_tokens: i
 
 @dataclass(frozen=True)
 class Health:
-    """After a batch: Frobenius norm of each edited matrix relative to the original, perplexity."""
+    """After a batch: Frobenius norm of each edited matrix relative to the original, perplexity;
+    with the guarded runner (:mod:`tracer.evaluate.sequence`) also the n-gram entropy of sampled
+    text, the fraction of this batch's edits that hold (``efficacy``) and of a sample of earlier
+    ones that still do (``retention``; None before there are earlier ones)."""
 
     batch: int
     n_edits: int
     norm_ratio: dict[str, float]
     perplexity: float
     seconds: float
+    entropy: float | None = None
+    efficacy: float | None = None
+    retention: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Health":
+        return cls(**{k: d[k] for k in (f.name for f in fields(cls)) if k in d})
 
 
 def sequential_memit(model: "LanguageModel | str", requests: Sequence[Any], batch_size: int,

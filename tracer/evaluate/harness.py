@@ -29,7 +29,7 @@ from ..files import write_json_atomic, write_text_atomic
 from ..models import LanguageModel, as_model, cache_dir
 from ..generation import sample
 from .metrics import case_scores, measure_probabilities, reference_text, summarize
-from .methods import make_method
+from .methods import make_method, method_spec
 from .records import Case, load_cases
 from .report import summary_html, summary_markdown
 from .text import Tfidf, mean_ngram_entropy
@@ -103,8 +103,8 @@ def run_evaluation(
     if cases is None:  # read (and check) the records before a model is loaded
         cases = load_cases(dataset, data_path, limit=limit)
     lm = as_model(model)
-    if batch_size is None:  # MEMIT: all cases in one batch
-        batch_size = max(1, len(cases)) if method == "memit" else 1
+    if batch_size is None:  # MEMIT, AlphaEdit: all cases in one batch
+        batch_size = max(1, len(cases)) if method_spec(method).batched else 1
     if batch_size < 1:
         raise HyperParameterError(f"batch_size must be >= 1, got {batch_size}")
     if method in ("rome", "ft-l") and batch_size != 1:

@@ -1,6 +1,6 @@
 """Editing methods as the evaluation harness drives them: apply to a batch of cases, then revert.
 
-    method = make_method("memit", lm)            # any name in METHODS: "none", "ft-l", "rome", "memit"
+    method = make_method("memit", lm)            # any name in METHODS: "none", "ft-l", "rome", "memit", "alphaedit"
     handle = method.apply(lm, cases)             # the model now holds the edits
     method.revert(lm, handle)                    # the original weights, bit for bit
 
@@ -12,6 +12,10 @@
 - ``rome``: :func:`tracer.edit.rome.rome_edit` one case at a time (batch size 1), applied with a
   :class:`tracer.edit.ledger.Ledger` and reverted after the case is measured.
 - ``memit``: :func:`tracer.edit.memit.compute_memit` on the whole batch.
+- ``alphaedit``: :class:`tracer.edit.alphaedit.AlphaEditor` on the whole batch (MEMIT's z and keys,
+  the update projected onto the null space of the preserved keys). Its K_p holds the batches
+  applied and not yet reverted: none in ``factscope evaluate`` (each batch is reverted after it is
+  measured), the earlier batches of a sequence in :mod:`tracer.evaluate.sequence`.
 
 Each is a :class:`MethodSpec` in the registry :data:`METHODS`; a new editor registers one.
 """
@@ -23,7 +27,8 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from ..edit.book import WeightBook
-from ..edit.hparams import FTLHyperParams, MemitHyperParams, ROMEHyperParams
+from ..edit.alphaedit import AlphaEditor
+from ..edit.hparams import AlphaEditHyperParams, FTLHyperParams, MemitHyperParams, ROMEHyperParams
 from ..edit.ledger import Ledger
 from ..edit.memit import compute_memit
 from ..edit.requests import EditRequest
@@ -170,6 +175,32 @@ class MemitMethod:
         WeightBook.of(lm).revert(handle)
 
 
+class AlphaEditMethod(MemitMethod):
+    """AlphaEdit on each batch: C and P read once on the unedited model; K_p = the keys of the
+    batches applied through this method and not reverted (:meth:`adopt` adds batches a ledger applied)."""
+
+    name = "alphaedit"
+
+    def __init__(self, lm: LanguageModel, hp=None, stats=None, progress: bool = False):
+        super().__init__(lm, hp or AlphaEditHyperParams.for_model(lm), stats, progress)
+        self.editor = AlphaEditor(lm, self.hp, statistics=self.statistics, templates=self.templates, progress=progress)
+
+    def settings(self) -> dict:
+        return self.editor.settings()
+
+    def apply(self, lm: LanguageModel, cases: Sequence[Case]) -> Any:
+        return self.editor.edit(cases, checkpoint_dir=self.checkpoint_dir)
+
+    def revert(self, lm: LanguageModel, handle: Any) -> None:
+        WeightBook.of(lm).revert(handle)
+        self.editor.forget(handle)
+
+    def adopt(self, records: Sequence[Any]) -> None:
+        """Batches of this sequence applied by other means (a resumed ledger), in order: into K_p."""
+        for record in records:
+            self.editor.remember(record)
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """A registered editing method: its hyper-parameter class (None: no settings), how to build it
@@ -180,6 +211,7 @@ class MethodSpec:
     build: Callable[..., Method]
     layer_option: str | None
     description: str
+    batched: bool = False  # edits a whole batch at once (``factscope evaluate``'s default: every case in one batch)
 
 
 #: the methods ``factscope evaluate --method`` accepts, by name
@@ -200,7 +232,10 @@ register(MethodSpec("ft-l", FTLHyperParams, lambda lm, hp, stats, progress: Fine
 register(MethodSpec("rome", ROMEHyperParams, lambda lm, hp, stats, progress: RomeMethod(lm, hp, stats), "layer",
                     "ROME, one case per edit"))
 register(MethodSpec("memit", MemitHyperParams, lambda lm, hp, stats, progress: MemitMethod(lm, hp, stats, progress),
-                    "layers", "MEMIT on each batch of cases"))
+                    "layers", "MEMIT on each batch of cases", batched=True))
+register(MethodSpec("alphaedit", AlphaEditHyperParams,
+                    lambda lm, hp, stats, progress: AlphaEditMethod(lm, hp, stats, progress), "layers",
+                    "AlphaEdit (MEMIT projected onto the preserved keys' null space) on each batch of cases", batched=True))
 
 
 def method_spec(name: str) -> MethodSpec:
