@@ -37,7 +37,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("tracer.noise", "tracer.stats", "tracer.knowns", "tracer.aggregate", "tracer.generation", "tracer.scoring"),
     ("tracer.trace", "tracer.lens", "tracer.dataset_trace"),
     ("tracer.edit",),
-    ("tracer.evaluate",),
+    ("tracer.evaluate", "tracer.layer_sweep"),
     ("=tracer",),
     ("tracer.commands", "tracer.cli"),
     ("widgets.text", "widgets.figures", "widgets.report", "widgets.aggregate_figures"),

@@ -17,12 +17,14 @@ import sys
 from types import ModuleType
 from typing import Sequence
 
-from .commands import averages, defaults, edit, eval_table, evaluate, knowns, trace, trace_dataset
+from .commands import (averages, calibrate, defaults, edit, eval_table, evaluate, knowns, layer_sweep, trace,
+                       trace_dataset)
 from .errors import FactscopeError
 
 DESCRIPTION = "Locate (causal tracing) and edit (ROME, MEMIT) facts in language models."
 #: the engine's command modules, in the order ``factscope --help`` lists them
-COMMANDS: tuple[ModuleType, ...] = (trace, edit, defaults, knowns, trace_dataset, averages, evaluate, eval_table)
+COMMANDS: tuple[ModuleType, ...] = (trace, edit, defaults, calibrate, layer_sweep, knowns, trace_dataset, averages,
+                                     evaluate, eval_table)
 
 
 def build_parser(extra_commands: Sequence = ()) -> argparse.ArgumentParser:
