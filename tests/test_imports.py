@@ -40,7 +40,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("tracer.evaluate", "tracer.layer_sweep"),
     ("=tracer",),
     ("tracer.commands", "tracer.cli"),
-    ("widgets.text", "widgets.figures", "widgets.report", "widgets.aggregate_figures"),
+    ("widgets.text", "widgets.figures", "widgets.report", "widgets.aggregate_figures", "widgets.sweep_figures"),
     ("widgets.panels", "widgets.export", "=widgets"),
     ("widgets.commands", "widgets.cli"),
 )

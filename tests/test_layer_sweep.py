@@ -111,3 +111,20 @@ def test_embedded_sweep_writes_the_fact_where_the_defaults_do(embedded):
     assert at4["rewrite_success"] == 1.0 and at4["rewrite_score"] > 0.5  # ROME's default layer writes it
     assert at4["rewrite_score"] > at20["rewrite_score"]
     assert max(sweep.effect[:8]) > max(sweep.effect[16:])  # the trace's MLP effect sits early, as ROME's
+
+
+def test_sweep_figure_data_and_literal_text():
+    from test_text import HOSTILE, math_exposures
+
+    from widgets.sweep_figures import layer_sweep_figure
+
+    sweep = LayerSweep(case={"prompt": "{} is in", "subject": HOSTILE, "target_new": HOSTILE}, model=HOSTILE,
+                       layers=(0, 2), effect=(0.1, 0.0, 0.4, 0.2),
+                       before={}, scores=({"rewrite_score": 0.2, "paraphrase_score": 0.1, "neighborhood_success": 1.0},
+                                          {"rewrite_score": 0.9, "paraphrase_score": 0.5, "neighborhood_success": 0.5}),
+                       settings={}, seconds={})
+    fig = layer_sweep_figure(sweep)
+    data = fig.select_one({"name": "layer-sweep"}).data
+    assert data["layer"] == [0, 2] and data["effect"] == [0.25, 1.0] and data["rewrite_score"] == [0.2, 0.9]
+    assert all(math.isnan(x) for x in data["rewrite_gen_success"])
+    assert math_exposures(fig) == [] and HOSTILE in fig.title.text.text
