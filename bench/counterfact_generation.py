@@ -5,7 +5,7 @@
     done
     python bench/counterfact_generation.py out/eval-gen/none out/eval-gen/ft-l out/eval-gen/rome out/eval-gen/memit
 
-Reads each ``factscope evaluate`` directory (finished or running: the cases done so far) and writes
+Reads each ``factscope evaluate`` directory (the cases every run has finished) and writes
 ``bench/results/counterfact_generation.json``: per method the papers' ES / PS / NS / EM / PM / NM /
 GE / RS and S, beside ES-g / PS-g (greedy continuations) and NS+ / NM+ / NKL (CounterFact+), with
 the first run's settings. The command recorded is the evaluate commands, given with ``--command``.
@@ -13,12 +13,14 @@ the first run's settings. The command recorded is the evaluate commands, given w
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from results import add_result_arguments, save_result  # noqa: E402
+from results import add_result_arguments, machine, save_result  # noqa: E402
 from tracer.evaluate.harness import build_summary  # noqa: E402
 
 COLUMNS = ("ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS", "ES-g", "PS-g", "NS+", "NM+", "NKL")
@@ -46,7 +48,9 @@ def main() -> None:
     ap.add_argument("--note", default=None, help="machine note recorded with the result")
     add_result_arguments(ap, "counterfact_generation")
     args = ap.parse_args()
-    summaries = [build_summary(d) for d in args.runs]
+    done = [{int(f.stem) for f in (d / "cases").glob("*.json")} for d in args.runs]
+    common = sorted(set.intersection(*done))  # every row over the same cases
+    summaries = [build_summary(d, cases=[SimpleNamespace(case_id=i) for i in common]) for d in args.runs]
     rows = []
     for s in summaries:
         method = s["settings"]["method"]
@@ -56,12 +60,14 @@ def main() -> None:
     first = summaries[0]["settings"]
     figures = {"model": first["model"], "dataset": first["dataset"], "scale": "×100, mean ± std over cases; NKL in nats",
                "greedy_tokens": first.get("greedy_tokens"), "generation_prompts": first.get("generation_prompts"),
-               "rows": rows}
+               "case_ids": common, "rows": rows}
     settings = {s["settings"]["method"]: s["settings"]["method_settings"] for s in summaries}
     extra = {"settings": settings}
     if args.note:
-        extra["machine_note"] = args.note
-    save_result(args, args.result_name, figures, command=args.command, threads=summaries[0].get("torch_threads"), **extra)
+        extra["machine"] = {**machine(), "note": args.note}
+    run_summary = args.runs[-1] / "summary.json"  # the torch threads of the evaluation, not of this process
+    threads = json.loads(run_summary.read_text()).get("torch_threads") if run_summary.is_file() else None
+    save_result(args, args.result_name, figures, command=args.command, threads=threads, **extra)
     for r in rows:
         print(r)
 
