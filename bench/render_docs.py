@@ -399,6 +399,8 @@ def ray_scale(r: dict) -> list[str]:
             f"worker, one local cluster of {f['cluster_cpus']} CPUs (started in {f['cluster_start_s']:.1f} s); the two "
             f"runs wrote {'the same' if f['same_files'] else '**different**'} facts/*.json bytes; load average at the "
             f"end {load:.2f}."]
+
+
 def known_facts_layers(r: dict) -> list[str]:
     f = r["figures"]
     t, cost = f["total_effect"], f.get("cpu_s_per_fact")
@@ -485,6 +487,58 @@ def gpu_suite(r: dict) -> list[str]:
     return lines
 
 
+def counterfact_generation(r: dict) -> list[str]:
+    """Teacher-forced and generated / CounterFact+ metrics side by side (ES beside ES-g, ...)."""
+    def ms(d: dict | None, digits: int = 1) -> str | None:
+        return None if d is None else f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
+
+    rows = [[method_label(row), row["n"], None if row.get("S") is None else f"{row['S']:.1f}",
+             ms(row.get("ES")), ms(row.get("ES-g")), ms(row.get("PS")), ms(row.get("PS-g")), ms(row.get("NS")),
+             ms(row.get("NS+")), ms(row.get("NKL"), 3), ms(row.get("GE")), ms(row.get("RS")), num(row.get("s_per_edit"), 2)]
+            for row in r["figures"]["rows"]]
+    return table(["method", "n", "S", "ES", "ES-g", "PS", "PS-g", "NS", "NS+", "NKL", "GE", "RS", "s / edit"], rows)
+
+
+def _span(layers: list[int]) -> str:
+    return f"{layers[0]}–{layers[-1]}"
+
+
+def calibration(r: dict) -> list[str]:
+    rows = []
+    for m in r["figures"]["models"]:
+        t = m["table"]
+        lo, hi = m["peak_interval"]
+        rows.append([m["model"], f"{m['rome_layer']} ({m['peak_share']:.0%} of resamples; {lo}–{hi})",
+                     _span(m["memit_layers"]), f"{m['lambda']:,.0f}", f"{m['epsilon']:g}",
+                     f"{t['rome_layer']} · {_span(t['memit_layers'])} · {t['lambda']:,.0f} · {t['epsilon']:g} ({t['source']})",
+                     f"{sum(m['seconds'].values()):,.0f} s"])
+    return table(["model", "ROME layer (peak share; 95 % interval)", "MEMIT layers", "λ", "FT-L ε = lr",
+                  "table's defaults: layer · MEMIT · λ · ε", "time"], rows)
+
+
+def layer_sweep(r: dict) -> list[str]:
+    f = r["figures"]
+    names = {"rewrite_score": "rewrite score (Hase et al.)", "paraphrase_score": "paraphrase score",
+             "neighborhood_success": "neighbourhood score NS", "rewrite_gen_success": "ES-g (greedy text)"}
+    rows = []
+    for key, c in f["correlations"].items():
+        def ci(stat: dict) -> str:
+            lo, hi = stat["ci"]
+            return f"{stat['value']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+        rows.append([names.get(key, key), ci(c["within_layer_pearson"]), ci(c["spearman"]),
+                     f"{c['r2_layer']['value']:.2f} → {c['r2_layer_and_effect']['value']:.2f}",
+                     f"{c['same_peak_share']:.0%}"])
+    lines = table(["edit score", "within-layer r [95 % CI]", "pooled Spearman ρ [95 % CI]",
+                   "R²: layer → layer + trace", "facts whose trace and edit peak at the same layer"], rows)
+    means = f["correlations"]["rewrite_score"]["mean_by_layer"]
+    lines += ["", f"{f['n_facts']} known CounterFact facts, layers {', '.join(map(str, f['layers']))}; mean over facts by layer:", ""]
+    lines += table(["", *[f"L{layer}" for layer in f["layers"]]],
+                   [["MLP trace effect", *[f"{x:.3f}" for x in means["effect"]]],
+                    ["rewrite score", *[f"{x:.2f}" for x in means["rewrite_score"]]]])
+    return lines
+
+
 RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "trace_speed": trace_speed, "trace_speed_busy": trace_speed, "trace_precision": trace_precision,
     "precision": precision, "aggregate_speed": aggregate_speed, "known_facts_averages": known_facts_averages,
@@ -498,6 +552,7 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "naive_vs_rome": naive_vs_rome,
     "sequential_editing": sequential_editing, "sequential_editing_sweep": sequential_editing_sweep,
     "alphaedit_counterfact": counterfact, "sequential_editing_energy": sequential_editing,
+    "counterfact_generation": counterfact_generation, "calibration": calibration, "layer_sweep": layer_sweep,
 }
 
 

@@ -38,11 +38,11 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "tracer.scoring"),
     ("tracer.trace", "tracer.lens", "tracer.dataset_trace"),
     ("tracer.edit",),
-    ("tracer.evaluate", "tracer.plan"),
+    ("tracer.evaluate", "tracer.plan", "tracer.layer_sweep"),
     ("=tracer",),
     ("tracer.commands", "tracer.cli"),
     ("widgets.text", "widgets.palette", "widgets.figures", "widgets.summary", "widgets.page", "widgets.report",
-     "widgets.aggregate_figures", "widgets.eval_page"),
+     "widgets.aggregate_figures", "widgets.eval_page", "widgets.sweep_figures"),
     ("widgets.panels", "widgets.export", "=widgets"),
     ("widgets.commands", "widgets.cli"),
 )

@@ -17,13 +17,14 @@ import sys
 from types import ModuleType
 from typing import Sequence
 
-from .commands import averages, defaults, edit, eval_table, evaluate, knowns, plan, sequential, trace, trace_dataset
+from .commands import (averages, calibrate, defaults, edit, eval_table, evaluate, knowns, layer_sweep, plan, sequential,
+                       trace, trace_dataset)
 from .errors import FactscopeError
 
 DESCRIPTION = "Locate (causal tracing) and edit (ROME, MEMIT, AlphaEdit) facts in language models."
 #: the engine's command modules, in the order ``factscope --help`` lists them
-COMMANDS: tuple[ModuleType, ...] = (trace, edit, defaults, knowns, trace_dataset, averages, evaluate, eval_table,
-                                     sequential, plan)
+COMMANDS: tuple[ModuleType, ...] = (trace, edit, defaults, calibrate, layer_sweep, knowns, trace_dataset, averages,
+                                     evaluate, eval_table, sequential, plan)
 
 
 def build_parser(extra_commands: Sequence = ()) -> argparse.ArgumentParser:

@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 
 from .errors import DatasetError
 from .files import write_json_atomic
-from .layers import get_module
 from .limits import prompt_ids
-from .models import LanguageModel, as_model, right_pad
+from .models import LanguageModel, as_model
+from .scoring import next_token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -142,21 +142,16 @@ def greedy_next(lm: LanguageModel, prompts: list[str], batch_size: int = 32,
     so padding never reaches a real position (causal attention).
     """
     ids_out, probs_out = [], []
-    backbone = get_module(lm.model, lm.layers.backbone)  # ends with the final norm
-    unembed = get_module(lm.model, lm.layers.unembed)  # unembedding only at the last positions
-    every = [prompt_ids(lm, p, f"prompt {i}") for i, p in enumerate(prompts)]  # all checked before any pass
+    for i, p in enumerate(prompts):  # all checked before any pass
+        prompt_ids(lm, p, f"prompt {i}")
     bar = tqdm(total=len(prompts), desc="greedy answers", unit="fact", disable=not progress)
     for start in range(0, len(prompts), batch_size):
-        encoded = every[start:start + batch_size]
-        ids, mask = right_pad(encoded, lm.pad_id, lm.device)
-        hidden = backbone(input_ids=ids, attention_mask=mask)[0]  # "batch pos hidden"
-        last = torch.tensor([len(e) - 1 for e in encoded], device=hidden.device)
-        final = unembed(hidden[torch.arange(len(encoded), device=hidden.device), last]).float()  # "batch vocab"
-        probs = torch.softmax(final, dim=-1)
-        top = probs.argmax(dim=-1)
-        ids_out += top.tolist()
-        probs_out += probs[torch.arange(len(encoded), device=probs.device), top].tolist()
-        bar.update(len(encoded))
+        chunk = prompts[start:start + batch_size]
+        logp = next_token_logprobs(lm, chunk, batch_size=batch_size)  # "batch vocab"
+        best = logp.max(dim=-1)
+        ids_out += best.indices.tolist()
+        probs_out += best.values.exp().tolist()
+        bar.update(len(chunk))
     bar.close()
     return ids_out, probs_out
 

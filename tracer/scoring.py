@@ -4,6 +4,7 @@
     scores[0].nll          # mean negative log-probability per target token (ROME's ``test_batch_prediction``)
     scores[0].prob         # exp(-nll): the per-token geometric mean probability of the whole target
     scores[0].accuracy     # fraction of target tokens that are the arg-max (MEMIT's zsRE metric)
+    logp = next_token_logprobs(lm, ["The Eiffel Tower is in"])   # "prompt vocab": the whole next-token distribution
 
 The target is tokenised *in context*: the text ``prompt + " " + target`` is tokenised once, the
 tokens that end inside the prompt form the prefix, the rest is the target. Only the positions
@@ -19,7 +20,7 @@ import torch
 
 from .errors import PromptError
 from .layers import get_module
-from .limits import Estimate, ModelShape, check_memory, check_prompt_length, forward_bytes
+from .limits import Estimate, ModelShape, check_memory, check_prompt_length, forward_bytes, prompt_ids
 from .models import LanguageModel, right_pad
 from .targets import spaced
 
@@ -135,3 +136,30 @@ def score_targets(lm: LanguageModel, pairs: Sequence[tuple[str, str]], *, batch_
             out.append(TargetScore(tuple(lp[k:k + n]), tuple(bool(h) for h in hit[k:k + n]), top))
             k += n
     return out
+
+
+@torch.no_grad()
+def next_token_logprobs(lm: LanguageModel, prompts: Sequence[str], *, batch_size: int = 32) -> torch.Tensor:
+    """Log-probabilities of every next token after each prompt, float32 on the CPU, ``"prompt vocab"``.
+
+    Prompts are right-padded in batches; the unembedding runs only at each prompt's own last
+    token, so padding never reaches a real position (causal attention). Every prompt is checked
+    before the first forward pass.
+    """
+    encoded = [prompt_ids(lm, p, f"prompt {i + 1}") for i, p in enumerate(prompts)]
+    shape = ModelShape.of(lm)
+    if encoded:
+        need = forward_bytes(shape, min(batch_size, len(encoded)), max(map(len, encoded))) + len(encoded) * shape.vocab * 4
+        check_memory(Estimate("next-token distributions", need, (("forward pass and distributions", need),)), lm.device,
+                     hint=f"pass fewer prompts ({len(encoded)}) or a smaller batch_size ({batch_size})")
+    backbone = get_module(lm.model, lm.layers.backbone)  # ends with the final norm
+    unembed = get_module(lm.model, lm.layers.unembed)
+    out = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        ids, mask = right_pad(chunk, lm.pad_id, lm.device)
+        hidden = backbone(input_ids=ids, attention_mask=mask)[0]  # "batch pos hidden"
+        last = torch.tensor([len(e) - 1 for e in chunk], device=hidden.device)
+        logits = unembed(hidden[torch.arange(len(chunk), device=hidden.device), last]).float()  # "batch vocab"
+        out.append(torch.log_softmax(logits, dim=-1).cpu())
+    return torch.cat(out) if out else torch.zeros((0, shape.vocab))

@@ -8,15 +8,27 @@ A model's identity is its architecture and dimensions (:class:`ModelIdentity`: t
 family, depth, width, MLP width and vocabulary), read from the loaded model, never its name: the
 embedded SmolLM2 loaded by alias, from its ``.gguf`` file or from a saved directory is the same
 model and gets the same defaults. :data:`MEASURED` lists the models whose settings were measured
-(by the papers' authors or by factscope, each with its evidence); any other model gets the rule of
-its family scaled to its depth (:func:`defaults_for` says which).
+(by the papers' authors or by factscope, each with its evidence); any other model gets the
+settings ``factscope calibrate`` derived from it (a settings file, :func:`calibration_path`), else
+the rule of its family scaled to its depth (:func:`defaults_for` says which).
+
+Settings file (written by :mod:`tracer.edit.calibrate`): JSON ``{"format": 1, "identity": {...},
+"rome": {"layer"}, "memit": {"layers", "mom2_weight"}, "ftl": {"lr", "norm_constraint"},
+"evidence": {...}, ...}``. The one under ``$FACTSCOPE_CACHE/calibration/<identity hash>.json``
+applies to every model of that identity that no :data:`MEASURED` row matches; a file passed as
+``settings=`` applies to its identity whatever the table says.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-from ..models import LanguageModel, as_model
+from ..errors import HyperParameterError
+from ..models import LanguageModel, as_model, cache_dir
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,10 @@ class ModelIdentity:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelIdentity":
         return cls(**d)
+
+    def key(self) -> str:
+        """A short hash of the identity (the name of its calibration file)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -147,11 +163,81 @@ class Defaults:
                    dict(d["evidence"]))
 
 
-def defaults_for(model: "LanguageModel | str") -> Defaults:
-    """The ROME / MEMIT / FT-L defaults for ``model``'s identity (see the module docstring)."""
+#: version of the settings file :mod:`tracer.edit.calibrate` writes
+SETTINGS_FORMAT = 1
+
+
+def calibration_path(identity: ModelIdentity) -> Path:
+    """Where ``factscope calibrate`` keeps a model's settings: ``$FACTSCOPE_CACHE/calibration/<identity key>.json``."""
+    return cache_dir() / "calibration" / f"{identity.key()}.json"
+
+
+def read_settings(path: "str | os.PathLike", identity: ModelIdentity | None = None) -> dict:
+    """A settings file, checked: its format, its identity (equal to ``identity`` when given), an
+    integer ROME layer, increasing MEMIT layers, positive λ, ε and lr. :class:`HyperParameterError`
+    names the file and the field."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HyperParameterError(f"settings file {str(path)!r} is not readable JSON ({e}); write it with "
+                                  "factscope calibrate") from None
+
+    def bad(what: str) -> HyperParameterError:
+        return HyperParameterError(f"settings file {str(path)!r}: {what}; write it again with factscope calibrate")
+
+    if not isinstance(d, dict) or d.get("format") != SETTINGS_FORMAT:
+        raise bad(f"format {d.get('format') if isinstance(d, dict) else None!r} is not {SETTINGS_FORMAT}")
+    try:
+        found = ModelIdentity.from_dict(d["identity"])
+        layer = d["rome"]["layer"]
+        layers, lam = d["memit"]["layers"], d["memit"]["mom2_weight"]
+        lr, eps = d["ftl"]["lr"], d["ftl"]["norm_constraint"]
+    except (KeyError, TypeError) as e:
+        raise bad(f"missing or malformed field ({e})") from None
+    if identity is not None and found != identity:
+        raise bad(f"it is for another model ({found.describe()}), not this one ({identity.describe()})")
+    if not (isinstance(layer, int) and 0 <= layer < found.n_layers):
+        raise bad(f"rome.layer must be a layer of the model, got {layer!r}")
+    if not (isinstance(layers, list) and layers and all(isinstance(x, int) and 0 <= x < found.n_layers for x in layers)
+            and layers == sorted(set(layers))):
+        raise bad(f"memit.layers must be increasing layers of the model, got {layers!r}")
+    for name, v in (("memit.mom2_weight", lam), ("ftl.lr", lr), ("ftl.norm_constraint", eps)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+            raise bad(f"{name} must be a positive number, got {v!r}")
+    return d
+
+
+def defaults_for(model: "LanguageModel | str", settings: "str | os.PathLike | None" = None) -> Defaults:
+    """The ROME / MEMIT / FT-L defaults for ``model``'s identity (see the module docstring);
+    ``settings``: a settings file of ``factscope calibrate`` to use whatever the table says."""
     identity = ModelIdentity.of(model)
-    n = identity.n_layers
     measured = next((m for m in MEASURED if m.matches(identity)), None)
+    cached = calibration_path(identity)
+    if settings is None and measured is None and cached.is_file():
+        settings = cached
+    base = table_defaults(identity, measured)
+    if settings is None:
+        if measured is not None and cached.is_file():
+            return Defaults(base.identity, base.rome, base.memit, base.ftl,
+                            base.source + f"; the calibration in {cached} is not used (measured settings take "
+                            "precedence; pass it as settings= to use it)", base.evidence)
+        return base
+    d = read_settings(settings, identity)
+    rome = {**base.rome, "layer": d["rome"]["layer"]}
+    memit = {**base.memit, "layers": tuple(d["memit"]["layers"]), "mom2_weight": float(d["memit"]["mom2_weight"])}
+    ftl = {**base.ftl, "lr": float(d["ftl"]["lr"]), "norm_constraint": float(d["ftl"]["norm_constraint"]),
+           "layer": rome["layer"]}
+    evidence = {k: str(v) for k, v in (d.get("evidence") or {}).items()}
+    source = (f"calibrated from the model itself by factscope calibrate ({Path(settings)}, {d.get('date', 'date not recorded')}): "
+              "ROME layer, MEMIT layers and λ, FT-L ε and lr; other settings by the "
+              + ("measured model's table" if measured is not None else "scaling rule"))
+    return Defaults(identity, rome, memit, ftl, source, evidence)
+
+
+def table_defaults(identity: ModelIdentity, measured: "Measured | None") -> Defaults:
+    """The table's defaults: the measured row matched, else the family's rule scaled to the depth."""
+    n = identity.n_layers
     fraction = FAMILY_FRACTION.get(identity.family, FAMILY_FRACTION["llama"])
     rome: dict[str, Any] = {"layer": min(n - 1, max(0, round(fraction * n)))}
     lo = max(0, round(SCALED_MEMIT["lo"] * n))

@@ -2,8 +2,9 @@
 
     summary = run_evaluation(lm, "memit", "counterfact", out_dir="out/memit", limit=200, batch_size=100)
 
-Per batch of cases: the unedited probabilities ("pre"), the edit, the edited model's
-probabilities and generations ("post"), the revert. Each case is written to
+Per batch of cases: the unedited probabilities, greedy continuations and CounterFact+
+next-token distributions ("pre"), the edit, the same for the edited model plus its sampled
+generations and the neighbourhood KL ("post"), the revert. Each case is written to
 ``out_dir/cases/<case_id>.json`` atomically with the run's settings; a second run with the same
 settings skips the cases already there (resumable), one with other settings refuses the
 directory. ``summary.json``, ``summary.md`` and ``summary.html`` are rewritten at the end.
@@ -28,7 +29,8 @@ from ..errors import FactscopeError, HyperParameterError
 from ..files import write_json_atomic, write_text_atomic
 from ..models import LanguageModel, as_model, cache_dir
 from ..generation import sample
-from .metrics import case_scores, measure_probabilities, reference_text, summarize
+from .metrics import (case_scores, generation_scores, greedy_outcomes, measure_probabilities, neighbourhood_distributions,
+                      neighbourhood_kl, reference_text, summarize)
 from .methods import make_method, method_spec
 from .records import Case, load_cases
 from .report import summary_html, summary_markdown
@@ -50,6 +52,7 @@ class EvalSettings:
     generation_prompts: int | None
     generation_length: int
     seed: int
+    greedy_tokens: int = 0  # new tokens of the greedy continuations (ES-g, PS-g); 0: none (runs before they existed)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -74,6 +77,14 @@ def _generation_metrics(lm: LanguageModel, case: Case, tfidf: Tfidf | None, n_pr
     return out
 
 
+def _phase(probs: dict, texts: dict, case: Case, kl: float | None) -> dict:
+    """One phase of a case file: teacher-forced probabilities, greedy continuations, their scores."""
+    scores = {**case_scores(probs), **generation_scores(texts, case)}
+    if kl is not None:
+        scores["neighborhood_kl"] = kl
+    return {"probs": probs, "scores": scores, **({"greedy": texts} if texts else {})}
+
+
 def run_evaluation(
     model: "LanguageModel | str",
     method: str,
@@ -91,6 +102,7 @@ def run_evaluation(
     method_options: dict | None = None,
     progress: bool = True,
     cases: Sequence[Case] | None = None,
+    greedy_tokens: int = 16,
 ) -> dict:
     """Evaluate ``method`` on ``dataset`` and write per-case JSON and the summary; returns the summary.
 
@@ -99,6 +111,8 @@ def run_evaluation(
     generation prompts (full CounterFact only); ``generation_prompts`` caps how many per case.
     ``cases`` are the records to evaluate when the caller has read them already (by
     :func:`~tracer.evaluate.records.load_cases`); by default they are read from ``data_path``.
+    ``greedy_tokens`` is the length of the greedy continuations behind ES-g and PS-g (0: none);
+    CounterFact+'s NS+ and NKL are always measured on CounterFact cases.
     """
     if cases is None:  # read (and check) the records before a model is loaded
         cases = load_cases(dataset, data_path, limit=limit)
@@ -107,13 +121,15 @@ def run_evaluation(
         batch_size = max(1, len(cases)) if method_spec(method).batched else 1
     if batch_size < 1:
         raise HyperParameterError(f"batch_size must be >= 1, got {batch_size}")
+    if greedy_tokens < 0:
+        raise HyperParameterError(f"greedy_tokens must be >= 0 (0: no greedy continuations), got {greedy_tokens}")
     if method in ("rome", "ft-l") and batch_size != 1:
         raise HyperParameterError(f"{method} edits one fact at a time; use --batch-size 1 (MEMIT takes batches)")
     editor = make_method(method, lm, progress=progress, **(method_options or {}))
     gen = generation and any(c.generation_prompts for c in cases)
     settings = EvalSettings(model=lm.name, method=method, dataset=dataset, batch_size=batch_size,
                             method_settings=editor.settings(), generation=gen, generation_prompts=generation_prompts,
-                            generation_length=generation_length, seed=seed)
+                            generation_length=generation_length, seed=seed, greedy_tokens=greedy_tokens)
     out = Path(out_dir)
     case_dir = out / "cases"
     settings_file = out / "settings.json"
@@ -137,17 +153,27 @@ def run_evaluation(
             batch = todo[s:s + step]
             t0 = time.perf_counter()
             pre = [measure_probabilities(lm, c) for c in batch]
+            pre_text = greedy_outcomes(lm, batch, greedy_tokens) if greedy_tokens else [{} for _ in batch]
+            pre_dist = None if method == "none" else neighbourhood_distributions(lm, batch)
             t1 = time.perf_counter()
             handle = editor.apply(lm, batch)
             t2 = time.perf_counter()
             try:
-                for c, p in zip(batch, pre):
+                if method == "none":
+                    post_text, post_dist = pre_text, pre_dist
+                else:
+                    post_text = greedy_outcomes(lm, batch, greedy_tokens) if greedy_tokens else [{} for _ in batch]
+                    post_dist = neighbourhood_distributions(lm, batch)
+                for i, (c, p) in enumerate(zip(batch, pre)):
                     post = p if method == "none" else measure_probabilities(lm, c)
                     g = _generation_metrics(lm, c, tfidf, generation_prompts, generation_length, seed) if gen else {}
+                    kl: dict = {}
+                    if c.target_true and c.neighborhood_prompts:  # CounterFact+: 0 before the edit, by definition
+                        kl = {"pre": 0.0, "post": 0.0 if pre_dist is None else neighbourhood_kl(pre_dist[i], post_dist[i])}
                     _write_json(case_dir / f"{c.case_id}.json", {
                         "case_id": c.case_id, "settings_key": settings.key(), "case": c.to_dict(),
-                        "pre": {"probs": p, "scores": case_scores(p)},
-                        "post": {"probs": post, "scores": case_scores(post), **({"generation": g} if g else {})},
+                        "pre": _phase(p, pre_text[i], c, kl.get("pre")),
+                        "post": {**_phase(post, post_text[i], c, kl.get("post")), **({"generation": g} if g else {})},
                         "seconds": {"measure_pre": (t1 - t0) / len(batch), "edit": (t2 - t1) / len(batch),
                                     "batch_edit": t2 - t1, "batch_size": len(batch)},
                     })

@@ -4,7 +4,9 @@
 
 Rows: the unedited model (the "pre" measurements of the first summary) and each summary's edited
 model ("post"). Values are mean ± std over cases, × 100, as in the ROME and MEMIT tables; S has
-no std (it is the harmonic mean of the means).
+no std (it is the harmonic mean of the means). After the papers' columns come the ones that do not
+only teacher-force (``tracer.evaluate.metrics``): ES-g and PS-g (greedy continuations), NS+ and
+NKL (CounterFact+; NKL in nats, three decimals).
 
 Names (method, model, dataset, title) are data: the HTML page escapes them and has no script (so
 nothing can typeset them as TeX); the Markdown table backslash-escapes Markdown, HTML and math
@@ -19,17 +21,19 @@ from typing import Sequence
 
 from ..markdown import cell as md_cell
 
-CF_COLUMNS = ("S", "ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS")
+CF_COLUMNS = ("S", "ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS", "ES-g", "PS-g", "NS+", "NKL")
+#: decimals per column (others: 1)
+DIGITS = {"NKL": 3}
 ZSRE_COLUMNS = ("Efficacy", "Paraphrase", "Specificity")
 
 
-def _cell(stat: dict | None, with_std: bool = True) -> str:
+def _cell(stat: dict | None, with_std: bool = True, digits: int = 1) -> str:
     if not stat:
         return "–"
     m, s = stat["mean"], stat.get("std")
     if with_std and s is not None and not math.isnan(s):
-        return f"{m:.1f} ± {s:.1f}"
-    return f"{m:.1f}"
+        return f"{m:.{digits}f} ± {s:.{digits}f}"
+    return f"{m:.{digits}f}"
 
 
 def summary_rows(summaries: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
@@ -44,7 +48,7 @@ def summary_rows(summaries: Sequence[dict]) -> tuple[list[str], list[list[str]]]
     # the unedited row: a "none" run's measurements (they include generations), else the first run's "pre"
     none = next((s for s in summaries if s["settings"]["method"] == "none"), None)
     base, phase, label = (none, "post", "unedited") if none else (first, "pre", "unedited (pre)")
-    rows.append([label, str(base["n_cases"]), *[_cell(base[phase].get(c)) for c in cols], "–"])
+    rows.append([label, str(base["n_cases"]), *[_cell(base[phase].get(c), digits=DIGITS.get(c, 1)) for c in cols], "–"])
     for s in summaries:
         name = s["settings"]["method"]
         if name == "none":
@@ -52,7 +56,7 @@ def summary_rows(summaries: Sequence[dict]) -> tuple[list[str], list[list[str]]]
         bs = s["settings"].get("batch_size")
         label = f"{name} (batch {bs})" if name == "memit" else name
         sec = s.get("seconds_per_edit")
-        rows.append([label, str(s["n_cases"]), *[_cell(s["post"].get(c)) for c in cols],
+        rows.append([label, str(s["n_cases"]), *[_cell(s["post"].get(c), digits=DIGITS.get(c, 1)) for c in cols],
                      f"{sec:.2f}" if sec is not None else "–"])
     return header, rows
 
