@@ -90,7 +90,9 @@ class _Panel(W.VBox):
         if not curstate().notebook:  # BokehJS must be in the page before a BokehModel renders
             setup_notebook()
         self.lm = as_model(model)
+        self.add_class("fs-panel")
         self.status = W.HTML(value="")
+        self.status.add_class("fs-status")
         self.errors = W.Output(layout=W.Layout(max_height="300px", overflow="auto"))
         self.progress = W.IntProgress(value=0, min=0, max=1, description="",
                                       layout=W.Layout(width="240px", visibility="hidden"))
@@ -216,6 +218,7 @@ class TracePanel(_Panel):
     def __init__(self, model: LanguageModel | str, prompt: str = DEFAULT_PROMPT, subject: str | None = None,
                  kind: str = "all", samples: int = 10, noise: str = "3s"):
         super().__init__(model)
+        self.add_class("fs-trace-panel")
         self.prompt = W.Text(value=prompt, description="prompt", layout=W.Layout(width="640px"))
         self.subject = W.Text(value=subject if subject is not None else guess_subject(prompt), description="subject",
                               layout=W.Layout(width="420px"))
@@ -356,6 +359,7 @@ class LensPanel(_Panel):
     def __init__(self, model: LanguageModel | str, prompt: str = DEFAULT_PROMPT, targets: str = "Paris, Rome",
                  ledger=None):
         super().__init__(model)
+        self.add_class("fs-lens-panel")
         self.ledger = ledger
         self.prompt = W.Text(value=prompt, description="prompt", layout=W.Layout(width="640px"))
         self.targets = W.Text(value=targets, description="follow", tooltip="comma-separated words",
@@ -436,6 +440,7 @@ class EditPanel(_Panel):
                  trace: "TracePanel | TraceResult | None" = None, ledger=None, hparams: dict | None = None,
                  trace_edited: bool | None = None, trace_settings: dict | None = None):
         super().__init__(model)
+        self.add_class("fs-edit-panel")
         self.ledger = ledger if ledger is not None else Ledger(self.lm)
         self.hparams = dict(hparams or {})
         self.trace_panel = trace if isinstance(trace, TracePanel) else None
