@@ -25,7 +25,8 @@ def kernel_env() -> dict:
 def executed(name: str):
     """``(notebook node, seconds)`` of ``notebooks/<name>.ipynb`` run top to bottom by nbclient, in a
     fresh working folder (what a notebook writes, e.g. a dataset run, stays out of the checkout and
-    is not found again by the next run); the folder is removed when the tests end."""
+    is not found again by the next run); the folder is removed when the tests end. A cell may take
+    ``$FACTSCOPE_NOTEBOOK_TIMEOUT`` seconds (default 900)."""
     import nbformat
     from nbclient import NotebookClient
 
@@ -36,7 +37,7 @@ def executed(name: str):
     os.environ.update(kernel_env())  # the kernel inherits this process's environment
     try:
         started = time.perf_counter()
-        NotebookClient(nb, timeout=900, kernel_name="python3", store_widget_state=True,
+        NotebookClient(nb, timeout=int(os.environ.get("FACTSCOPE_NOTEBOOK_TIMEOUT", 900)), kernel_name="python3", store_widget_state=True,
                        resources={"metadata": {"path": workdir}}).execute()
         return nb, time.perf_counter() - started
     finally:

@@ -99,7 +99,9 @@ def test_mass_editing_notebook_runs():
     text = _text(nb)
     took = int(re.search(r"new answer preferred after the edit: (\d+) of 100", text).group(1))
     before = int(re.search(r"new answer preferred before the edit: (\d+) of 100", text).group(1))
-    assert took >= 80 and took > before + 30, (before, took)
+    assert took >= 80 and took > before + 30, (before, took)  # measured: 38 -> 98 (docs/panels.md)
+    kept = int(re.search(r"neighbouring prompts that keep the true answer: (\d+) of 100", text).group(1))
+    assert kept >= 50, kept  # measured: 63 (64 before the edit)
     growth = [float(x) for x in re.findall(r"largest norm ratio ([\d.]+)", text)]
     assert growth[0] == 1.0 and growth[1] > 1.0
     assert "after revert, scores equal those before the edit: True" in text
