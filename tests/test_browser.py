@@ -20,6 +20,7 @@ import pytest
 
 from notebook_runs import ROOT, executed, kernel_env
 from pdf_layout import MARK_FIGURES, cut_figures, image_boxes
+from test_health_page import recorded_rows
 from test_report import make_report, reference_traces, run_tiny_report
 from test_text import HOSTILE
 
@@ -361,9 +362,10 @@ OVERFLOW = "() => [document.scrollingElement.scrollWidth, window.innerWidth]"
 
 @pytest.fixture(scope="module")
 def report_pages(tmp_path_factory, tiny_model_dir):
-    """Two reports as users make them: ``factscope report --from-trace`` of a real trace (ROME's code on
-    the embedded model, 30 layers: the width that ran off the screen) and the whole pipeline on a
-    tiny model (traces, edit, edited traces with differences, layer-by-layer view)."""
+    """Three pages as users make them: ``factscope report --from-trace`` of a real trace (ROME's code on
+    the embedded model, 30 layers: the width that ran off the screen), the whole pipeline on a
+    tiny model (traces, edit, edited traces with differences, layer-by-layer view), and
+    ``factscope health-page`` of the recorded 4 x 100 MEMIT sequence (same template)."""
     import json
 
     d = tmp_path_factory.mktemp("pages")
@@ -375,16 +377,21 @@ def report_pages(tmp_path_factory, tiny_model_dir):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FACTSCOPE_CACHE", str(d / "cache"))
         assert run_tiny_report(tiny_model_dir, d / "full.html") == 0
-    return {"reference": d / "reference.html", "full": d / "full.html"}
+    rows, settings = recorded_rows()
+    (d / "seq").mkdir()
+    (d / "seq" / "run.json").write_text(json.dumps({"settings": settings, "guard": {"max_norm_growth": 1.2}}))
+    (d / "seq" / "health.json").write_text(json.dumps({"rows": rows, "breach": None}))
+    assert main(["health-page", str(d / "seq"), "--out", str(d / "health.html")]) == 0
+    return {"reference": d / "reference.html", "full": d / "full.html", "health": d / "health.html"}
 
 
 #: figures of each report: 3 traces; full: 3 traces, 2 edit charts, 3 x 3 original/edited/difference,
-#: 1 lens comparison, 2 x (lens grid + curves)
-FIGURES = {"reference": 3, "full": 3 + 2 + 9 + 1 + 4}
+#: 1 lens comparison, 2 x (lens grid + curves); health: norms, perplexity, edits that hold
+FIGURES = {"reference": 3, "full": 3 + 2 + 9 + 1 + 4, "health": 3}
 
 
 @pytest.mark.parametrize("width, height", VIEWPORTS)
-@pytest.mark.parametrize("name", ["reference", "full"])
+@pytest.mark.parametrize("name", ["reference", "full", "health"])
 def test_report_fits_the_screen(browser, report_pages, tmp_path, name, width, height):
     """Issue 20: at 1280 x 800 and on a 390 x 844 phone the page does not scroll sideways, every
     figure is drawn and not empty, the summary comes first and each section says how to read it."""
@@ -422,7 +429,7 @@ def test_report_summary_names_the_strongest_cells(browser, report_pages):
         w.close()
 
 
-@pytest.mark.parametrize("name", ["reference", "full"])
+@pytest.mark.parametrize("name", ["reference", "full", "health"])
 def test_printed_report_cuts_no_figure(browser, report_pages, tmp_path, name):
     """Chromium's print to PDF (A4) of the report as laid out on a 1280 px screen: no figure card
     is split by a page break (its top and bottom markers print on one page), every canvas prints

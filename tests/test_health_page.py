@@ -77,12 +77,15 @@ def test_a_run_without_retention_leaves_that_chart_out():
 def test_live_sequential_memit_on_a_tiny_model(tmp_path, monkeypatch):
     """sequential_memit's own Health records (two batches on a tiny model) make a page whose numbers are theirs."""
     from tracer.edit import MemitHyperParams, Request, sequential_memit
+    from tracer.edit.templates import context_templates
 
     monkeypatch.setenv("FACTSCOPE_CACHE", str(tmp_path / "cache"))
     lm = make_tiny_model("llama")
     requests = [Request("The Eiffel Tower", "{} is in", "Rome"), Request("The Louvre", "{} is in", "Berlin"),
                 Request("Big Ben", "{} is in", "Madrid"), Request("The Colosseum", "{} is in", "Oslo")]
-    records, health = sequential_memit(lm, requests, 2, MemitHyperParams(layers=(0, 1), v_steps=2), stats="identity",
+    hp = MemitHyperParams(layers=(0, 1), v_steps=2, context_templates_per_start=0)
+    assert context_templates(lm, hp) == ("{}",)  # the bare prompts only (the mass-editing notebook's setting)
+    records, health = sequential_memit(lm, requests, 2, hp, stats="identity",
                                        texts=["The Eiffel Tower is in Paris. The Louvre is in Paris too."], progress=False)
     try:
         page = health_page(health, settings={"model": lm.name, "method": "memit", "batch size": 2})
