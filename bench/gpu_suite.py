@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from results import add_result_arguments, save_result  # noqa: E402
+from tracer.files import write_directory_atomic  # noqa: E402
 
 PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "The Eiffel Tower"
 CITIES = (" Paris", " Rome", " London", " Berlin", " Madrid", " Vienna", " Lisbon", " Prague")
@@ -69,10 +70,11 @@ def make_folder(kind: str, size: str, folder: Path, n_requests: int) -> Path:
     sizes = SHAPES[kind][size]
     ids = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}  # the tokenizer's <|endoftext|>
     config = GPT2Config(**sizes, **ids) if kind == "gpt2-xl" else LlamaConfig(**sizes, **ids)
-    target = folder / kind
-    config.save_pretrained(target)
-    fast.save_pretrained(target)
-    return target
+    def fill(d: Path) -> None:
+        config.save_pretrained(d)
+        fast.save_pretrained(d)
+
+    return write_directory_atomic(folder / kind, fill, exist_ok=True)
 
 
 def real_gpt2_xl() -> str | None:

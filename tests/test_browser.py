@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 
 from notebook_runs import ROOT, executed, kernel_env
 from pdf_layout import MARK_FIGURES, cut_figures, image_boxes
+from test_health_page import recorded_rows
 from test_report import make_report, reference_traces, run_tiny_report
 from test_text import HOSTILE
 
@@ -200,16 +202,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def jupyterlab(tmp_path):
+@pytest.fixture(scope="module")
+def jupyterlab(tmp_path_factory):
     """A JupyterLab server on localhost serving a copy of notebooks/ (JupyterLab autosaves: the
-    committed notebooks must not get outputs); stopped after the test."""
+    committed notebooks must not get outputs; what they write stays in the copy), every cell kept
+    in the page (no windowing); stopped after the module's tests."""
+    tmp_path = tmp_path_factory.mktemp("lab")
     port = _free_port()
     root = tmp_path / "lab-root"
     shutil.copytree(ROOT / "notebooks", root)
-    settings = tmp_path / "lab-settings" / "@jupyterlab" / "apputils-extension"
-    settings.mkdir(parents=True)
-    (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false", "checkForUpdates": false}')
+    settings = tmp_path / "lab-settings" / "@jupyterlab"
+    (settings / "apputils-extension").mkdir(parents=True)
+    (settings / "apputils-extension" / "notification.jupyterlab-settings").write_text(
+        '{"fetchNews": "false", "checkForUpdates": false}')
+    (settings / "notebook-extension").mkdir(parents=True)
+    (settings / "notebook-extension" / "tracker.jupyterlab-settings").write_text('{"windowingMode": "none"}')
     env = kernel_env()
     env.update(JUPYTERLAB_SETTINGS_DIR=str(tmp_path / "lab-settings"), JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "ws"),
                JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"))
@@ -241,39 +248,110 @@ def jupyterlab(tmp_path):
         log.close()
 
 
+def _shut_down_kernels(lab: str) -> None:
+    """Stop every kernel of the server (each holds a model), through Jupyter's REST API."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"{lab}/api/kernels", timeout=30) as r:
+        kernels = json.load(r)
+    for k in kernels:
+        urllib.request.urlopen(urllib.request.Request(f"{lab}/api/kernels/{k['id']}", method="DELETE"), timeout=30)
+
+
+def _run_all(page, lab: str, name: str) -> None:
+    """Open ``name``.ipynb in JupyterLab, Run All Cells, wait until every cell has run, and check
+    that no cell failed."""
+    page.goto(f"{lab}/lab/tree/{name}.ipynb", timeout=120_000)
+    page.locator(".jp-Notebook .jp-Cell").first.wait_for(state="visible", timeout=120_000)
+    page.wait_for_timeout(3000)  # kernel start
+    page.locator(".jp-Notebook .jp-Cell").first.click()  # "Run All" needs a focused cell
+    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+    prompts = page.locator(".jp-Notebook .jp-CodeCell .jp-InputPrompt")
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        texts = prompts.all_inner_texts()
+        if texts and all(re.fullmatch(r"\[\d+\]:", t.strip()) for t in texts):
+            break
+        page.wait_for_timeout(1000)
+    texts = prompts.all_inner_texts()
+    assert texts and all(re.fullmatch(r"\[\d+\]:", t.strip()) for t in texts), f"{name}: cells not run: {texts}"
+    assert page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr'] .ansi-red-fg").count() == 0
+    assert page.locator(".jp-OutputArea-output", has_text="Traceback").count() == 0
+    assert "Could not create a view" not in page.content()
+    figures = page.locator(".jp-OutputArea-output .bk-Figure")
+    assert figures.count() > 0, f"{name}: no figure drawn"
+    figures.first.scroll_into_view_if_needed()
+    assert non_empty(figures.first.screenshot())
+
+
+def _status(page, panel: str):
+    return page.locator(f".{panel} .fs-status").first
+
+
+def _click_through_panels(page, shots: Path) -> None:
+    """The editing notebook's linked panels as a user clicks them: a trace cell (its layer-by-layer
+    view opens), Edit then Cancel (the panel says the model is as it was), Edit to the end (the
+    edited model's trace next to the original), Undo."""
+    trace = page.locator(".fs-trace-panel").first
+    edit = page.locator(".fs-edit-panel").first
+    heat = trace.locator(".bk-Figure").first
+    heat.scroll_into_view_if_needed()
+    figures_before = trace.locator(".bk-Figure").count()
+    box = heat.bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.5)
+    status = _status(page, "fs-trace-panel")
+    status.filter(has_text="layer-by-layer view of").wait_for(timeout=120_000)
+    assert trace.locator(".bk-Figure").count() == figures_before + 2  # the lens grid and its curves
+
+    edit.scroll_into_view_if_needed()
+    edit_button = edit.locator("button", has_text="Edit").first
+    cancel = edit.locator("button", has_text="Cancel").first
+    edit_button.click()
+    cancel.wait_for(state="visible", timeout=30_000)
+    page.wait_for_timeout(1500)  # the edit is under way (its v* optimisation takes far longer)
+    cancel.click()
+    _status(page, "fs-edit-panel").filter(has_text="cancelled").wait_for(timeout=300_000)
+    assert "no edits applied" in edit.inner_text()
+
+    edit_button.click()
+    _status(page, "fs-edit-panel").filter(has_text="applied").wait_for(timeout=900_000)
+    # the edit's two bar charts, and original | edited | difference of the MLP trace
+    edit.locator(".bk-Figure").nth(4).wait_for(state="visible", timeout=60_000)
+    assert edit.locator(".bk-Figure").count() == 5
+    diff = edit.locator(".fs-trace-diff").first
+    diff.scroll_into_view_if_needed()
+    assert non_empty(diff.screenshot())
+    page.screenshot(path=str(shots / "jupyterlab-edited.png"), full_page=True)
+    edit.locator("button", has_text="Undo last").first.click()
+    _status(page, "fs-edit-panel").filter(has_text="reverted").wait_for(timeout=120_000)
+    assert "no edits applied" in edit.inner_text() and edit.locator(".bk-Figure").count() == 2
+
+
+NOTEBOOK_NAMES = ("tracing", "editing", "classroom", "mass_editing", "averages")
+
+
 @pytest.mark.embedded
-def test_tracing_notebook_in_jupyterlab(browser, jupyterlab, tmp_path):
+@pytest.mark.parametrize("name", NOTEBOOK_NAMES)
+def test_notebook_in_jupyterlab(browser, jupyterlab, tmp_path, name):
+    """Every notebook runs top to bottom in a real JupyterLab with its figures and panels drawn;
+    in the editing notebook, the panels are clicked through (a trace cell, Edit, Cancel, Undo)."""
     w = Watched(browser, 1600, 1100)
     page = w.page
     try:
-        page.goto(f"{jupyterlab}/lab/tree/tracing.ipynb", timeout=120_000)
-        page.locator(".jp-Notebook .jp-Cell").first.wait_for(state="visible", timeout=120_000)
-        page.wait_for_timeout(3000)  # kernel start
-        page.locator(".jp-Notebook .jp-Cell").first.click()  # "Run All" needs a focused cell
-        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
-        # the panel (an ipywidgets layout) and its BokehModel heat maps appear in the outputs
-        page.locator(".jp-OutputArea-output .widget-text input").first.wait_for(state="visible", timeout=480_000)
-        panel_plots = page.locator(".jp-OutputArea-output .widget-box .bk-Figure")
-        panel_plots.first.wait_for(state="visible", timeout=120_000)
-        # wait until every cell has run (no "[*]" prompt left)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and page.locator(".jp-InputPrompt", has_text="[*]").count():
-            page.wait_for_timeout(1000)
-        assert page.locator(".jp-InputPrompt", has_text="[*]").count() == 0
-        assert page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr'] .ansi-red-fg").count() == 0
-        assert page.locator(".jp-OutputArea-output", has_text="Traceback").count() == 0
-        assert panel_plots.count() == 3
-        fig = panel_plots.first
-        fig.scroll_into_view_if_needed()
-        assert non_empty(fig.screenshot())
-        assert "Could not create a view" not in page.content()
-        page.screenshot(path=str(shots_dir(tmp_path) / "jupyterlab-tracing.png"))
+        _run_all(page, jupyterlab, name)
+        if name == "tracing":  # the panel (an ipywidgets layout) and its BokehModel heat maps
+            assert page.locator(".jp-OutputArea-output .fs-trace-panel .bk-Figure").count() == 3
+        if name == "editing":
+            _click_through_panels(page, shots_dir(tmp_path))
+        page.screenshot(path=str(shots_dir(tmp_path) / f"jupyterlab-{name}.png"))
     except Exception:
-        page.screenshot(path=str(shots_dir(tmp_path) / "jupyterlab-tracing-failed.png"))
+        page.screenshot(path=str(shots_dir(tmp_path) / f"jupyterlab-{name}-failed.png"), full_page=True)
         raise
     finally:
         w.close()
+        _shut_down_kernels(jupyterlab)
 
 
 # ------------------------------------------------------------------------ issue 20: fits, prints
@@ -284,9 +362,10 @@ OVERFLOW = "() => [document.scrollingElement.scrollWidth, window.innerWidth]"
 
 @pytest.fixture(scope="module")
 def report_pages(tmp_path_factory, tiny_model_dir):
-    """Two reports as users make them: ``factscope report --from-trace`` of a real trace (ROME's code on
-    the embedded model, 30 layers: the width that ran off the screen) and the whole pipeline on a
-    tiny model (traces, edit, edited traces with differences, layer-by-layer view)."""
+    """Three pages as users make them: ``factscope report --from-trace`` of a real trace (ROME's code on
+    the embedded model, 30 layers: the width that ran off the screen), the whole pipeline on a
+    tiny model (traces, edit, edited traces with differences, layer-by-layer view), and
+    ``factscope health-page`` of the recorded 4 x 100 MEMIT sequence (same template)."""
     import json
 
     d = tmp_path_factory.mktemp("pages")
@@ -298,16 +377,21 @@ def report_pages(tmp_path_factory, tiny_model_dir):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FACTSCOPE_CACHE", str(d / "cache"))
         assert run_tiny_report(tiny_model_dir, d / "full.html") == 0
-    return {"reference": d / "reference.html", "full": d / "full.html"}
+    rows, settings = recorded_rows()
+    (d / "seq").mkdir()
+    (d / "seq" / "run.json").write_text(json.dumps({"settings": settings, "guard": {"max_norm_growth": 1.2}}))
+    (d / "seq" / "health.json").write_text(json.dumps({"rows": rows, "breach": None}))
+    assert main(["health-page", str(d / "seq"), "--out", str(d / "health.html")]) == 0
+    return {"reference": d / "reference.html", "full": d / "full.html", "health": d / "health.html"}
 
 
 #: figures of each report: 3 traces; full: 3 traces, 2 edit charts, 3 x 3 original/edited/difference,
-#: 1 lens comparison, 2 x (lens grid + curves)
-FIGURES = {"reference": 3, "full": 3 + 2 + 9 + 1 + 4}
+#: 1 lens comparison, 2 x (lens grid + curves); health: norms, perplexity, edits that hold
+FIGURES = {"reference": 3, "full": 3 + 2 + 9 + 1 + 4, "health": 3}
 
 
 @pytest.mark.parametrize("width, height", VIEWPORTS)
-@pytest.mark.parametrize("name", ["reference", "full"])
+@pytest.mark.parametrize("name", ["reference", "full", "health"])
 def test_report_fits_the_screen(browser, report_pages, tmp_path, name, width, height):
     """Issue 20: at 1280 x 800 and on a 390 x 844 phone the page does not scroll sideways, every
     figure is drawn and not empty, the summary comes first and each section says how to read it."""
@@ -345,7 +429,7 @@ def test_report_summary_names_the_strongest_cells(browser, report_pages):
         w.close()
 
 
-@pytest.mark.parametrize("name", ["reference", "full"])
+@pytest.mark.parametrize("name", ["reference", "full", "health"])
 def test_printed_report_cuts_no_figure(browser, report_pages, tmp_path, name):
     """Chromium's print to PDF (A4) of the report as laid out on a 1280 px screen: no figure card
     is split by a page break (its top and bottom markers print on one page), every canvas prints

@@ -169,3 +169,26 @@ def test_trace_difference_is_edited_minus_original_share_of_gap():
     assert mapper.low == -mapper.high == pytest.approx(-np.abs(expected).max())  # white is "no change"
     with pytest.raises(ValueError, match="not aligned"):
         trace_difference(original, make_trace("mlp", n_tok=7))
+
+
+def test_trace_comparison_updates_in_place_to_what_a_fresh_one_shows():
+    """The edit panel's original | edited | difference row: updating it with another pair (another
+    prompt length too) gives the data, colour range and labels of a row built from that pair."""
+    from widgets.figures import trace_comparison, update_trace_comparison
+
+    pair = make_trace("mlp", seed=0), replace(make_trace("mlp", seed=1), answer=" Rome")
+    other = make_trace("mlp", seed=2, n_tok=8), replace(make_trace("mlp", seed=3, n_tok=8), answer=" Oslo", low_score=0.3)
+    row_ = trace_comparison(*pair)
+    sources = [f.select_one({"name": n}) for f, n in zip(row_.children, ("trace", "trace", "trace_diff"))]
+    update_trace_comparison(row_, *other)
+    fresh = trace_comparison(*other)
+    for shown, new, name in zip(row_.children, fresh.children, ("trace", "trace", "trace_diff")):
+        assert shown.select_one({"name": name}).data == new.select_one({"name": name}).data
+        assert shown.title.text.text == new.title.text.text and shown.height == new.height
+        labels = lambda f: {k: v.text for k, v in f.yaxis[0].major_label_overrides.items()}  # noqa: E731
+        assert labels(shown) == labels(new) and len(labels(shown)) == 8
+    assert [f.select_one({"name": n}) for f, n in zip(row_.children, ("trace", "trace", "trace_diff"))] == sources
+    diff, new_diff = row_.children[2], fresh.children[2]
+    assert diff.select_one({"name": "diff_colors"}).high == new_diff.select_one({"name": "diff_colors"}).high > 0
+    assert "p(Oslo) edited" in diff.select_one({"name": "diff_subtitle"}).text.text
+    assert row_.children[0].title.text.text.startswith("Original") and row_.children[1].title.text.text.startswith("Edited")

@@ -33,7 +33,7 @@ PACKAGES = ("tracer", "widgets")
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("tracer.errors", "tracer.files", "tracer.markdown"),
     ("tracer.limits", "tracer.layers", "tracer.datapaths", "tracer.subject", "tracer.targets", "tracer.trace_result"),
-    ("tracer.hooks", "tracer.models", "tracer.placement", "tracer.spread"),
+    ("tracer.hooks", "tracer.models", "tracer.placement", "tracer.spread", "tracer.progress"),
     ("tracer.noise", "tracer.corpus", "tracer.stats", "tracer.knowns", "tracer.aggregate", "tracer.generation",
      "tracer.scoring"),
     ("tracer.trace", "tracer.lens", "tracer.dataset_trace"),
@@ -42,7 +42,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("=tracer",),
     ("tracer.commands", "tracer.cli"),
     ("widgets.text", "widgets.palette", "widgets.figures", "widgets.summary", "widgets.page", "widgets.report",
-     "widgets.aggregate_figures", "widgets.eval_page", "widgets.sweep_figures"),
+     "widgets.aggregate_figures", "widgets.eval_page", "widgets.sweep_figures", "widgets.health_page"),
     ("widgets.panels", "widgets.export", "=widgets"),
     ("widgets.commands", "widgets.cli"),
 )

@@ -22,6 +22,8 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("tracer/models.py", "tokenizer.save_pretrained"): "fills write_directory_atomic's new private folder",
     ("tracer/edit/ledger.py", "self.lm.model.save_pretrained"): "fills write_directory_atomic's new private folder",
     ("tracer/edit/ledger.py", "self.lm.tokenizer.save_pretrained"): "fills write_directory_atomic's new private folder",
+    ("bench/gpu_suite.py", "config.save_pretrained"): "fills write_directory_atomic's new private folder",
+    ("bench/gpu_suite.py", "fast.save_pretrained"): "fills write_directory_atomic's new private folder",
 }
 
 _ALWAYS_METHODS = {"write_text", "write_bytes", "touch", "save_pretrained", "save_file", "tofile"}

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import make_tiny_model
 from float32 import prob_tol
 
 pytest.importorskip("jupyter_bokeh")
 
+from tracer.trace import trace_all  # noqa: E402
 from widgets.panels import LensPanel, TracePanel, _parse_targets  # noqa: E402
 
 PROMPT = "The Eiffel Tower is in Paris"
@@ -56,7 +58,8 @@ def test_trace_panel_click_shows_restored_run(lm):
     source = panel.figures["hidden"].select_one({"name": "trace"})
     t, layer = result.subject_span[1] - 1, 1
     cell = source.data["row"].index(t) + layer
-    source.selected.indices = [cell]  # what a click in the browser does
+    source.selected.indices = [cell]  # what a click in the browser does (the view is computed in a thread)
+    assert panel.wait(60)
     grid = panel.lens_layout.select_one({"name": "lens_curves"}).data
     # the panel replays the restored run as one full forward pass with hooks (tracer.lens.restored_lens);
     # the trace's score came from the batched engine with a key/value cache: float32 sums in other
@@ -68,6 +71,7 @@ def test_trace_panel_click_shows_restored_run(lm):
 def test_errors_are_shown_in_the_panel(lm):
     panel = TracePanel(lm, prompt=PROMPT, subject="Eiffel Tower", samples=2, noise="loud")
     panel.run_button.click()
+    assert panel.wait(60)
     assert "noise" in panel.status.value and "\u26a0" in panel.status.value
     assert panel.results == {}
 
@@ -137,6 +141,7 @@ def test_edit_panel_edit_undo_save(edit_panel, lm, tmp_path):
     assert torch.equal(weight, original)  # bit for bit
     assert "no edits" in edit_panel.ledger_view.value
     edit_panel.undo_button.click()  # nothing left: a one-line message in the panel
+    assert edit_panel.wait(60)
     assert "no edit to undo" in edit_panel.status.value
 
 
@@ -212,3 +217,123 @@ def test_panel_figures_show_hostile_text_literally(lm, tmp_path, monkeypatch):
         assert "&lt;script&gt;" in edit_panel.layout_.select_one({"name": "edit_table"}).text
     finally:
         edit_panel.ledger.revert_all()
+
+
+# ------------------------------------------------------------------ issue 20.5: panels that work together
+EDIT_HPARAMS = {"stats_tokens": 2000, "v_num_grad_steps": 5}
+
+
+def _weights(lm) -> dict:
+    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+
+
+def _same_weights(lm, weights) -> bool:
+    return all(torch.equal(v, weights[k]) for k, v in lm.model.state_dict().items())
+
+
+def test_edit_panel_follows_the_trace_panel(lm, tmp_path, monkeypatch):
+    """The trace panel's strongest MLP layer (at the last subject token) becomes the edit's layer, and
+    its prompt and subject the edit's, each time it shows traces."""
+    from tracer.trace_result import suggest_layer
+    from widgets.panels import EditPanel
+
+    monkeypatch.setenv("FACTSCOPE_CACHE", str(tmp_path / "cache"))
+    trace = TracePanel(lm, prompt=PROMPT, subject="Eiffel Tower", samples=2, noise="0.5", kind="mlp")
+    edit = EditPanel(lm, trace=trace)
+    assert edit.layer.value == edit.default_layer and edit.trace_edited.value
+    assert (edit.prompt.value, edit.subject.value) == ("The {} is in Paris", "Eiffel Tower")
+    mlp = trace.run()["mlp"]
+    last = mlp.subject_span[1] - 1
+    assert edit.layer.value == suggest_layer(mlp) == int(np.argmax(mlp.scores[last]))
+    assert "strongest MLP layer" in edit.layer_hint.value
+    trace.prompt.value, trace.subject.value = "Rome is the capital of Italy", "Rome"
+    other = trace.run()["mlp"]
+    assert (edit.prompt.value, edit.subject.value) == ("{} is the capital of Italy", "Rome")
+    assert edit.layer.value == int(np.argmax(other.scores[other.subject_span[1] - 1]))
+
+
+def test_edit_panel_shows_the_edited_trace_next_to_the_original(lm, tmp_path, monkeypatch):
+    """After Edit, the edited model is traced with the original trace's settings (same noise draws):
+    original | edited | difference, where the edited trace is the model's with the edit applied, and
+    Undo takes it away with the edit."""
+    from widgets.figures import restored_fraction
+    from widgets.panels import EditPanel
+
+    monkeypatch.setenv("FACTSCOPE_CACHE", str(tmp_path / "cache"))
+    trace = TracePanel(lm, prompt="The Eiffel Tower is in", subject="The Eiffel Tower", samples=2, noise="0.5",
+                       kind="mlp")
+    original = trace.run()["mlp"]
+    edit = EditPanel(lm, trace=trace, target="Rome", paraphrases=(), neighbours=(), hparams=EDIT_HPARAMS)
+    weights = _weights(lm)
+    try:
+        edit.run()
+        after = edit.edited_traces["mlp"]
+        assert (after.noise, after.samples, after.seed, after.window) == (original.noise, 2, original.seed, original.window)
+        again = trace_all(lm, original.prompt, original.subject, kinds=("mlp",), samples=2, noise=original.noise,
+                          seed=original.seed, progress=False)["mlp"]
+        np.testing.assert_array_equal(after.scores, again.scores)  # the edited model's trace
+        assert not np.array_equal(after.scores, original.scores)
+        first, second, diff = edit.comparisons["mlp"].children
+        assert first.select_one({"name": "trace"}).data["score"] == original.scores.ravel().tolist()
+        assert second.select_one({"name": "trace"}).data["score"] == after.scores.ravel().tolist()
+        np.testing.assert_allclose(diff.select_one({"name": "trace_diff"}).data["diff"],
+                                   (restored_fraction(after) - restored_fraction(original)).ravel())
+        assert first.title.text.text.startswith("Original") and second.title.text.text.startswith("Edited")
+        assert len(edit.edited_box.children) == 1
+        edit.undo_button.click()
+        assert edit.wait(60) and "reverted" in edit.status.value
+        assert edit.edited_box.children == () and _same_weights(lm, weights)
+    finally:
+        edit.ledger.revert_all()
+
+
+@pytest.mark.parametrize("when", ["computing the edit", "tracing the edited model"])
+def test_cancel_leaves_the_model_and_the_ledger_unchanged(lm, tmp_path, monkeypatch, when):
+    """Cancel pressed while Edit works in its thread, before the edit is applied (key statistics)
+    or after (the edited model's trace): the weights are bit for bit those before, the ledger is
+    empty, nothing is shown, and the panel says so."""
+    from tracer.hooks import active_hook_count
+    from widgets.panels import EditPanel
+
+    monkeypatch.setenv("FACTSCOPE_CACHE", str(tmp_path / "cache"))
+    trace = TracePanel(lm, prompt="The Eiffel Tower is in", subject="The Eiffel Tower", samples=2, noise="0.5",
+                       kind="mlp")
+    trace.run()
+    edit = EditPanel(lm, trace=trace, target="Rome", paraphrases=(), neighbours=(), hparams=EDIT_HPARAMS)
+    weights = _weights(lm)
+    steps = []
+    shown = edit._on_step
+
+    def on_step(step):  # Cancel pressed when the chosen stage reports its first step
+        steps.append((step.desc, bool(edit.ledger.records)))
+        if when == "computing the edit" or step.desc.startswith("trace"):
+            edit.cancel()
+        shown(step)
+
+    monkeypatch.setattr(edit, "_on_step", on_step)
+    edit.run_button.click()
+    assert edit.wait(600)
+    assert "cancelled" in edit.status.value and "as it was" in edit.status.value
+    assert edit.ledger.records == () and _same_weights(lm, weights) and active_hook_count(lm.model) == 0
+    assert edit.checks == [] and edit.layout_ is None and edit.edited_box.children == ()
+    assert not edit.run_button.disabled and edit.cancel_button.layout.visibility == "hidden"
+    applied = [on for desc, on in steps]
+    assert applied[-1] == (when == "tracing the edited model")  # cancelled after the edit was applied: reverted
+    monkeypatch.setattr(edit, "_on_step", shown)
+    edit.target.value = "Berlin"
+    edit.run_button.click()  # the panel works again
+    assert edit.wait(600) and len(edit.ledger.records) == 1
+    edit.ledger.revert_all()
+    assert _same_weights(lm, weights)
+
+
+def test_cancelled_trace_keeps_the_traces_shown(lm, monkeypatch):
+    panel = TracePanel(lm, prompt=PROMPT, subject="Eiffel Tower", samples=2, noise="0.5", kind="hidden")
+    results = panel.run()
+    data = list(panel.figures["hidden"].select_one({"name": "trace"}).data["score"])
+    shown = panel._on_step
+    monkeypatch.setattr(panel, "_on_step", lambda step: (panel.cancel(), shown(step)))
+    panel.subject.value = "Paris"
+    panel.run_button.click()
+    assert panel.wait(120) and "cancelled" in panel.status.value
+    assert panel.results["hidden"] is results["hidden"] and panel.figures["hidden"].select_one({"name": "trace"}).data["score"] == data

@@ -60,3 +60,7 @@ class DatasetError(FactscopeError):
 
 class WorkerError(FactscopeError):
     """Ray workers could not start (Ray missing, too few CPUs or GPUs) or were all lost."""
+
+
+class Cancelled(FactscopeError):
+    """Long work was stopped by its user (:func:`tracer.progress.watching`); nothing was changed."""

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterable, Iterator, Protocol, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .errors import FactscopeError, WorkerError
 from .limits import check_count

@@ -29,7 +29,7 @@ from typing import Literal, Sequence, Union
 
 import torch
 from einops import repeat
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .errors import HyperParameterError
 from .hooks import hooked, record_outputs

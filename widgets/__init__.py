@@ -18,6 +18,8 @@ _WHERE = {
     "trace_heatmap": "figures", "update_trace_heatmap": "figures", "trace_grid": "figures",
     "lens_figure": "figures", "update_lens_figure": "figures", "lens_comparison": "figures",
     "edit_comparison": "figures", "update_edit_comparison": "figures", "trace_difference": "figures",
+    "trace_comparison": "figures", "update_trace_comparison": "figures",
+    "health_page": "health_page", "write_health_html": "health_page",
     "save_report": "report", "report_html": "report", "build_report": "report", "report_page": "report",
     "Page": "page", "eval_page": "eval_page",
     "TracePanel": "panels", "EditPanel": "panels", "LensPanel": "panels", "setup_notebook": "panels",

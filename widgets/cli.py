@@ -14,10 +14,10 @@ import sys
 
 from tracer import cli
 
-from .commands import averages, eval_table, export, report
+from .commands import averages, eval_table, export, health, report
 
 #: the UI's commands, registered after the engine's
-COMMANDS = (report, export, averages, eval_table)
+COMMANDS = (report, export, averages, eval_table, health)
 
 
 def build_parser():

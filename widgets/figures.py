@@ -6,6 +6,7 @@
     lens = lens_figure(lens_result)         # top token per (position, layer) + target curves
     edit = edit_comparison(checks)          # before/after probabilities and generations
     diff = trace_difference(original, edited)  # what an edit changed in a trace, aligned
+    pair = trace_comparison(original, edited)  # original | edited | difference, one row
 
 Colours come from :mod:`widgets.palette` (one meaning per colour, colour-blind safe): the new
 answer is always vermillion, the true answer blue, "before the edit" is dashed or hatched.
@@ -185,36 +186,82 @@ def trace_difference(original: TraceResult, edited: TraceResult, *, width: int |
     """What an edit changed in a causal trace: per cell, the share of the gap restored in the
     edited model's trace minus the original's (teal: restores more after the edit, brown: less),
     on the same token rows and layer columns as :func:`trace_heatmap`."""
-    data = trace_difference_data(original, edited)
     n_tok, n_layers = original.scores.shape
-    span = float(np.nanmax(np.abs(data["diff"]))) if data["diff"] else 0.0
-    span = span if np.isfinite(span) and span > 0 else 1e-6
-    mapper = LinearColorMapper(palette=DIVERGING, low=-span, high=span, name="diff_colors")
-    source = ColumnDataSource(data=data, name="trace_diff")
-    fig = figure(title=f"Edited minus original: {KIND_TITLES.get(original.kind, original.kind)}",
-                 x_range=Range1d(-0.5, n_layers - 0.5), y_range=Range1d(n_tok - 0.5, -0.5),
+    mapper = LinearColorMapper(palette=DIVERGING, low=-1e-6, high=1e-6, name="diff_colors")
+    source = ColumnDataSource(data=trace_difference_data(original, edited), name="trace_diff")
+    fig = figure(title="", x_range=Range1d(-0.5, n_layers - 0.5), y_range=Range1d(n_tok - 0.5, -0.5),
                  width=width or max(360, 150 + CELL * n_layers), height=110 + CELL * n_tok, tools="save,reset",
                  toolbar_location="above", name=f"trace_diff_{original.kind}",
                  css_classes=["fs-trace-diff", f"fs-trace-diff-{original.kind}"])
     cells = fig.rect(x="layer", y="row", width=1, height=1, source=source, line_color=None,
                      fill_color={"field": "diff", "transform": mapper})
-    fig.quad(left="left", right="right", top="top", bottom="bottom", source=ColumnDataSource(_subject_box(original)),
+    fig.quad(left="left", right="right", top="top", bottom="bottom",
+             source=ColumnDataSource(_subject_box(original), name="diff_subject_box"),
              fill_alpha=0, line_color=INK, line_width=1.5, line_dash="dashed")
     fig.add_tools(HoverTool(renderers=[cells], tooltips=[
         ("token", "@token"), ("layer", "@layer"), ("gap restored, original", "@before{0.0%}"),
         ("gap restored, edited", "@after{0.0%}"), ("difference", "@diff{+0.0%}")]))
     fig.add_layout(ColorBar(color_mapper=mapper, width=10, ticker=BasicTicker(desired_num_ticks=5)), "right")
-    fig.add_layout(Title(text=plain(f"share of the gap restored: p({edited.answer.strip()}) edited vs "
-                                    f"p({original.answer.strip()}) original"),
-                         text_font_style="normal", text_font_size="11px"), "above")
-    fig.xaxis.axis_label = f"layer ({KIND_TITLES.get(original.kind, original.kind)})"
+    fig.add_layout(Title(text="", text_font_style="normal", text_font_size="11px", name="diff_subtitle"), "above")
     fig.xaxis.ticker = BasicTicker(desired_num_ticks=min(10, n_layers), num_minor_ticks=0)
-    fig.yaxis.ticker = FixedTicker(ticks=list(range(n_tok)))
-    fig.yaxis.major_label_overrides = _row_labels(original.tokens, original.subject_span)
     fig.yaxis.major_label_text_font_size = TICK_FONT
     fig.grid.visible = False
     fig.outline_line_color = None
+    _set_difference(fig, original, edited)
     return fig
+
+
+def _set_difference(fig: figure, original: TraceResult, edited: TraceResult) -> None:
+    """Titles, axes, colour range and subject box of a :func:`trace_difference` figure."""
+    diff = fig.select_one({"name": "trace_diff"}).data["diff"]
+    span = float(np.nanmax(np.abs(diff))) if len(diff) else 0.0
+    span = span if np.isfinite(span) and span > 0 else 1e-6
+    mapper = fig.select_one({"name": "diff_colors"})
+    mapper.low, mapper.high = -span, span
+    n_tok = len(original.tokens)
+    fig.title.text = plain(f"Edited minus original: {KIND_TITLES.get(original.kind, original.kind)}")
+    fig.select_one({"name": "diff_subtitle"}).text = plain(
+        f"share of the gap restored: p({edited.answer.strip()}) edited vs p({original.answer.strip()}) original")
+    fig.xaxis.axis_label = f"layer ({KIND_TITLES.get(original.kind, original.kind)})"
+    fig.yaxis.ticker = FixedTicker(ticks=list(range(n_tok)))
+    fig.yaxis.major_label_overrides = _row_labels(original.tokens, original.subject_span)
+
+
+@literal_models
+def update_trace_difference(fig: figure, original: TraceResult, edited: TraceResult) -> None:
+    """Show another pair of traces in a figure made by :func:`trace_difference`, in place."""
+    n_tok, n_layers = original.scores.shape
+    fig.select_one({"name": "trace_diff"}).data = trace_difference_data(original, edited)
+    fig.select_one({"name": "diff_subject_box"}).data = _subject_box(original)
+    fig.x_range.update(start=-0.5, end=n_layers - 0.5)
+    fig.y_range.update(start=n_tok - 0.5, end=-0.5)
+    fig.height = 110 + CELL * n_tok
+    _set_difference(fig, original, edited)
+
+
+def _comparison_titles(first: figure, second: figure, original: TraceResult, edited: TraceResult) -> None:
+    first.title.text = plain(f"Original: {_trace_title(original)}")
+    second.title.text = plain(f"Edited: {_trace_title(edited)}")
+
+
+@literal_models
+def trace_comparison(original: TraceResult, edited: TraceResult):
+    """The edited model's trace next to the original's, and their difference (:func:`trace_difference`):
+    a row of three figures named ``original_<kind>``, ``edited_<kind>``, ``trace_diff_<kind>``."""
+    first, second = trace_heatmap(original), trace_heatmap(edited)
+    first.name, second.name = f"original_{original.kind}", f"edited_{edited.kind}"
+    _comparison_titles(first, second, original, edited)
+    return row(first, second, trace_difference(original, edited), name=f"trace_comparison_{original.kind}")
+
+
+@literal_models
+def update_trace_comparison(layout, original: TraceResult, edited: TraceResult) -> None:
+    """Show another pair of traces in a row made by :func:`trace_comparison`, updating it in place."""
+    first, second, diff = layout.children
+    update_trace_heatmap(first, original)
+    update_trace_heatmap(second, edited)
+    update_trace_difference(diff, original, edited)
+    _comparison_titles(first, second, original, edited)
 
 
 # ----------------------------------------------------------------------------------------- lens

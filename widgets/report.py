@@ -24,7 +24,7 @@ from tracer.lens import LensResult
 from tracer.files import write_text_atomic
 from tracer.trace_result import TraceResult
 
-from .figures import edit_comparison, lens_comparison, lens_figure, trace_difference, trace_heatmap
+from .figures import edit_comparison, lens_comparison, lens_figure, trace_comparison, trace_heatmap
 from .page import Figure, Page, Row, Section
 from .summary import report_summary
 from .text import html_div
@@ -80,10 +80,7 @@ def _edited_section(traces, edited_traces) -> Section:
     for r in _items(edited_traces):
         o = originals.get(r.kind)
         if o is not None and o.scores.shape == r.scores.shape and list(o.tokens) == list(r.tokens):
-            first, second = trace_heatmap(o), trace_heatmap(r)
-            first.title.text, second.title.text = (f"Original: {first.title.text.text}",
-                                                   f"Edited: {second.title.text.text}")
-            blocks.append(Row([Figure(first), Figure(second), Figure(trace_difference(o, r))], 3))
+            blocks.append(Row([Figure(f) for f in trace_comparison(o, r).children], 3))
         else:
             blocks.append(Row([Figure(trace_heatmap(r))], 3))
     return Section("Causal traces of the edited model", "edited", blocks, HOW_TO_READ["edited"])

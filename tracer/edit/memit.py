@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..errors import EditError, HyperParameterError
 from ..layers import get_module

@@ -76,7 +76,8 @@ def rome_edit(model: "LanguageModel | str", request: EditRequest, hparams: ROMEH
     t0 = time.perf_counter()
     new_ids = target_ids(lm.tokenizer, request.target_new)
     place(lm, "{}", request.prompt, request.subject)  # validates prompt and subject before any work
-    stats_ = statistics_at(lm, hp.layer, stats, hp.stats_tokens, chunk_tokens=hp.stats_chunk_tokens)
+    stats_ = statistics_at(lm, hp.layer, stats, hp.stats_tokens, chunk_tokens=hp.stats_chunk_tokens,
+                            progress=progress)
     clock["statistics"] = time.perf_counter() - t0
 
     t = time.perf_counter()

@@ -44,12 +44,15 @@ def generate_context_templates(model: "LanguageModel | str", lengths: Sequence[t
 
 def context_templates(model: "LanguageModel | str", hp: MemitHyperParams | None = None) -> tuple[str, ...]:
     """MEMIT's templates: ``"{}"`` plus ``hp.context_templates_per_start`` texts of
-    ``hp.context_template_length`` tokens from each of :data:`TEMPLATE_STARTS` (seed ``hp.seed``)."""
+    ``hp.context_template_length`` tokens from each of :data:`TEMPLATE_STARTS` (seed ``hp.seed``);
+    ``"{}"`` alone when that count is 0 (the bare prompts: fewer rows per request, a faster z)."""
     lm = as_model(model)
     length = hp.context_template_length if hp else 10
     per = hp.context_templates_per_start if hp else 1
     seed = hp.seed if hp else 0
     starts = [s for s in TEMPLATE_STARTS for _ in range(per)]
+    if not starts:
+        return ("{}",)
     return ("{}",) + tuple(_template(t) for t in sample(lm, starts, max_length=length, top_k=5, seed=seed))
 
 

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 from safetensors import safe_open
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..files import save_safetensors_atomic
 from ..models import LanguageModel, as_model
