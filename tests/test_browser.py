@@ -262,13 +262,14 @@ def _shut_down_kernels(lab: str) -> None:
 def _run_all(page, lab: str, name: str) -> None:
     """Open ``name``.ipynb in JupyterLab, Run All Cells, wait until every cell has run, and check
     that no cell failed."""
-    page.goto(f"{lab}/lab/tree/{name}.ipynb", timeout=120_000)
-    page.locator(".jp-Notebook .jp-Cell").first.wait_for(state="visible", timeout=120_000)
+    page.goto(f"{lab}/lab/tree/{name}.ipynb?reset", timeout=120_000)  # ?reset: no tab of an earlier test restored
+    nb = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")  # the open notebook only
+    nb.locator(".jp-Notebook .jp-Cell").first.wait_for(state="visible", timeout=120_000)
     page.wait_for_timeout(3000)  # kernel start
-    page.locator(".jp-Notebook .jp-Cell").first.click()  # "Run All" needs a focused cell
+    nb.locator(".jp-Notebook .jp-Cell").first.click()  # "Run All" needs a focused cell
     page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
     page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
-    prompts = page.locator(".jp-Notebook .jp-CodeCell .jp-InputPrompt")
+    prompts = nb.locator(".jp-Notebook .jp-CodeCell .jp-InputPrompt")
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         texts = prompts.all_inner_texts()
@@ -277,10 +278,10 @@ def _run_all(page, lab: str, name: str) -> None:
         page.wait_for_timeout(1000)
     texts = prompts.all_inner_texts()
     assert texts and all(re.fullmatch(r"\[\d+\]:", t.strip()) for t in texts), f"{name}: cells not run: {texts}"
-    assert page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr'] .ansi-red-fg").count() == 0
-    assert page.locator(".jp-OutputArea-output", has_text="Traceback").count() == 0
+    assert nb.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr'] .ansi-red-fg").count() == 0
+    assert nb.locator(".jp-OutputArea-output", has_text="Traceback").count() == 0
     assert "Could not create a view" not in page.content()
-    figures = page.locator(".jp-OutputArea-output .bk-Figure")
+    figures = nb.locator(".jp-OutputArea-output .bk-Figure")
     assert figures.count() > 0, f"{name}: no figure drawn"
     figures.first.scroll_into_view_if_needed()
     assert non_empty(figures.first.screenshot())

@@ -131,15 +131,21 @@ def test_heavy_commands_refuse_before_the_weights_load(config_only, tmp_path, co
     assert not (tmp_path / "eval").exists()
 
 
+#: runs the CLI and prints the process's own peak resident set (VmHWM) last: ``ru_maxrss`` from
+#: ``wait4`` would report the test process's peak instead, since a vfork-started child keeps it across exec
+_PEAK_CHILD = ("import sys\nfrom tracer.cli import main\nrc = main(sys.argv[1:])\n"
+               "line = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+               "print(int(line.split()[1]) * 1024)\nsys.exit(rc)")
+
+
 def _planned_and_measured_trace(model: str) -> tuple[int, int]:
     """``factscope plan --json``'s peak and the peak resident set of ``factscope trace`` (own process each)."""
     args = ["--model", model, "--device", "cpu", "--prompt", PROMPT, "--subject", SUBJECT, "--samples", "10"]
     planned = json.loads(_cli("plan", "--job", "trace", "--json", "--no-time", *args).stdout)["peak_bytes"]
-    proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "trace", "--no-progress", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read()[-2000:]
-    return planned, usage.ru_maxrss * 1024  # kB on Linux
+    proc = subprocess.run([sys.executable, "-c", _PEAK_CHILD, "trace", "--no-progress", *args], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return planned, int(proc.stdout.split()[-1])
 
 
 def test_planned_trace_within_30_percent_of_the_measured_peak(tiny_model_dir):
