@@ -218,12 +218,12 @@ def main() -> None:
             rec.revert(lm)
     if args.rome:
         from tracer.edit import ROMEHyperParams, rome_edit
-        from tracer.edit import EditRequest, generate_context_templates
+        from tracer.edit import EditRequest, rome_templates
         from tracer.edit.statistics import statistics_at
 
         rhp = ROMEHyperParams.for_model(lm)
         stats = statistics_at(lm, rhp.layer, None, rhp.stats_tokens, chunk_tokens=rhp.stats_chunk_tokens)
-        tmpl = generate_context_templates(lm, rhp.context_template_lengths, rhp.template_seed)
+        tmpl = rome_templates(lm, rhp)
         ledger = Ledger(lm)
         w_rome = lm.model.get_submodule(lm.layers.mlp_out_name(rhp.layer)).weight
         norm0 = float(w_rome.double().norm())

@@ -1,13 +1,14 @@
 """ROME's update form and context templates on CounterFact, single and sequential edits (issue 19 part 0).
 
-    for v in "" "--hparam update=original" "--hparam context_template_lengths=[]"; do
+    for v in "" "--hparam update=original" "--hparam template_starts=words" "--hparam context_template_lengths=[]"; do
         factscope evaluate --method rome --dataset counterfact --limit 20 --no-generation $v --out out/rome-<variant>
     done
     python bench/rome_variants.py --single corrected=out/rome --single original=out/rome-original \\
-        --single no-templates=out/rome-notemplates --sequential 10
+        --single words=out/rome-words --single no-templates=out/rome-notemplates --sequential 10
 
 Variants: ``corrected`` (the default: v* written at the key averaged over the context templates),
-``original`` (the paper's form: the residual written at the bare prompt's key), ``no-templates``
+``original`` (the paper's form: the residual written at the bare prompt's key), ``words`` (the
+corrected form with templates sampled from start words instead of a document-start token), ``no-templates``
 (``"{}"`` alone: k* is the bare prompt's key, where both forms coincide). Single edits: the
 ``factscope evaluate`` runs given with ``--single`` (every row over the cases all runs finished).
 Sequential edits: the first ``--sequential`` CounterFact records edited one after another on the
@@ -33,7 +34,7 @@ from results import add_result_arguments, save_result  # noqa: E402
 from tracer.edit import EditRequest, Ledger, ROMEHyperParams, rome_edit  # noqa: E402
 from tracer.edit.sequential import heldout_texts, perplexity  # noqa: E402
 from tracer.edit.statistics import statistics_at  # noqa: E402
-from tracer.edit.templates import generate_context_templates  # noqa: E402
+from tracer.edit.templates import rome_templates  # noqa: E402
 from tracer.evaluate import case_scores, load_cases, measure_probabilities  # noqa: E402
 from tracer.evaluate.harness import build_summary  # noqa: E402
 from tracer.evaluate.metrics import generation_scores, greedy_outcomes  # noqa: E402
@@ -41,7 +42,8 @@ from tracer.files import write_json_atomic  # noqa: E402
 from tracer.models import load_model  # noqa: E402
 from tracer.targets import spaced  # noqa: E402
 
-VARIANTS = {"corrected": {}, "original": {"update": "original"}, "no-templates": {"context_template_lengths": ()}}
+VARIANTS = {"corrected": {}, "original": {"update": "original"}, "words": {"template_starts": "words"},
+            "no-templates": {"context_template_lengths": ()}}
 COLUMNS = ("S", "ES", "PS", "NS", "EM", "PM", "NM", "ES-g", "PS-g", "NS+", "NKL")
 KEYS = {"ES": "rewrite_success", "PS": "paraphrase_success", "NS": "neighborhood_success", "EM": "rewrite_diff",
         "PM": "paraphrase_diff", "NM": "neighborhood_diff", "ES-g": "rewrite_gen_success",
@@ -69,7 +71,7 @@ def sequential_rows(n: int) -> list[dict]:
     for name, overrides in VARIANTS.items():
         hp = ROMEHyperParams.for_model(lm, **overrides)
         stats = statistics_at(lm, hp.layer, None, hp.stats_tokens)
-        templates = generate_context_templates(lm, hp.context_template_lengths, hp.template_seed)
+        templates = rome_templates(lm, hp)
         ledger = Ledger(lm)
         t0 = time.perf_counter()
         for c in cases:

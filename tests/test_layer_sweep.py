@@ -13,7 +13,7 @@ from conftest import make_tiny_model
 from tracer.edit import ROMEHyperParams, edited, rome_edit
 from tracer.edit.calibrate import last_subject_effects
 from tracer.edit.requests import EditRequest
-from tracer.edit.templates import generate_context_templates
+from tracer.edit.templates import rome_templates
 from tracer.errors import HyperParameterError
 from tracer.evaluate import Case, case_scores
 from tracer.evaluate.metrics import measure_probabilities
@@ -36,7 +36,7 @@ def test_sweep_scores_are_the_edits_at_each_layer():
     np.testing.assert_allclose(sweep.effect, effect)
     # layer 2's row is a ROME edit at layer 2 with the same templates, measured as evaluate measures
     hp = ROMEHyperParams.for_model(lm, layer=2, v_num_grad_steps=8, context_template_lengths=((4, 2),))
-    templates = generate_context_templates(lm, hp.context_template_lengths, hp.template_seed)
+    templates = rome_templates(lm, hp)
     record = rome_edit(lm, EditRequest(CASE.prompt, CASE.subject, " Rome", " Paris"), hp, "identity",
                        context_templates=templates, progress=False)
     pre = measure_probabilities(lm, CASE)

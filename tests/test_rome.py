@@ -163,6 +163,19 @@ def test_context_templates_are_deterministic_and_well_formed(tiny_lm):
     assert record.context_templates[0] == "{}" and len(record.context_templates) == 5
 
 
+def test_context_templates_from_start_words(tiny_lm):
+    """``template_starts="words"`` starts each template from TEMPLATE_STARTS in turn (sentences,
+    not document fragments) and is what rome_edit uses when the settings ask for it."""
+    words = generate_context_templates(tiny_lm, SMALL, seed=1, starts="words")
+    assert words == generate_context_templates(tiny_lm, SMALL, seed=1, starts="words")
+    assert words != generate_context_templates(tiny_lm, SMALL, seed=1)
+    assert [t.startswith(w) for t, w in zip(words[1:], ["The", "Therefore", "The", "Therefore"])] == [True] * 4
+    record = _tiny_edit(tiny_lm, template_starts="words")
+    assert record.context_templates == generate_context_templates(tiny_lm, SMALL, seed=0, starts="words")
+    with pytest.raises(HyperParameterError, match="template_starts"):
+        ROMEHyperParams(layer=1, template_starts="bos")
+
+
 def test_hparams_round_trip_and_validation(tiny_lm):
     hp = ROMEHyperParams.for_model(tiny_lm, v_lr=0.1)
     assert ROMEHyperParams.from_dict(json.loads(json.dumps(hp.to_dict()))) == hp

@@ -31,7 +31,7 @@ from .edit.calibrate import last_subject_effects
 from .edit.hparams import ROMEHyperParams
 from .edit.requests import EditRequest
 from .edit.rome import edited, rome_edit
-from .edit.templates import generate_context_templates
+from .edit.templates import rome_templates
 from .errors import HyperParameterError
 from .evaluate.metrics import (case_scores, generation_scores, greedy_outcomes, measure_probabilities,
                                neighbourhood_distributions, neighbourhood_kl)
@@ -121,7 +121,7 @@ def layer_sweep(model: "LanguageModel | str", case: Case, layers: Sequence[int],
     pre_dist = neighbourhood_distributions(lm, [case])[0]
     before = {**case_scores(pre), **(generation_scores(greedy_outcomes(lm, [case], greedy_tokens)[0], case)
                                      if greedy_tokens else {})}
-    templates = generate_context_templates(lm, hps[0].context_template_lengths, hps[0].template_seed)
+    templates = rome_templates(lm, hps[0])
     rows = []
     t0 = time.perf_counter()
     for hp in tqdm(hps, desc="layer sweep", unit="layer", disable=not progress):

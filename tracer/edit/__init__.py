@@ -35,11 +35,11 @@ from .requests import EditRequest, Request
 from .rome import edited, rome_edit
 from .sequential import Health, sequential_memit
 from .statistics import load_statistics
-from .templates import context_templates, generate_context_templates
+from .templates import context_templates, generate_context_templates, rome_templates
 from .values import compute_v
 
 __all__ = ["Defaults", "EditCheck", "EditRecord", "EditRequest", "FTLHyperParams", "Health", "Ledger", "MemitHyperParams",
            "MemitRecord", "ModelIdentity", "ROMEHyperParams", "Request", "WeightBook", "check_edit", "compute_k",
            "compute_keys", "compute_memit", "compute_v", "context_templates", "defaults_for", "edited",
-           "generate_context_templates", "load_records", "load_statistics", "rome_edit", "save_records", "sequential_memit",
+           "generate_context_templates", "load_records", "rome_templates", "load_statistics", "rome_edit", "save_records", "sequential_memit",
            "solve_update"]

@@ -36,6 +36,7 @@ class ROMEHyperParams:
     kl_prompt: str = "{} is a"
     context_template_lengths: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
     template_seed: int = 0
+    template_starts: Literal["document", "words"] = "document"
     update: Literal["corrected", "original"] = "corrected"
     stats_tokens: int = 100_000
     stats_chunk_tokens: int | None = None
@@ -55,6 +56,7 @@ class ROMEHyperParams:
             (all(len(p) == 2 and p[0] >= 2 and p[1] >= 0 for p in self.context_template_lengths),
              "context_template_lengths must be (tokens >= 2, count >= 0) pairs"),
             (self.update in ("corrected", "original"), "update must be 'corrected' or 'original'"),
+            (self.template_starts in ("document", "words"), "template_starts must be 'document' or 'words'"),
             (isinstance(self.stats_tokens, int) and self.stats_tokens >= 0, "stats_tokens must be an integer >= 0 (0 = C = I)"),
         ]
         for ok, message in checks:

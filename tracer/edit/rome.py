@@ -8,7 +8,7 @@
 Steps, as in the paper and the authors' code:
 
 1. context templates: ``"{}"`` plus short texts the model samples itself (top-5 sampling from a
-   document-start token), :func:`~tracer.edit.templates.generate_context_templates`; kept in the record.
+   document-start token or from start words, ``template_starts``), :func:`~tracer.edit.templates.rome_templates`; kept in the record.
 2. k*: the key (input of the output projection) at the last subject token, averaged over the
    templates, :func:`~tracer.edit.keys.compute_keys`.
 3. v*: a vector ``delta`` added to the MLP output at the last subject token is optimised with Adam
@@ -40,7 +40,7 @@ from .record_files import RECORD_TYPES
 from .records import EditRecord
 from .requests import EditRequest
 from .statistics import statistics_at
-from .templates import check_templates, generate_context_templates
+from .templates import check_templates, rome_templates
 from .values import Engine, compute_v
 
 log = logging.getLogger(__name__)
@@ -87,8 +87,7 @@ def rome_edit(model: "LanguageModel | str", request: EditRequest, hparams: ROMEH
     before = _summary(lm, probs, new_ids[0], true_id)
     if int(probs.argmax()) == new_ids[0]:
         log.warning("the model already answers %r to %r; the edit will mostly reinforce it", request.target_new, request.text)
-    templates = check_templates(context_templates) if context_templates is not None else generate_context_templates(
-        lm, hp.context_template_lengths, hp.template_seed)
+    templates = check_templates(context_templates) if context_templates is not None else rome_templates(lm, hp)
     clock["templates"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -145,7 +144,7 @@ def edited(model: "LanguageModel | str", requests: Sequence, hparams=None, stats
         pending = [item for item in requests if not isinstance(item, RECORD_TYPES)]
         if len(pending) > 1 and kwargs.get("context_templates") is None:  # ROME generates them once per model
             hp = hparams or ROMEHyperParams.for_model(lm)
-            kwargs["context_templates"] = generate_context_templates(lm, hp.context_template_lengths, hp.template_seed)
+            kwargs["context_templates"] = rome_templates(lm, hp)
         for item in requests:
             record = item if isinstance(item, RECORD_TYPES) else rome_edit(lm, item, hparams, stats, **kwargs)
             ledger.apply(record)

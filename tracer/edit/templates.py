@@ -3,8 +3,11 @@
 ROME averages its key k* over them and asks v* to work after each; MEMIT does the same for its z
 and keys. Both sample with :func:`tracer.generation.sample` (top-5, ROME's ``generate_fast``):
 
-- ROME (:func:`generate_context_templates`): from a document-start token, ``count`` texts of each
-  ``tokens`` length (the start token counted, as ROME counts), one random stream for all;
+- ROME (:func:`generate_context_templates`): ``count`` texts of each ``tokens`` length (the start
+  counted, as ROME counts), one random stream for all, from a document-start token (ROME's
+  choice, ``starts="document"``) or from the start words :data:`TEMPLATE_STARTS` in turn
+  (``starts="words"``: sentences rather than document fragments, for models such as instruct
+  models that never begin a text with that token);
 - MEMIT (:func:`context_templates`): from the start words :data:`TEMPLATE_STARTS`.
 
 Blank lines become spaces and braces are removed, so a template holds ``{}`` exactly once.
@@ -12,7 +15,7 @@ Blank lines become spaces and braces are removed, so a template holds ``{}`` exa
 from __future__ import annotations
 
 import unicodedata
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 
@@ -20,26 +23,38 @@ from ..errors import EditError
 from ..generation import sample
 from ..limits import check_seed
 from ..models import LanguageModel, as_model
-from .hparams import MemitHyperParams
+from .hparams import MemitHyperParams, ROMEHyperParams
 
 #: start words of MEMIT's generated context templates
 TEMPLATE_STARTS = ("The", "Therefore", "Because", "I", "You")
+#: where ROME's templates start: a document-start token, or :data:`TEMPLATE_STARTS`
+TemplateStarts = Literal["document", "words"]
 
 
 def generate_context_templates(model: "LanguageModel | str", lengths: Sequence[tuple[int, int]] = ((5, 10), (10, 10)),
-                               seed: int = 0) -> tuple[str, ...]:
+                               seed: int = 0, starts: TemplateStarts = "document") -> tuple[str, ...]:
     """ROME's templates: ``"{}"`` plus, for each ``(tokens, count)``, ``count`` sampled texts of
-    ``tokens`` tokens started from a document-start token. Deterministic for a given ``seed``."""
+    ``tokens`` tokens started from a document-start token (``starts="document"``) or from the
+    words :data:`TEMPLATE_STARTS` in turn (``"words"``). Deterministic for a given ``seed``."""
     lm = as_model(model)
-    start = document_start_id(lm.tokenizer)
+    if starts not in ("document", "words"):
+        raise EditError(f"template starts must be 'document' or 'words', got {starts!r}")
+    start = document_start_id(lm.tokenizer) if starts == "document" else None
     generator = torch.Generator(device=lm.device).manual_seed(check_seed(seed))
     templates = ["{}"]
     for length, count in lengths:
         if count == 0:
             continue
-        texts = sample(lm, [[start]] * count, max_length=length, top_k=5, generator=generator)
+        prompts = ([[start]] * count if start is not None
+                   else [TEMPLATE_STARTS[i % len(TEMPLATE_STARTS)] for i in range(count)])
+        texts = sample(lm, prompts, max_length=length, top_k=5, generator=generator)
         templates += [_template(unicodedata.normalize("NFKD", t).replace("\n\n", " ")) for t in texts]
     return tuple(templates)
+
+
+def rome_templates(model: "LanguageModel | str", hp: ROMEHyperParams) -> tuple[str, ...]:
+    """The templates ROME's settings ``hp`` ask for (lengths, seed and starts)."""
+    return generate_context_templates(model, hp.context_template_lengths, hp.template_seed, hp.template_starts)
 
 
 def context_templates(model: "LanguageModel | str", hp: MemitHyperParams | None = None) -> tuple[str, ...]:

@@ -34,7 +34,7 @@ from ..edit.memit import compute_memit
 from ..edit.requests import EditRequest
 from ..edit.rome import rome_edit
 from ..edit.statistics import load_statistics, statistics_at
-from ..edit.templates import context_templates, generate_context_templates
+from ..edit.templates import context_templates, rome_templates
 from ..errors import HyperParameterError
 from ..layers import get_module
 from ..models import LanguageModel, right_pad
@@ -136,7 +136,7 @@ class RomeMethod:
 
     def apply(self, lm: LanguageModel, cases: Sequence[Case]) -> Any:
         if self._templates is None:
-            self._templates = generate_context_templates(lm, self.hp.context_template_lengths, self.hp.template_seed)
+            self._templates = rome_templates(lm, self.hp)
         ledger = Ledger(lm)
         for c in cases:
             req = EditRequest(c.prompt, c.subject, spaced(c.target_new),
