@@ -4,6 +4,11 @@
         factscope evaluate --method $m --dataset counterfact --limit 50 --generation-prompts 1 --out out/eval-gen/$m
     done
     python bench/counterfact_generation.py out/eval-gen/none out/eval-gen/ft-l out/eval-gen/rome out/eval-gen/memit
+    python bench/counterfact_generation.py --add out/eval-gen/alphaedit     # one more row, same cases
+
+``--add`` keeps the stored result's rows and appends the new runs' rows over the same case ids
+(each added run must have finished all of them), so a method can join the table without
+re-running the others; the commands recorded are the stored ones followed by ``--command``.
 
 Reads each ``factscope evaluate`` directory (the cases every run has finished) and writes
 ``bench/results/counterfact_generation.json``: per method the papers' ES / PS / NS / EM / PM / NM /
@@ -20,7 +25,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from results import add_result_arguments, machine, save_result  # noqa: E402
+from results import add_result_arguments, load_result, machine, save_result  # noqa: E402
 from tracer.evaluate.harness import build_summary  # noqa: E402
 
 COLUMNS = ("ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS", "ES-g", "PS-g", "NS+", "NM+", "NKL")
@@ -44,11 +49,15 @@ def row(summary: dict, phase: str, label: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", type=Path, nargs="+", help="factscope evaluate directories (a none run first)")
+    ap.add_argument("--add", action="store_true", help="append these runs' rows to the stored result (same cases)")
     ap.add_argument("--command", default=None, help="the commands that produced the runs (recorded in the result)")
     ap.add_argument("--note", default=None, help="machine note recorded with the result")
     add_result_arguments(ap, "counterfact_generation")
     args = ap.parse_args()
     done = [{int(f.stem) for f in (d / "cases").glob("*.json")} for d in args.runs]
+    if args.add:
+        add_rows(args, done)
+        return
     common = sorted(set.intersection(*done))  # every row over the same cases
     summaries = [build_summary(d, cases=[SimpleNamespace(case_id=i) for i in common]) for d in args.runs]
     rows = []
@@ -69,6 +78,27 @@ def main() -> None:
     threads = json.loads(run_summary.read_text()).get("torch_threads") if run_summary.is_file() else None
     save_result(args, args.result_name, figures, command=args.command, threads=threads, **extra)
     for r in rows:
+        print(r)
+
+
+def add_rows(args: argparse.Namespace, done: list[set[int]]) -> None:
+    """Append the rows of ``args.runs`` to the stored result, over its case ids."""
+    stored = load_result(args.result_name)
+    figures = stored["figures"]
+    common = figures["case_ids"]
+    for d, ids in zip(args.runs, done):
+        if missing := sorted(set(common) - ids):
+            sys.exit(f"{d} has not finished cases {missing[:5]} of the stored table; run it with the same --limit")
+    summaries = [build_summary(d, cases=[SimpleNamespace(case_id=i) for i in common]) for d in args.runs]
+    if any(s["settings"]["model"] != figures["model"] or s["settings"]["dataset"] != figures["dataset"] for s in summaries):
+        sys.exit(f"the runs must be of {figures['model']} on {figures['dataset']}, like the stored table")
+    new = [row(s, "post", s["settings"]["method"]) for s in summaries]
+    figures["rows"] = [r for r in figures["rows"] if r["method"] not in {n["method"] for n in new}] + new
+    settings = {**stored.get("settings", {}), **{s["settings"]["method"]: s["settings"]["method_settings"] for s in summaries}}
+    command = "; ".join(filter(None, [stored.get("command"), args.command,
+                                      "python bench/counterfact_generation.py --add " + " ".join(map(str, args.runs))]))
+    save_result(args, args.result_name, figures, command=command, threads=stored.get("threads"), settings=settings)
+    for r in new:
         print(r)
 
 

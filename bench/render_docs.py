@@ -499,6 +499,24 @@ def counterfact_generation(r: dict) -> list[str]:
     return table(["method", "n", "S", "ES", "ES-g", "PS", "PS-g", "NS", "NS+", "NKL", "GE", "RS", "s / edit"], rows)
 
 
+def rome_variants(r: dict) -> list[str]:
+    """ROME's update form and templates: single edits (evaluate runs), then sequential edits."""
+    f = r["figures"]
+    cols = ["ES", "PS", "NS", "ES-g", "PS-g", "NS+"]
+    lines = []
+    if f["single"]:
+        rows = [[row["variant"], row["n"], *[num(row.get(c)) for c in ["S", *cols]], num(row.get("NKL"), 3),
+                 num(row.get("seconds_per_edit"), 1, " s")] for row in f["single"]]
+        lines += ["Single edits (each on the unedited model):", "",
+                  *table(["variant", "n", "S", *cols, "NKL", "time / edit"], rows)]
+    if f["sequential"]:
+        rows = [[row["variant"], row["n"], *[num(row.get(c)) for c in cols],
+                 f"{row['perplexity'][0]:.2f} → {row['perplexity'][1]:.2f}"] for row in f["sequential"]]
+        lines += ["", f"Sequential edits ({f['sequential'][0]['n']} one after another, then all measured together):", "",
+                  *table(["variant", "n", *cols, "held-out perplexity"], rows)]
+    return lines
+
+
 def _span(layers: list[int]) -> str:
     return f"{layers[0]}–{layers[-1]}"
 
@@ -553,6 +571,7 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "sequential_editing": sequential_editing, "sequential_editing_sweep": sequential_editing_sweep,
     "alphaedit_counterfact": counterfact, "sequential_editing_energy": sequential_editing,
     "counterfact_generation": counterfact_generation, "calibration": calibration, "layer_sweep": layer_sweep,
+    "rome_variants": rome_variants,
 }
 
 
