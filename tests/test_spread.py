@@ -184,6 +184,13 @@ def test_failed_work_is_retried_and_bad_input_is_not(pool, tmp_path):
     assert (done["c"].error, done["c"].attempts) == ("RuntimeError: c failed", 1 + pool.retries)
 
 
+def test_map_raises_the_first_failure_for_good_when_asked(tiny, pool, tmp_path):
+    for runner in (LocalRunner(tiny), pool):
+        with pytest.raises(DatasetError, match="^b is malformed$"):
+            list(runner.map(_flaky, [("b", ("bad input", "b"))], shared=str(tmp_path), progress=False, errors="raise"))
+        with pytest.raises(RuntimeError, match="^c failed$"):  # the pool: after its retries
+            list(runner.map(_flaky, [("c", ("always", "c"))], shared=str(tmp_path), progress=False, errors="raise"))
+
 
 def test_local_runner_reports_errors_at_once(tiny, tmp_path):
     items = [("a", ("once", "a")), ("b", ("bad input", "b"))]
@@ -412,3 +419,18 @@ def test_cli_evaluate_with_ray(tiny, pool, cf_data, tmp_path, capsys):
     assert len(list((tmp_path / "ray" / "z").glob("z-*.safetensors"))) == 2
     assert main([*common, "--out", str(tmp_path / "more"), "--workers", "2"]) == 2  # --workers needs --ray
     assert "add --ray" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.embedded
+def test_embedded_model_evaluate_with_ray_equals_without(shared_data, tmp_path):
+    """`factscope evaluate --method rome --dataset counterfact --limit 2 --ray --workers 2` writes the
+    case files of the same command without --ray (but for their timings)."""
+    from tracer.cli import main
+
+    common = ["evaluate", "--method", "rome", "--dataset", "counterfact", "--limit", "2"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--ray", "--workers", "2", "--out", str(tmp_path / "ray")]) == 0
+    files = case_files(tmp_path / "plain")
+    assert len(files) == 2 and all(f["post"]["generation"]["texts"] for f in files.values())
+    assert_same_json(files, case_files(tmp_path / "ray"))
