@@ -12,6 +12,7 @@ violation not listed and on any listed one that is gone, so the list only shrink
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -276,3 +277,26 @@ def test_html_of_an_engine_command_is_checked_before_any_work(tmp_path, capsys):
     assert "folder" in capsys.readouterr().err and not (tmp_path / "averages.json").exists()
     assert main(["averages", str(tmp_path)]) == 2
     assert "not a `factscope trace-dataset` directory" in capsys.readouterr().err
+
+
+def test_commands_without_ray_do_not_import_it(tiny_model_dir, tmp_path):
+    """`factscope trace-dataset` and `factscope evaluate` without --ray never import Ray."""
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps([{"known_id": 1, "subject": "Paris", "prompt": "Paris is the capital of"}]))
+    cases = tmp_path / "cf.json"
+    cases.write_text(json.dumps([{
+        "case_id": 7, "pararel_idx": 0,
+        "requested_rewrite": {"prompt": "{} is located in", "relation_id": "P1", "subject": "The tower",
+                              "target_new": {"str": "Rome", "id": "Q1"}, "target_true": {"str": "Paris", "id": "Q2"}},
+        "paraphrase_prompts": ["People say that The tower is in"], "neighborhood_prompts": ["The museum is in"],
+        "attribute_prompts": [], "generation_prompts": []}]))
+    model = ["--model", str(tiny_model_dir), "--device", "cpu"]
+    runs = [["trace-dataset", *model, "--facts", str(facts), "--kind", "hidden", "--samples", "1", "--n-boot", "0",
+             "--out", str(tmp_path / "traces")],
+            ["evaluate", *model, "--method", "ft-l", "--dataset", "counterfact", "--data", str(cases), "--layer", "1",
+             "--hparam", "steps=1", "--no-generation", "--out", str(tmp_path / "eval")]]
+    code = (f"import sys; from tracer.cli import main; runs = {runs!r}; "
+            "assert all(main(argv) == 0 for argv in runs); assert 'ray' not in sys.modules, 'ray was imported'")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "eval" / "cases" / "7.json").is_file() and (tmp_path / "traces" / "facts" / "1.json").is_file()

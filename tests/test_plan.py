@@ -81,6 +81,12 @@ def test_memory_grows_with_the_jobs_sizes(config_only):
     assert edit.settings["rows"] == 22  # "{}", 20 generated templates and the KL prompt
     for job in ("evaluate", "stats", "trace-dataset"):
         assert peak(job).peak_bytes > peak(job).runtime_bytes
+    for method in ("rome", "memit"):  # --ray --workers 2: each worker holds its model, runtime and largest phase
+        one, two = peak("evaluate", method=method, edits=4), peak("evaluate", method=method, edits=4, workers=2)
+        per = dict(two.largest.parts)["one worker"]
+        assert two.largest.bytes == 2 * per and per > one.largest.bytes + one.weights["cpu"]
+        assert two.largest.what == f"2 workers' {one.largest.what}"
+        assert two.settings["workers"] == 2 and two.peak_bytes > one.peak_bytes
     with pytest.raises(HyperParameterError, match="job must be one of"):
         peak("train")
 

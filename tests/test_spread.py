@@ -184,6 +184,13 @@ def test_failed_work_is_retried_and_bad_input_is_not(pool, tmp_path):
     assert (done["c"].error, done["c"].attempts) == ("RuntimeError: c failed", 1 + pool.retries)
 
 
+def test_map_raises_the_first_failure_for_good_when_asked(tiny, pool, tmp_path):
+    for runner in (LocalRunner(tiny), pool):
+        with pytest.raises(DatasetError, match="^b is malformed$"):
+            list(runner.map(_flaky, [("b", ("bad input", "b"))], shared=str(tmp_path), progress=False, errors="raise"))
+        with pytest.raises(RuntimeError, match="^c failed$"):  # the pool: after its retries
+            list(runner.map(_flaky, [("c", ("always", "c"))], shared=str(tmp_path), progress=False, errors="raise"))
+
 
 def test_local_runner_reports_errors_at_once(tiny, tmp_path):
     items = [("a", ("once", "a")), ("b", ("bad input", "b"))]
@@ -244,3 +251,186 @@ def test_embedded_model_trace_dataset_with_ray_equals_without(shared_data, tmp_p
     assert main([*common, "--ray", "--workers", "2", "--out", str(tmp_path / "ray")]) == 0
     assert_same_run(tmp_path / "plain", tmp_path / "ray")
     assert len(list((tmp_path / "ray" / "facts").glob("*.json"))) == 4
+
+
+# ---------------------------------------------------------------------------- evaluate --ray
+
+def _counterfact(n: int) -> list[dict]:
+    subjects = ["The tower", "The river Nile", "Paris", "A dog", "The museum"]
+    targets = [("Rome", "Paris"), ("Berlin", "Cairo"), ("Tokyo", "France"), ("London", "Texas"), ("Madrid", "Oslo")]
+    return [{"case_id": 20 + i, "pararel_idx": i,
+             "requested_rewrite": {"prompt": "{} is located in", "relation_id": "P1", "subject": subjects[i],
+                                   "target_new": {"str": targets[i][0], "id": "Q1"},
+                                   "target_true": {"str": targets[i][1], "id": "Q2"}},
+             "paraphrase_prompts": [f"People say that {subjects[i]} is in"],
+             "neighborhood_prompts": ["The museum is located in", "The bridge is located in"],
+             "attribute_prompts": ["The forum is located in"],
+             "generation_prompts": [f"{subjects[i]} is famous for"]} for i in range(n)]
+
+
+#: the options of each method: C over 300 tokens of the shared corpus (read through the runner),
+#: few optimisation steps; MEMIT's z one request per chunk, so a batch's z spread over both workers
+EVAL_METHODS = {
+    "rome": {"layer": 1, "stats_tokens": 300, "v_num_grad_steps": 5, "context_template_lengths": ((4, 2),)},
+    "ft-l": {"layer": 1, "steps": 3, "lr": 1e-2, "norm_constraint": 1e-2},
+    "memit": {"layers": (1, 2), "mom2_n_tokens": 300, "v_steps": 5, "chunk_requests": 1,
+              "context_templates_per_start": 0},
+    "alphaedit": {"layers": (1, 2), "mom2_n_tokens": 300, "v_steps": 5, "chunk_requests": 1,
+                  "context_templates_per_start": 0, "nullspace_threshold": 1e-2, "threshold_mode": "relative"},
+}
+
+
+def evaluate_run(model, method: str, out: Path, data: Path, **extra):
+    """``run_evaluation`` of ``method`` with its own statistics cache (C read anew by each runner)."""
+    from tracer.evaluate import Tfidf, run_evaluation
+    from tracer.stats import StatsCache
+
+    options = {**EVAL_METHODS[method]}
+    if method != "ft-l":
+        options["stats"] = StatsCache(out.parent / f"{out.name}-stats")
+    tfidf = Tfidf.fit(["The forum is located in Rome", "Paris is a city", "The tower is famous"])
+    return run_evaluation(model, method, "counterfact", out, data_path=data, batch_size=None, tfidf=tfidf,
+                          generation=method == "rome", generation_length=12, greedy_tokens=4,
+                          method_options=options, progress=False, **extra)
+
+
+def case_files(out: Path) -> dict[str, dict]:
+    """The case files without their timings (wall seconds differ from run to run)."""
+    files = {}
+    for p in sorted((out / "cases").glob("*.json")):
+        data = json.loads(p.read_text())
+        data.pop("seconds")
+        files[p.name] = data
+    return files
+
+
+@pytest.fixture(scope="module")
+def cf_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cf") / "cf.json"
+    path.write_text(json.dumps(_counterfact(4)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """This process computes with the workers' thread count: the same floats."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("method", list(EVAL_METHODS))
+def test_evaluate_on_two_workers_writes_the_case_files_of_one_process(tiny, pool, cf_data, one_thread, method,
+                                                                      tmp_path):
+    weights = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    here = evaluate_run(tiny, method, tmp_path / "here", cf_data)
+    spread = evaluate_run(pool, method, tmp_path / "spread", cf_data)
+    assert all(torch.equal(weights[k], v) for k, v in tiny.model.state_dict().items())
+    assert (tmp_path / "spread" / "settings.json").read_bytes() == (tmp_path / "here" / "settings.json").read_bytes()
+    files = case_files(tmp_path / "here")
+    assert sorted(files) == [f"{20 + i}.json" for i in range(4)]
+    assert_same_json(files, case_files(tmp_path / "spread"))
+    assert spread["n_cases"] == here["n_cases"] == 4 and spread["post"].keys() == here["post"].keys()
+    assert here["post"]["EM"]["mean"] != here["pre"]["EM"]["mean"]  # the edits were in place
+    if method in ("memit", "alphaedit"):  # the batch's z: one checkpoint file per chunk, written by this process
+        assert len(list((tmp_path / "spread" / "z").glob("z-*.safetensors"))) == 4
+    if method == "rome":
+        assert files["20.json"]["post"]["generation"]["texts"][0].startswith("The tower is famous for")
+
+
+def _evaluate_where(lm, payload, job):
+    """evaluate_batch, each case marked with the worker process that ran it."""
+    from tracer.evaluate.work import evaluate_batch
+
+    return [{**result, "pid": os.getpid()} for result in evaluate_batch(lm, payload, job)]
+
+
+def test_evaluate_finishes_a_killed_workers_cases(tiny, cf_data, one_thread, tmp_path, monkeypatch):
+    import tracer.evaluate.harness as harness
+
+    here = evaluate_run(tiny, "rome", tmp_path / "here", cf_data)
+    real, killed, pids = harness._write_json, [], []
+
+    def kill_the_other_worker_at_first_case(path, obj):
+        if Path(path).parent.name == "cases":
+            pids.append(obj.pop("pid"))
+            if not killed:  # the other worker is busy with a case: it goes to this one
+                killed.append(next(info["pid"] for info in own.info if info["pid"] != pids[0]))
+                os.kill(killed[0], signal.SIGKILL)
+        real(path, obj)
+
+    monkeypatch.setattr(harness, "_write_json", kill_the_other_worker_at_first_case)
+    monkeypatch.setattr(harness, "evaluate_batch", _evaluate_where)
+    with RayPool(tiny, workers=2, threads=1) as own:  # its own pool: the module's has no spare workers left
+        spread = evaluate_run(own, "rome", tmp_path / "spread", cf_data)
+    assert killed and killed[0] not in pids and len(pids) == 4
+    assert spread["n_cases"] == here["n_cases"] == 4
+    assert_same_json(case_files(tmp_path / "here"), case_files(tmp_path / "spread"))
+
+
+def test_interrupted_evaluate_ray_run_resumes_with_or_without_ray(tiny, pool, cf_data, one_thread, tmp_path,
+                                                                  monkeypatch):
+    import tracer.evaluate.harness as harness
+
+    whole = tmp_path / "whole"
+    evaluate_run(tiny, "rome", whole, cf_data)
+    real = harness._write_json
+    for first, then in ((pool, tiny), (tiny, pool)):
+        out, written = tmp_path / f"{type(first).__name__}-then-{type(then).__name__}", []
+
+        def interrupted_at_third(path, obj):
+            if Path(path).parent.name == "cases":
+                if len(written) == 2:
+                    raise KeyboardInterrupt  # Ctrl-C in the driver between two case files
+                written.append(path)
+            real(path, obj)
+
+        monkeypatch.setattr(harness, "_write_json", interrupted_at_third)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate_run(first, "rome", out, cf_data)
+        monkeypatch.setattr(harness, "_write_json", real)
+        assert len(list((out / "cases").glob("*.json"))) == 2
+        summary = evaluate_run(then, "rome", out, cf_data)
+        assert summary["n_cases"] == 4
+        assert_same_json(case_files(whole), case_files(out))
+
+
+def test_cli_evaluate_with_ray(tiny, pool, cf_data, tmp_path, capsys):
+    from tracer.cli import main
+
+    model_dir = tmp_path / "tiny-model"
+    tiny.model.save_pretrained(model_dir)
+    tiny.tokenizer.save_pretrained(model_dir)
+    common = ["evaluate", "--model", str(model_dir), "--device", "cpu", "--method", "memit", "--dataset",
+              "counterfact", "--data", str(cf_data), "--layers", "1-2", "--stats", "identity", "--no-generation",
+              "--hparam", "v_steps=5", "--hparam", "chunk_requests=2", "--hparam", "context_templates_per_start=0",
+              "--hparam", "mom2_weight=1.0"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    # joins this process's cluster (2 CPUs left free by the module's pool): two more workers
+    assert main([*common, "--out", str(tmp_path / "ray"), "--ray", "--workers", "2"]) == 0
+    assert "| memit (batch 4) | 4 |" in capsys.readouterr().out
+    assert_same_json(case_files(tmp_path / "plain"), case_files(tmp_path / "ray"))
+    assert len(list((tmp_path / "ray" / "z").glob("z-*.safetensors"))) == 2
+    assert main([*common, "--out", str(tmp_path / "more"), "--workers", "2"]) == 2  # --workers needs --ray
+    assert "add --ray" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.embedded
+def test_embedded_model_evaluate_with_ray_equals_without(shared_data, tmp_path):
+    """`factscope evaluate --method rome --dataset counterfact --limit 2 --ray --workers 2` writes the
+    case files of the same command without --ray (but for their timings)."""
+    from tracer.cli import main
+
+    common = ["evaluate", "--method", "rome", "--dataset", "counterfact", "--limit", "2"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--ray", "--workers", "2", "--out", str(tmp_path / "ray")]) == 0
+    files = case_files(tmp_path / "plain")
+    assert len(files) == 2 and all(f["post"]["generation"]["texts"] for f in files.values())
+    assert_same_json(files, case_files(tmp_path / "ray"))

@@ -161,7 +161,7 @@ def plan(job: str, model: "str | LanguageModel" = "smollm2-135m", *, dtype: "tor
     - ``edit``: ``prompt`` (with ``{}``), ``subject``, ``target``, ``layer``, ``steps``, ``stats_tokens``;
     - ``memit``: ``edits`` (the first records of ``dataset``, or ``requests``), ``layers``, ``chunk_requests``,
       ``memory_mb``, ``stats_tokens`` (0: C = I);
-    - ``evaluate``: ``method`` (none, ft-l, rome, memit, alphaedit), ``edits``, ``batch_size``, ``generation``;
+    - ``evaluate``: ``method`` (none, ft-l, rome, memit, alphaedit), ``edits``, ``batch_size``, ``generation``, ``workers``;
     - ``stats``: ``layers``, ``stats_tokens``, ``chunk_tokens``;
     - ``trace-dataset``: ``facts`` (a facts file), ``limit``, ``samples``, ``kinds``, ``window``, ``workers``.
     """
@@ -312,7 +312,7 @@ def _memit(lm, shape, device, *, edits: int | None = None, requests=None, datase
 
 
 def _evaluate(lm, shape, device, *, method: str = "rome", edits: int = 1, requests=None, batch_size: int | None = None,
-              generation: bool = True, dataset: str = "counterfact", **method_sizes):
+              generation: bool = True, dataset: str = "counterfact", workers: int = 1, **method_sizes):
     if method not in ("none", "ft-l", "rome", "memit", "alphaedit"):
         raise HyperParameterError(f"method must be none, ft-l, rome, memit or alphaedit, got {method!r}")
     reqs = _requests(lm, edits, requests, dataset)
@@ -331,8 +331,9 @@ def _evaluate(lm, shape, device, *, method: str = "rome", edits: int = 1, reques
     scoring = Estimate("scoring", forward_bytes(shape, 64, 32, logit_positions=32), (("a batch of 64 prompts", 0),))
     phases += (scoring,) + ((_generation(shape, rows=10, length=100, what="generations"),) if generation else ())
     work += len(reqs) * 64 * 32 * shape.n_layers
-    return phases, work, logits, hint or f"evaluate fewer records ({len(reqs)})", {**settings, "method": method,
-                                                                                     "batch_size": batch, "records": len(reqs)}
+    phases = _on_workers(shape, phases, workers, lambda e: e.what)
+    return phases, work, logits, hint or f"evaluate fewer records ({len(reqs)})", {
+        **settings, "method": method, "batch_size": batch, "records": len(reqs), "workers": workers}
 
 
 def _stats(lm, shape, device, *, layers: Sequence[int] | None = None, stats_tokens: int = 100_000,
@@ -352,10 +353,20 @@ def _trace_dataset(lm, shape, device, *, facts=None, limit: int | None = None, w
     longest = max(rows, key=lambda f: len(lm.encode(f["prompt"])))
     phases, work, logits, hint, settings = _trace(lm, shape, device, prompt=longest["prompt"], subject=longest["subject"],
                                                   facts=len(rows), **trace_sizes)
-    if workers > 1:  # each worker holds its own model and runtime beside this process
-        per = phases[0].bytes + shape.weight_bytes + resident_memory()
-        phases = (Estimate(f"{workers} workers' traces", workers * per, (("one worker", per),), phases[0].work),)
+    phases = _on_workers(shape, phases, workers, lambda e: "traces")
     return phases, work, logits, hint, {**settings, "workers": workers, "longest_prompt": longest["prompt"]}
+
+
+def _on_workers(shape: ModelShape, phases: tuple[Estimate, ...], workers: int, what) -> tuple[Estimate, ...]:
+    """``phases`` run on ``workers`` Ray workers at once (one machine), each holding its own model
+    and runtime beside this process: every phase held ``workers`` times; ``what(phase)`` names it."""
+    if workers <= 1:
+        return phases
+    out = []
+    for e in phases:
+        per = e.bytes + shape.weight_bytes + resident_memory()
+        out.append(Estimate(f"{workers} workers' {what(e)}", workers * per, (("one worker", per),), e.work))
+    return tuple(out)
 
 
 _JOBS = {"trace": _trace, "edit": _edit, "memit": _memit, "evaluate": _evaluate, "stats": _stats,

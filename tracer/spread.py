@@ -19,6 +19,8 @@ fight over cores. A task that raises a :class:`FactscopeError` (bad input: it wo
 way again) is reported at once; any other exception, or the loss of its worker, sends the item
 to a worker again, up to ``retries`` more times, then it is reported with its error. A lost
 worker's items go to the others and a replacement is started (at most ``workers`` per pool).
+A job that cannot go on without every result passes ``errors="raise"``: the first item that
+fails for good raises its exception instead.
 :class:`LocalRunner` runs the same tasks in this process, one after another, with the same bar.
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Hashable, Iterable, Iterator, Literal, Protocol, Sequence
 
 import torch
 from .progress import tqdm
@@ -39,6 +41,11 @@ from .limits import check_count
 from .models import LanguageModel, as_model, load_model
 
 Task = Callable[[LanguageModel, Any, Any], Any]
+#: what :meth:`Runner.map` does with an item that failed for good: yield it as a :class:`Done` with
+#: its ``error`` ("report"), or raise its exception and stop ("raise": a job that cannot go on
+#: without every result; in this process the task's own exception, from a Ray worker its cause,
+#: or :class:`WorkerError` when its workers were lost)
+Errors = Literal["report", "raise"]
 
 
 @dataclass(frozen=True)
@@ -66,7 +73,8 @@ class Runner(Protocol):
     def call(self, fn: Callable[..., Any], *args: Any) -> Any: ...
 
     def map(self, fn: Task, items: Iterable[tuple[Hashable, Any]], *, shared: Any = None, desc: str = "",
-            unit: str = "item", sizes: Sequence[int] | None = None, progress: bool = True) -> Iterator[Done]: ...
+            unit: str = "item", sizes: Sequence[int] | None = None, progress: bool = True,
+            errors: Errors = "report") -> Iterator[Done]: ...
 
 
 def describe_error(e: BaseException) -> str:
@@ -101,7 +109,9 @@ class LocalRunner:
         return fn(self.lm, *args)
 
     def map(self, fn: Task, items: Iterable[tuple[Hashable, Any]], *, shared: Any = None, desc: str = "",
-            unit: str = "item", sizes: Sequence[int] | None = None, progress: bool = True) -> Iterator[Done]:
+            unit: str = "item", sizes: Sequence[int] | None = None, progress: bool = True,
+            errors: Errors = "report") -> Iterator[Done]:
+        _check_errors(errors)
         items = list(items)
         bar = _bar(sum(sizes) if sizes is not None else len(items), desc, unit, progress)
         failed = 0
@@ -111,6 +121,8 @@ class LocalRunner:
                 try:
                     result, seconds, cpu = _timed(fn, self.lm, payload, shared)
                 except Exception as e:  # reported, not fatal; KeyboardInterrupt still stops the job
+                    if errors == "raise":
+                        raise
                     failed += 1
                     done = Done(key, error=describe_error(e), seconds=time.perf_counter() - t0,
                                 cpu_seconds=time.process_time() - c0)
@@ -278,10 +290,12 @@ class RayPool:
         raise WorkerError("no Ray worker is left to run the job; see the worker logs above")
 
     def map(self, fn: Task, items: Iterable[tuple[Hashable, Any]], *, shared: Any = None, desc: str = "",
-            unit: str = "item", sizes: Sequence[int] | None = None, progress: bool = True) -> Iterator[Done]:
+            unit: str = "item", sizes: Sequence[int] | None = None, progress: bool = True,
+            errors: Errors = "report") -> Iterator[Done]:
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
+        _check_errors(errors)
         items = list(items)
         shared_ref = ray.put(shared)
         queue, attempts = deque(range(len(items))), [0] * len(items)
@@ -309,7 +323,7 @@ class RayPool:
                 slot, i = running.pop(ref)
                 busy.discard(slot)
                 attempts[i] += 1
-                key, again = items[i][0], False
+                key, again, cause = items[i][0], False, None
                 try:
                     result, seconds, cpu = ray.get(ref)
                     done = Done(key, result, seconds=seconds, cpu_seconds=cpu, attempts=attempts[i], worker=slot)
@@ -326,6 +340,10 @@ class RayPool:
                     queue.appendleft(i)
                     retried += 1
                     continue
+                if errors == "raise" and not done.ok:
+                    if isinstance(cause, BaseException):
+                        raise cause from None
+                    raise WorkerError(f"item {key!r}: {done.error}")
                 failed += not done.ok
                 bar.update(sizes[i] if sizes is not None else 1)
                 bar.set_postfix(workers=self.live_workers, retried=retried, failed=failed, refresh=False)
@@ -361,6 +379,11 @@ class RayPool:
     def _await_replacement(self, ray) -> None:
         [ref], _ = ray.wait(list(self._loading), num_returns=1)
         self._replacement_ready(ray, ref)
+
+
+def _check_errors(errors: str) -> None:
+    if errors not in ("report", "raise"):
+        raise ValueError(f"errors must be 'report' or 'raise', got {errors!r}")
 
 
 def _local_cpus() -> int:

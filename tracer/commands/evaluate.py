@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from . import add_model_arguments, load_model_from_args, parse_layers
+from . import add_model_arguments, add_ray_arguments, check_ray_arguments, model_runner, parse_layers
 from .plan import refuse_too_large
 from ..errors import HyperParameterError
 from ..evaluate import run_evaluation
@@ -18,7 +18,9 @@ from ..limits import check_seed
 def register(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="CounterFact / zsRE evaluation of none, FT-L, ROME, MEMIT or AlphaEdit",
                               description="Edit each case (or batch), measure the papers' metrics, revert; writes "
-                                          "DIR/cases/<id>.json (resumable) and DIR/summary.{json,md,html}.")
+                                          "DIR/cases/<id>.json (resumable) and DIR/summary.{json,md,html}. With --ray "
+                                          "the cases (ROME, FT-L) or MEMIT's z run on Ray workers; this process "
+                                          "writes the files.")
     add_model_arguments(p)
     p.add_argument("--method", required=True, choices=tuple(METHODS),
                    help="an editing method of the registry (tracer.evaluate.methods.METHODS)")
@@ -37,7 +39,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-generation", action="store_true", help="skip generations (fluency GE, consistency RS)")
     p.add_argument("--generation-prompts", type=int, default=None, help="generation prompts per case (default: all 10)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--out", type=Path, required=True, help="output directory (resumed when it exists, with or without --ray)")
+    add_ray_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -77,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         raise HyperParameterError(f"--batch-size must be >= 1, and 1 for {args.method} (one edit at a time); got {batch}")
     if batch is None:
         batch = None if method_spec(args.method).batched else 1  # MEMIT, AlphaEdit: every selected case in one batch
+    check_ray_arguments(args)
     options = method_options(args)
     cases = load_cases(args.dataset, args.data, limit=args.limit)  # a bad file is refused before the model loads
     check_seed(args.seed, "--seed")
@@ -86,11 +90,11 @@ def run(args: argparse.Namespace) -> int:
         size = "layers" if method_spec(args.method).batched else "layer"  # the option the method's plan reads
         sized = {size: options[size]} if size in options and args.method != "none" else {}
         refuse_too_large(args, "evaluate", method=args.method, requests=cases, batch_size=batch,
-                         generation=not args.no_generation, **sized)
-    lm = load_model_from_args(args)
-    summary = run_evaluation(lm, args.method, args.dataset, args.out, limit=args.limit, batch_size=batch, cases=cases,
-                             data_path=args.data, generation=not args.no_generation,
-                             generation_prompts=args.generation_prompts, seed=args.seed, method_options=options)
+                         generation=not args.no_generation, workers=args.workers or 1 if args.ray else 1, **sized)
+    with model_runner(args) as runner:
+        summary = run_evaluation(runner, args.method, args.dataset, args.out, limit=args.limit, batch_size=batch,
+                                 cases=cases, data_path=args.data, generation=not args.no_generation,
+                                 generation_prompts=args.generation_prompts, seed=args.seed, method_options=options)
     print(summary_markdown([summary]), end="")
     print(f"per-case JSON in {args.out / 'cases'}; summary in {args.out / 'summary.md'}, .json, .html")
     return 0

@@ -45,7 +45,7 @@ def register(subparsers) -> None:
     g.add_argument("--stats-tokens", type=int, default=None, help="edit, stats: tokens of key statistics C")
     g.add_argument("--facts", type=Path, default=None, help="trace-dataset: the facts file (default: the known facts)")
     g.add_argument("--limit", type=int, default=None, help="trace-dataset: the first N facts")
-    g.add_argument("--workers", type=int, default=1, help="trace-dataset: Ray workers, each with its own model")
+    g.add_argument("--workers", type=int, default=1, help="trace-dataset, evaluate: Ray workers, each with its own model")
     add_model_arguments(p)
     p.set_defaults(func=run)
 
@@ -68,7 +68,7 @@ def sizes(args: argparse.Namespace) -> dict:
         return {"edits": args.edits or 1, "layers": _layers(args.layers)}
     if args.job == "evaluate":
         return {"method": args.method, "edits": args.edits or 1, "batch_size": args.batch_size,
-                "generation": not args.no_generation}
+                "generation": not args.no_generation, "workers": args.workers}
     if args.job == "stats":
         return {"layers": _layers(args.layers), "stats_tokens": args.stats_tokens or 100_000}
     return {**trace, "facts": args.facts, "limit": args.limit, "workers": args.workers}

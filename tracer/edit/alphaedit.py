@@ -42,6 +42,7 @@ from .memit import compute_memit
 from .records import AlphaEditRecord, MemitRecord
 from .statistics import Pairs, checked_pairs
 from .templates import context_templates
+from .zs import ZResult
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,8 @@ class AlphaEditor:
     """
 
     def __init__(self, model: "LanguageModel | str", hp: AlphaEditHyperParams | None = None, *, stats: Any = None,
-                 statistics: Pairs | None = None, templates: Sequence[str] | None = None, progress: bool = True):
+                 statistics: Pairs | None = None, templates: Sequence[str] | None = None, progress: bool = True,
+                 projections: "dict[int, Projection] | None" = None):
         self.lm = as_model(model)
         self.hp = hp or AlphaEditHyperParams.for_model(self.lm)
         if not isinstance(self.hp, AlphaEditHyperParams):
@@ -105,8 +107,8 @@ class AlphaEditor:
         self.progress = progress
         self.statistics = checked_pairs(self.lm, self.hp, stats, statistics, progress)
         self.templates = tuple(templates) if templates is not None else context_templates(self.lm, self.hp)
-        self.projections = {}
-        for l in self.hp.layers:
+        self.projections = dict(projections or {})  # given: made from the same C and settings elsewhere
+        for l in [l for l in self.hp.layers if l not in self.projections]:
             C, info = self.statistics[l]
             d_k = int(C.shape[0]) if C is not None else int(info["d_k"])  # C = I: its description has d_k
             self.projections[l] = null_space_projector(C, d_k, self.hp.nullspace_threshold, self.hp.threshold_mode)
@@ -150,9 +152,10 @@ class AlphaEditor:
             self.remember(r)
 
     def edit(self, requests: Sequence[Any], *, apply: bool = True, checkpoint_dir: str | Path | None = None,
-             remember: bool = True) -> AlphaEditRecord:
+             remember: bool = True, zs: ZResult | None = None) -> AlphaEditRecord:
         """One AlphaEdit batch on the current weights: applied unless ``apply=False`` and, unless
-        ``remember=False``, its keys added to K_p. If anything fails, the weights are unchanged."""
+        ``remember=False``, its keys added to K_p. If anything fails, the weights are unchanged.
+        ``zs``: the requests' z computed already (see :func:`~tracer.edit.memit.compute_memit`)."""
         written: dict[int, torch.Tensor] = {}
 
         def update(layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
@@ -160,7 +163,7 @@ class AlphaEditor:
             return projected_update(keys, resid, self.projections[layer].P, self._kk.get(layer), self.hp.l2)
 
         rec = compute_memit(self.lm, requests, self.hp, statistics=self.statistics, templates=self.templates,
-                            progress=self.progress, apply=False, checkpoint_dir=checkpoint_dir, update=update)
+                            progress=self.progress, apply=False, checkpoint_dir=checkpoint_dir, update=update, zs=zs)
         record = AlphaEditRecord(**{f.name: getattr(rec, f.name) for f in fields(MemitRecord) if f.name != "method"},
                                  keys=[written[l] for l in self.hp.layers],
                                  projection=[dict(self.projections[l].info) for l in self.hp.layers])

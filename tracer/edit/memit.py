@@ -44,7 +44,7 @@ from .records import MemitRecord
 from .requests import Request
 from .statistics import checked_pairs
 from .templates import context_templates
-from .zs import compute_zs
+from .zs import ZResult, compute_zs
 
 
 @torch.no_grad()
@@ -73,7 +73,8 @@ def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: Mem
                   stats: Any = None, templates: Sequence[str] | None = None, progress: bool = True,
                   statistics: dict | None = None, apply: bool = True,
                   checkpoint_dir: str | Path | None = None,
-                  update: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> MemitRecord:
+                  update: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                  zs: ZResult | None = None) -> MemitRecord:
     """Compute and apply one MEMIT batch; returns its record (already applied).
 
     ``apply=False`` returns the record with the model unchanged, e.g. to hand it to a
@@ -86,6 +87,9 @@ def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: Mem
     ``update(layer, keys, resid)`` replaces MEMIT's solve (:func:`solve_update` with C and λ): ΔW
     ("hidden d_k") from the keys ("n d_k") and residuals ("n hidden") of each layer, in order, on
     the weights the lower layers' ΔW already changed (AlphaEdit's projected update).
+
+    ``zs`` are the requests' z computed already (:func:`compute_zs` for the same requests, weights,
+    hyper-parameters and templates, e.g. spread over Ray workers); they are not computed again.
     """
     lm = as_model(model)
     reqs = [Request.coerce(r) for r in requests]
@@ -102,7 +106,13 @@ def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: Mem
     statistics = checked_pairs(lm, hp, stats, statistics, progress)
     t_stats = time.perf_counter() - t0
     templates = tuple(templates) if templates is not None else context_templates(lm, hp)
-    zres = compute_zs(lm, reqs, hp, templates, progress=progress, checkpoint_dir=checkpoint_dir)
+    if zs is None:
+        zres = compute_zs(lm, reqs, hp, templates, progress=progress, checkpoint_dir=checkpoint_dir)
+    elif zs.layer != hp.layers[-1] or tuple(zs.z.shape) != (len(reqs), lm.hidden_size):
+        raise EditError(f"the given z are {tuple(zs.z.shape)} at layer {zs.layer}; this batch needs "
+                        f"({len(reqs)}, {lm.hidden_size}) at layer {hp.layers[-1]}")
+    else:
+        zres = zs
     bad = [i for i, ok in enumerate(torch.isfinite(zres.z).all(1).tolist()) if not ok]
     if bad:
         raise EditError(f"the target vectors z of {len(bad)} requests are not finite (first: {reqs[bad[0]].text!r}); "
@@ -121,7 +131,7 @@ def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: Mem
         with torch.no_grad():
             for i, layer in enumerate(hp.layers):
                 keys, cur = keys_and_z(lm, rows, layer, hp.layers[-1], batch_rows, bar)
-                resid = (zres.z - cur) / (len(hp.layers) - i)  # "n hidden"
+                resid = (zres.z.to(cur.device) - cur) / (len(hp.layers) - i)  # "n hidden"
                 dw = (update(layer, keys, resid) if update is not None
                       else solve_update(keys, resid, statistics[layer][0], hp.mom2_weight)).float()  # "hidden d_k"
                 w = weights[i]

@@ -6,7 +6,7 @@
 ``stats`` may be ``None`` (a :class:`~tracer.stats.StatsCache` under the factscope cache), the
 string ``"identity"`` (C = I, labelled so in the record), a ``StatsCache``, or ready
 :class:`~tracer.stats.KeyStatistics` (checked against the model and layer). MEMIT also takes
-``{layer: C}`` or a callable ``(lm, layer) -> C``. ``n_tokens = 0`` means C = I.
+``{layer: KeyStatistics}`` (each checked so), ``{layer: C}`` or a callable ``(lm, layer) -> C``. ``n_tokens = 0`` means C = I.
 """
 from __future__ import annotations
 
@@ -56,7 +56,10 @@ def load_statistics(model: "LanguageModel | str", hp: MemitHyperParams, stats: A
     lm = as_model(model)
     out: Pairs = {}
     for layer in hp.layers:
-        if isinstance(stats, dict):
+        if isinstance(stats, dict) and isinstance(stats[layer], KeyStatistics):  # read elsewhere (e.g. by a pool)
+            ks = statistics_at(lm, layer, stats[layer], hp.mom2_n_tokens)
+            out[layer] = (ks.mom2, ks.to_dict())
+        elif isinstance(stats, dict):
             out[layer] = (stats[layer], {"kind": "given"})
         elif callable(stats) and not isinstance(stats, StatsCache):
             out[layer] = (stats(lm, layer), {"kind": "given"})

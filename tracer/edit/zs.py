@@ -1,6 +1,7 @@
 """MEMIT's z: the hidden vector each request should reach at the last edited layer, with checkpoints.
 
     zres = compute_zs(lm, requests, hp, templates, checkpoint_dir="out/z")   # "n hidden", resumable
+    zres = compute_zs(pool, requests, hp, templates)      # chunks on the workers of a tracer.spread runner
 
 z_i = h_L + δ_i at block L = ``hp.layers[-1]``, δ_i from ROME's v* optimisation
 (:func:`tracer.edit.values.compute_v` with ``reference="hidden"`` and MEMIT's clamp), batched over
@@ -20,10 +21,10 @@ from typing import Any, Sequence
 
 import torch
 from safetensors import safe_open
-from ..progress import tqdm
 
 from ..files import save_safetensors_atomic
-from ..models import LanguageModel, as_model
+from ..models import LanguageModel
+from ..spread import Runner, as_runner
 from ..stats import weights_fingerprint
 from ..targets import target_ids
 from .fields import is_number, list_of
@@ -50,7 +51,7 @@ class ZResult:
     reused_cost: dict[str, float] = field(default_factory=dict)
 
 
-def compute_zs(model: "LanguageModel | str", requests: Sequence[Any], hp: MemitHyperParams,
+def compute_zs(model: "LanguageModel | str | Runner", requests: Sequence[Any], hp: MemitHyperParams,
                templates: Sequence[str] | None = None, *, progress: bool = True,
                checkpoint_dir: str | Path | None = None) -> ZResult:
     """z_i = h_L + δ_i at block L = ``hp.layers[-1]``: ROME's v* optimisation
@@ -59,63 +60,75 @@ def compute_zs(model: "LanguageModel | str", requests: Sequence[Any], hp: MemitH
     requests of similar token length together (a chunk is padded to its longest row); each z depends
     only on its own request, so the order changes the time, not the result.
 
-    With ``checkpoint_dir`` every finished chunk is written there (atomically) and requests whose
-    z is already there — for the same weights, layer, v* settings and templates — are not
-    optimised again, so a long run (10,000 edits) that is interrupted resumes where it stopped.
+    ``model`` may be a :mod:`tracer.spread` runner (a :class:`~tracer.spread.RayPool`): the
+    chunks are then optimised on its workers, in parallel, and gathered here. The chunks are the
+    same whatever the runner (they do not depend on the number of workers), so the z are too.
+    The returned ``z`` is on the CPU.
+
+    With ``checkpoint_dir`` every finished chunk is written there (atomically, by this process) and
+    requests whose z is already there — for the same weights, layer, v* settings and templates —
+    are not optimised again, so a long run (10,000 edits) that is interrupted resumes where it stopped.
     """
-    lm = as_model(model)
+    runner = as_runner(model)
     reqs = [Request.coerce(r) for r in requests]
-    templates = tuple(templates) if templates is not None else context_templates(lm, hp)
-    chunk = hp.chunk_requests or auto_chunk(lm, hp, len(templates))
-    rhp = hp.rome_hparams()
+    templates, chunk, extents, hidden, prefix = runner.call(_z_plan, reqs, hp, templates, checkpoint_dir is not None)
     started = time.perf_counter()
     found: dict[str, tuple[torch.Tensor, list[float], dict | None]] = {}
     keys: list[str] = []
     if checkpoint_dir is not None:
         checkpoint_dir = Path(checkpoint_dir)
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        prefix = _z_key_prefix(lm, hp, templates)
         keys = [_request_key(prefix, r) for r in reqs]
-        found = _read_z_checkpoints(checkpoint_dir, set(keys), lm.hidden_size)
+        found = _read_z_checkpoints(checkpoint_dir, set(keys), hidden)
     todo = [i for i, k in enumerate(keys) if k not in found] if keys else list(range(len(reqs)))
     # chunks of requests with similar token extents: a chunk is padded to its longest row
-    edit_reqs = {i: reqs[i].edit_request() for i in todo}
-    todo.sort(key=lambda i: extent(lm, edit_reqs[i]))
+    todo.sort(key=lambda i: extents[i])
     z_of: dict[int, torch.Tensor] = {}
     loss_of: dict[int, list[float]] = {}
     costs = []
     for i, k in enumerate(keys):
         if k in found:
-            z_of[i], loss_of[i] = found[k][0].to(lm.device), found[k][1]
+            z_of[i], loss_of[i] = found[k][0], found[k][1]
             costs.append(found[k][2])
     reused_cost = {"wall_s": sum(c["wall_s"] for c in costs if c), "cpu_s": sum(c["cpu_s"] for c in costs if c),
                    "untimed": sum(1 for c in costs if not c)}
-    bar = tqdm(total=len(todo), desc=f"MEMIT z (layer {hp.layers[-1]})", unit="req", disable=not progress, leave=False)
     if progress and len(todo) < len(reqs):
         log.info("MEMIT z: %d of %d requests read from %s", len(reqs) - len(todo), len(reqs), checkpoint_dir)
-    try:
-        for s in range(0, len(todo), chunk):
-            part = todo[s:s + chunk]
-            wall0, cpu0 = time.perf_counter(), time.process_time()
-            vres = compute_v(lm, hp.layers[-1], [edit_reqs[i] for i in part], templates, rhp, reference="hidden")
-            z = (vres.hidden_init + vres.delta).detach()
-            curve = vres.loss.T.tolist()  # "request step"
-            part_losses = [c[:_steps_taken(c, hp.early_stop_loss)] for c in curve]
-            for j, i in enumerate(part):
-                z_of[i], loss_of[i] = z[j], part_losses[j]
-            if checkpoint_dir is not None:
-                _write_z_checkpoint(checkpoint_dir, [keys[i] for i in part], z, part_losses,
-                                    {"wall_s": time.perf_counter() - wall0, "cpu_s": time.process_time() - cpu0})
-            bar.update(len(part))
-            if progress:
-                done = s + len(part)
-                rate = done / (time.perf_counter() - started)
-                bar.set_postfix_str(f"{rate:.2f} req/s, ETA {(len(todo) - done) / rate:.0f} s")
-    finally:
-        bar.close()
+    parts = [todo[s:s + chunk] for s in range(0, len(todo), chunk)]
+    where = f" on {runner.workers} workers" if runner.workers > 1 else ""
+    for done in runner.map(_z_chunk, [(n, [reqs[i].edit_request() for i in part]) for n, part in enumerate(parts)],
+                           shared=(hp, templates), desc=f"MEMIT z (layer {hp.layers[-1]}){where}", unit="req",
+                           sizes=[len(p) for p in parts], progress=progress, errors="raise"):
+        part = parts[done.key]
+        z, part_losses = done.result
+        for j, i in enumerate(part):
+            z_of[i], loss_of[i] = z[j], part_losses[j]
+        if checkpoint_dir is not None:
+            _write_z_checkpoint(checkpoint_dir, [keys[i] for i in part], z, part_losses,
+                                {"wall_s": done.seconds, "cpu_s": done.cpu_seconds})
     return ZResult(layer=hp.layers[-1], z=torch.stack([z_of[i] for i in range(len(reqs))]),
                    losses=[loss_of[i] for i in range(len(reqs))], seconds=time.perf_counter() - started,
                    reused=len(reqs) - len(todo), reused_cost=reused_cost)
+
+
+def _z_plan(lm: LanguageModel, reqs: list[Request], hp: MemitHyperParams, templates: Sequence[str] | None,
+            keyed: bool) -> tuple[tuple[str, ...], int, list[tuple[int, int]], int, str | None]:
+    """Where the model is: the templates, the requests per chunk, each request's token extent
+    (:func:`extent`), the hidden size and, when ``keyed``, the checkpoint key prefix."""
+    templates = tuple(templates) if templates is not None else context_templates(lm, hp)
+    chunk = hp.chunk_requests or auto_chunk(lm, hp, len(templates))
+    extents = [extent(lm, r.edit_request()) for r in reqs]
+    return templates, chunk, extents, lm.hidden_size, _z_key_prefix(lm, hp, templates) if keyed else None
+
+
+def _z_chunk(lm: LanguageModel, part: list, shared: tuple[MemitHyperParams, tuple[str, ...]]
+             ) -> tuple[torch.Tensor, list[list[float]]]:
+    """The task: z ("n hidden", CPU) and the loss curves of one chunk of edit requests."""
+    hp, templates = shared
+    vres = compute_v(lm, hp.layers[-1], part, templates, hp.rome_hparams(), reference="hidden")
+    z = (vres.hidden_init + vres.delta).detach()
+    curve = vres.loss.T.tolist()  # "request step"
+    return z.cpu(), [c[:_steps_taken(c, hp.early_stop_loss)] for c in curve]
 
 
 def extent(lm: LanguageModel, request) -> tuple[int, int]:

@@ -2,9 +2,10 @@
 
     summary = run_evaluation(lm, "memit", "counterfact", out_dir="out/memit", limit=200, batch_size=100)
 
-Per batch of cases: the unedited probabilities, greedy continuations and CounterFact+
-next-token distributions ("pre"), the edit, the same for the edited model plus its sampled
-generations and the neighbourhood KL ("post"), the revert. Each case is written to
+Per batch of cases (:func:`tracer.evaluate.work.evaluate_batch`, in this process or on Ray
+workers): the unedited probabilities, greedy continuations and CounterFact+ next-token
+distributions ("pre"), the edit, the same for the edited model plus its sampled generations and
+the neighbourhood KL ("post"), the revert. This process writes each case to
 ``out_dir/cases/<case_id>.json`` atomically with the run's settings; a second run with the same
 settings skips the cases already there (resumable), one with other settings refuses the
 directory. ``summary.json``, ``summary.md`` and ``summary.html`` are rewritten at the end.
@@ -16,25 +17,24 @@ import hashlib
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..datapaths import WIKIPEDIA, data_file
+from ..edit.zs import compute_zs
 from ..errors import FactscopeError, HyperParameterError
 from ..files import write_json_atomic, write_text_atomic
-from ..models import LanguageModel, as_model, cache_dir
-from ..generation import sample
-from .metrics import (case_scores, generation_scores, greedy_outcomes, measure_probabilities, neighbourhood_distributions,
-                      neighbourhood_kl, reference_text, summarize)
-from .methods import make_method, method_spec
+from ..models import LanguageModel, cache_dir
+from ..spread import Runner, as_runner
+from .metrics import summarize
+from .methods import method_spec
 from .records import Case, load_cases
 from .report import summary_html, summary_markdown
-from .text import Tfidf, mean_ngram_entropy
+from .text import Tfidf
+from .work import BatchJob, evaluate_batch, prepare_method
 
 log = logging.getLogger(__name__)
 
@@ -65,28 +65,8 @@ def _write_json(path: Path, obj: Any) -> None:
     write_json_atomic(path, obj, indent=1, default=str)
 
 
-def _generation_metrics(lm: LanguageModel, case: Case, tfidf: Tfidf | None, n_prompts: int | None, length: int,
-                        seed: int) -> dict:
-    prompts = list(case.generation_prompts[:n_prompts] if n_prompts else case.generation_prompts)
-    if not prompts:
-        return {}
-    texts = sample(lm, prompts, max_length=length, top_k=5, seed=seed + case.case_id)
-    out = {"texts": texts, "ngram_entropy": mean_ngram_entropy(texts)}
-    if tfidf is not None and case.attribute_prompts:
-        out["reference_score"] = tfidf.similarity(" ".join(texts), reference_text(case))
-    return out
-
-
-def _phase(probs: dict, texts: dict, case: Case, kl: float | None) -> dict:
-    """One phase of a case file: teacher-forced probabilities, greedy continuations, their scores."""
-    scores = {**case_scores(probs), **generation_scores(texts, case)}
-    if kl is not None:
-        scores["neighborhood_kl"] = kl
-    return {"probs": probs, "scores": scores, **({"greedy": texts} if texts else {})}
-
-
 def run_evaluation(
-    model: "LanguageModel | str",
+    model: "LanguageModel | str | Runner",
     method: str,
     dataset: str,
     out_dir: str | os.PathLike,
@@ -106,6 +86,10 @@ def run_evaluation(
 ) -> dict:
     """Evaluate ``method`` on ``dataset`` and write per-case JSON and the summary; returns the summary.
 
+    ``model`` is a model (or its name), evaluated in this process, or a :mod:`tracer.spread`
+    runner such as a :class:`~tracer.spread.RayPool`: its workers run the batches (ROME and FT-L:
+    one case per task; MEMIT and AlphaEdit: the z of each batch in chunks, then the batch) while
+    this process writes every file, so a run resumes with or without Ray.
     ``batch_size`` is how many cases one edit holds (MEMIT: the batch, ``None`` = all cases; ROME and FT-L use 1, as in
     the papers; ``none`` ignores it). Generations (fluency, consistency) need the dataset's
     generation prompts (full CounterFact only); ``generation_prompts`` caps how many per case.
@@ -116,19 +100,20 @@ def run_evaluation(
     """
     if cases is None:  # read (and check) the records before a model is loaded
         cases = load_cases(dataset, data_path, limit=limit)
-    lm = as_model(model)
+    runner = as_runner(model)
+    batched = method_spec(method).batched
     if batch_size is None:  # MEMIT, AlphaEdit: all cases in one batch
-        batch_size = max(1, len(cases)) if method_spec(method).batched else 1
+        batch_size = max(1, len(cases)) if batched else 1
     if batch_size < 1:
         raise HyperParameterError(f"batch_size must be >= 1, got {batch_size}")
     if greedy_tokens < 0:
         raise HyperParameterError(f"greedy_tokens must be >= 0 (0: no greedy continuations), got {greedy_tokens}")
     if method in ("rome", "ft-l") and batch_size != 1:
         raise HyperParameterError(f"{method} edits one fact at a time; use --batch-size 1 (MEMIT takes batches)")
-    editor = make_method(method, lm, progress=progress, **(method_options or {}))
+    prepared = prepare_method(runner, method, method_options, progress=progress)
     gen = generation and any(c.generation_prompts for c in cases)
-    settings = EvalSettings(model=lm.name, method=method, dataset=dataset, batch_size=batch_size,
-                            method_settings=editor.settings(), generation=gen, generation_prompts=generation_prompts,
+    settings = EvalSettings(model=prepared.model, method=method, dataset=dataset, batch_size=batch_size,
+                            method_settings=prepared.settings, generation=gen, generation_prompts=generation_prompts,
                             generation_length=generation_length, seed=seed, greedy_tokens=greedy_tokens)
     out = Path(out_dir)
     case_dir = out / "cases"
@@ -139,52 +124,31 @@ def run_evaluation(
             raise FactscopeError(f"{out} holds a run with other settings ({old.get('settings', {}).get('method')!r}, key "
                                  f"{old.get('key')}); pass a new --out directory or delete it")
     _write_json(settings_file, {"key": settings.key(), "settings": settings.to_dict()})
-    if hasattr(editor, "checkpoint_dir"):
-        editor.checkpoint_dir = out / "z"
     if gen and tfidf is None and any(c.attribute_prompts for c in cases):
         tfidf = Tfidf.cached(data_file(WIKIPEDIA), cache_dir() / "tfidf")
+    job = BatchJob(prepared, settings.key(), greedy_tokens=greedy_tokens, generation=gen,
+                   generation_prompts=generation_prompts, generation_length=generation_length, seed=seed, tfidf=tfidf)
     todo = [c for c in cases if not (case_dir / f"{c.case_id}.json").is_file()]
     log.info("%s on %s: %d cases, %d already done", method, dataset, len(cases), len(cases) - len(todo))
     step = 1 if method in ("rome", "ft-l") else 50 if method == "none" else batch_size
-    bar = tqdm(total=len(todo), desc=f"evaluate {method}", unit="case", disable=not progress)
-    started = time.perf_counter()
-    try:
-        for s in range(0, len(todo), step):
-            batch = todo[s:s + step]
-            t0 = time.perf_counter()
-            pre = [measure_probabilities(lm, c) for c in batch]
-            pre_text = greedy_outcomes(lm, batch, greedy_tokens) if greedy_tokens else [{} for _ in batch]
-            pre_dist = None if method == "none" else neighbourhood_distributions(lm, batch)
-            t1 = time.perf_counter()
-            handle = editor.apply(lm, batch)
-            t2 = time.perf_counter()
-            try:
-                if method == "none":
-                    post_text, post_dist = pre_text, pre_dist
-                else:
-                    post_text = greedy_outcomes(lm, batch, greedy_tokens) if greedy_tokens else [{} for _ in batch]
-                    post_dist = neighbourhood_distributions(lm, batch)
-                for i, (c, p) in enumerate(zip(batch, pre)):
-                    post = p if method == "none" else measure_probabilities(lm, c)
-                    g = _generation_metrics(lm, c, tfidf, generation_prompts, generation_length, seed) if gen else {}
-                    kl: dict = {}
-                    if c.target_true and c.neighborhood_prompts:  # CounterFact+: 0 before the edit, by definition
-                        kl = {"pre": 0.0, "post": 0.0 if pre_dist is None else neighbourhood_kl(pre_dist[i], post_dist[i])}
-                    _write_json(case_dir / f"{c.case_id}.json", {
-                        "case_id": c.case_id, "settings_key": settings.key(), "case": c.to_dict(),
-                        "pre": _phase(p, pre_text[i], c, kl.get("pre")),
-                        "post": {**_phase(post, post_text[i], c, kl.get("post")), **({"generation": g} if g else {})},
-                        "seconds": {"measure_pre": (t1 - t0) / len(batch), "edit": (t2 - t1) / len(batch),
-                                    "batch_edit": t2 - t1, "batch_size": len(batch)},
-                    })
-                    bar.update(1)
-            finally:
-                editor.revert(lm, handle)
-            done = s + len(batch)
-            rate = done / (time.perf_counter() - started)
-            bar.set_postfix_str(f"{rate:.3f} cases/s, ETA {(len(todo) - done) / rate:.0f} s")
-    finally:
-        bar.close()
+    batches = [todo[s:s + step] for s in range(0, len(todo), step)]
+    where = f" on {runner.workers} workers" if runner.workers > 1 else ""
+
+    def save(done) -> None:
+        for result in done.result:
+            _write_json(case_dir / f"{result['case_id']}.json", result)
+
+    if not batched:  # independent tasks: spread over the workers, written as they finish
+        for done in runner.map(evaluate_batch, [(n, (b, None)) for n, b in enumerate(batches)], shared=job,
+                               desc=f"evaluate {method}{where}", unit="case", sizes=[len(b) for b in batches],
+                               progress=progress, errors="raise"):
+            save(done)
+    for n, batch in enumerate(batches if batched else ()):  # z spread over the workers, then the batch on one
+        zs = compute_zs(runner, batch, prepared.hparams, prepared.parts["templates"], progress=progress,
+                        checkpoint_dir=out / "z")
+        for done in runner.map(evaluate_batch, [(n, (batch, zs))], shared=job, desc=f"evaluate {method}",
+                               unit="case", sizes=[len(batch)], progress=progress, errors="raise"):
+            save(done)
     return write_summary(out, settings=settings, cases=cases)
 
 

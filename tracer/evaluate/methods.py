@@ -18,6 +18,10 @@
   measured), the earlier batches of a sequence in :mod:`tracer.evaluate.sequence`.
 
 Each is a :class:`MethodSpec` in the registry :data:`METHODS`; a new editor registers one.
+``method.parts(lm)`` is what a method resolved on the unedited model (C, context templates,
+AlphaEdit's projectors): ``make_method(name, other_lm, parts=...)`` on a copy of the model (a Ray
+worker) builds the same method without reading them again. MEMIT and AlphaEdit also take the
+batch's z computed already (``apply(lm, cases, zs=...)``, e.g. spread over workers).
 """
 from __future__ import annotations
 
@@ -33,8 +37,9 @@ from ..edit.ledger import Ledger
 from ..edit.memit import compute_memit
 from ..edit.requests import EditRequest
 from ..edit.rome import rome_edit
-from ..edit.statistics import load_statistics, statistics_at
+from ..edit.statistics import checked_pairs, statistics_at
 from ..edit.templates import context_templates, rome_templates
+from ..edit.zs import ZResult
 from ..errors import HyperParameterError
 from ..layers import get_module
 from ..models import LanguageModel, right_pad
@@ -51,6 +56,8 @@ class Method(Protocol):
 
     def settings(self) -> dict: ...
 
+    def parts(self, lm: LanguageModel) -> dict: ...
+
     def apply(self, lm: LanguageModel, cases: Sequence[Case]) -> Any: ...
 
     def revert(self, lm: LanguageModel, handle: Any) -> None: ...
@@ -60,6 +67,9 @@ class NoEdit:
     name = "none"
 
     def settings(self) -> dict:
+        return {}
+
+    def parts(self, lm: LanguageModel) -> dict:
         return {}
 
     def apply(self, lm: LanguageModel, cases: Sequence[Case]) -> Any:
@@ -79,6 +89,9 @@ class FineTuneL:
 
     def settings(self) -> dict:
         return self.hp.to_dict()
+
+    def parts(self, lm: LanguageModel) -> dict:
+        return {}
 
     def apply(self, lm: LanguageModel, cases: Sequence[Case]) -> Any:
         weight = get_module(lm.model, lm.layers.mlp_out_name(self.hp.layer)).weight
@@ -126,24 +139,32 @@ class RomeMethod:
 
     name = "rome"
 
-    def __init__(self, lm: LanguageModel, hp=None, stats=None):
+    def __init__(self, lm: LanguageModel, hp=None, stats=None, *, statistics=None, templates=None):
         self.hp = hp or ROMEHyperParams.for_model(lm)
-        self.stats = stats
-        self._templates = None
+        self.stats = statistics if statistics is not None else stats
+        self._templates = templates
 
     def settings(self) -> dict:
         return self.hp.to_dict()
 
-    def apply(self, lm: LanguageModel, cases: Sequence[Case]) -> Any:
+    def parts(self, lm: LanguageModel) -> dict:
+        self._resolve(lm)
+        return {"statistics": self.stats, "templates": self._templates}
+
+    def _resolve(self, lm: LanguageModel) -> None:
+        """C and the context templates, once, on the unedited model."""
         if self._templates is None:
             self._templates = rome_templates(lm, self.hp)
+        if self.stats is None or isinstance(self.stats, str):
+            self.stats = statistics_at(lm, self.hp.layer, self.stats, self.hp.stats_tokens,
+                                       chunk_tokens=self.hp.stats_chunk_tokens)
+
+    def apply(self, lm: LanguageModel, cases: Sequence[Case]) -> Any:
+        self._resolve(lm)
         ledger = Ledger(lm)
         for c in cases:
             req = EditRequest(c.prompt, c.subject, spaced(c.target_new),
                               spaced(c.target_true) if c.target_true and c.target_true.strip() != c.target_new.strip() else None)
-            if self.stats is None or isinstance(self.stats, str):  # resolved once, on the unedited model
-                self.stats = statistics_at(lm, self.hp.layer, self.stats, self.hp.stats_tokens,
-                                           chunk_tokens=self.hp.stats_chunk_tokens)
             record = rome_edit(lm, req, self.hp, self.stats, context_templates=self._templates, progress=False)
             ledger.apply(record)
         return ledger
@@ -157,19 +178,23 @@ class MemitMethod:
 
     name = "memit"
 
-    def __init__(self, lm: LanguageModel, hp=None, stats=None, progress: bool = False):
+    def __init__(self, lm: LanguageModel, hp=None, stats=None, progress: bool = False, *, statistics=None,
+                 templates=None):
         self.hp = hp or MemitHyperParams.for_model(lm)
-        self.statistics = load_statistics(lm, self.hp, stats, progress=progress)
-        self.templates = context_templates(lm, self.hp)
+        self.statistics = checked_pairs(lm, self.hp, stats, statistics, progress)
+        self.templates = tuple(templates) if templates is not None else context_templates(lm, self.hp)
         self.progress = progress
         self.checkpoint_dir = None  # the harness sets <out>/z: z of finished chunks survive an interruption
 
     def settings(self) -> dict:
         return {**self.hp.to_dict(), "statistics": [info for _, info in self.statistics.values()]}
 
-    def apply(self, lm: LanguageModel, cases: Sequence[Case]) -> Any:
+    def parts(self, lm: LanguageModel) -> dict:
+        return {"statistics": self.statistics, "templates": self.templates}
+
+    def apply(self, lm: LanguageModel, cases: Sequence[Case], zs: ZResult | None = None) -> Any:
         return compute_memit(lm, cases, self.hp, statistics=self.statistics, templates=self.templates,
-                             progress=self.progress, checkpoint_dir=self.checkpoint_dir)
+                             progress=self.progress, checkpoint_dir=self.checkpoint_dir, zs=zs)
 
     def revert(self, lm: LanguageModel, handle: Any) -> None:
         WeightBook.of(lm).revert(handle)
@@ -181,15 +206,22 @@ class AlphaEditMethod(MemitMethod):
 
     name = "alphaedit"
 
-    def __init__(self, lm: LanguageModel, hp=None, stats=None, progress: bool = False):
-        super().__init__(lm, hp or AlphaEditHyperParams.for_model(lm), stats, progress)
-        self.editor = AlphaEditor(lm, self.hp, statistics=self.statistics, templates=self.templates, progress=progress)
+    def __init__(self, lm: LanguageModel, hp=None, stats=None, progress: bool = False, *, statistics=None,
+                 templates=None, projections=None):
+        super().__init__(lm, hp or AlphaEditHyperParams.for_model(lm), stats, progress, statistics=statistics,
+                         templates=templates)
+        self.editor = AlphaEditor(lm, self.hp, statistics=self.statistics, templates=self.templates, progress=progress,
+                                  projections=projections)
 
     def settings(self) -> dict:
         return self.editor.settings()
 
-    def apply(self, lm: LanguageModel, cases: Sequence[Case]) -> Any:
-        return self.editor.edit(cases, checkpoint_dir=self.checkpoint_dir)
+    def parts(self, lm: LanguageModel) -> dict:
+        """C, the templates and P; not K_p (a method built from them starts with no batches in K_p)."""
+        return {**super().parts(lm), "projections": self.editor.projections}
+
+    def apply(self, lm: LanguageModel, cases: Sequence[Case], zs: ZResult | None = None) -> Any:
+        return self.editor.edit(cases, checkpoint_dir=self.checkpoint_dir, zs=zs)
 
     def revert(self, lm: LanguageModel, handle: Any) -> None:
         WeightBook.of(lm).revert(handle)
@@ -204,7 +236,8 @@ class AlphaEditMethod(MemitMethod):
 @dataclass(frozen=True)
 class MethodSpec:
     """A registered editing method: its hyper-parameter class (None: no settings), how to build it
-    for a model (``build(lm, hp, stats, progress)``) and which of ``layer``/``layers`` picks its layers."""
+    for a model (``build(lm, hp, stats, progress, **parts)``, ``parts`` from :meth:`Method.parts`)
+    and which of ``layer``/``layers`` picks its layers."""
 
     name: str
     hparams: type | None
@@ -229,12 +262,13 @@ def register(spec: MethodSpec) -> MethodSpec:
 register(MethodSpec("none", None, lambda lm, hp, stats, progress: NoEdit(), None, "the unedited model"))
 register(MethodSpec("ft-l", FTLHyperParams, lambda lm, hp, stats, progress: FineTuneL(hp), "layer",
                     "constrained fine-tuning of ROME's layer (FT+L)"))
-register(MethodSpec("rome", ROMEHyperParams, lambda lm, hp, stats, progress: RomeMethod(lm, hp, stats), "layer",
-                    "ROME, one case per edit"))
-register(MethodSpec("memit", MemitHyperParams, lambda lm, hp, stats, progress: MemitMethod(lm, hp, stats, progress),
+register(MethodSpec("rome", ROMEHyperParams, lambda lm, hp, stats, progress, **parts: RomeMethod(lm, hp, stats, **parts),
+                    "layer", "ROME, one case per edit"))
+register(MethodSpec("memit", MemitHyperParams,
+                    lambda lm, hp, stats, progress, **parts: MemitMethod(lm, hp, stats, progress, **parts),
                     "layers", "MEMIT on each batch of cases", batched=True))
 register(MethodSpec("alphaedit", AlphaEditHyperParams,
-                    lambda lm, hp, stats, progress: AlphaEditMethod(lm, hp, stats, progress), "layers",
+                    lambda lm, hp, stats, progress, **parts: AlphaEditMethod(lm, hp, stats, progress, **parts), "layers",
                     "AlphaEdit (MEMIT projected onto the preserved keys' null space) on each batch of cases", batched=True))
 
 
@@ -256,15 +290,23 @@ def check_overrides(name: str, overrides: dict) -> None:
             f"{name} has no hyper-parameter {', '.join(unknown)}; accepted: {', '.join(accepted) or 'none'}")
 
 
-def make_method(name: str, lm: LanguageModel, *, layer: int | None = None, layers: Sequence[int] | None = None,
-                stats: Any = None, progress: bool = False, **overrides) -> Method:
-    """The method called ``name`` with its defaults for ``lm`` (``layer``: ROME / FT-L layer;
-    ``layers``: MEMIT's range; ``overrides``: hyper-parameter fields)."""
+def method_hparams(lm: LanguageModel, name: str, *, layer: int | None = None, layers: Sequence[int] | None = None,
+                   stats: Any = None, **overrides) -> Any:
+    """The hyper-parameters of method ``name`` for ``lm`` with the options of :func:`make_method`
+    (None for ``none``); ``stats`` is accepted and ignored, so the same options serve both."""
     spec = method_spec(name)
     check_overrides(name, overrides)
     if spec.layer_option == "layer" and layer is not None:
         overrides["layer"] = layer
     if spec.layer_option == "layers" and layers:
         overrides["layers"] = tuple(layers)
-    hp = spec.hparams.for_model(lm, **overrides) if spec.hparams is not None else None
-    return spec.build(lm, hp, stats, progress)
+    return spec.hparams.for_model(lm, **overrides) if spec.hparams is not None else None
+
+
+def make_method(name: str, lm: LanguageModel, *, layer: int | None = None, layers: Sequence[int] | None = None,
+                stats: Any = None, progress: bool = False, parts: dict | None = None, **overrides) -> Method:
+    """The method called ``name`` with its defaults for ``lm`` (``layer``: ROME / FT-L layer;
+    ``layers``: MEMIT's range; ``overrides``: hyper-parameter fields; ``parts``: what
+    :meth:`Method.parts` returned for the same options on a copy of the model)."""
+    hp = method_hparams(lm, name, layer=layer, layers=layers, **overrides)
+    return method_spec(name).build(lm, hp, stats, progress, **(parts or {}))
