@@ -214,6 +214,7 @@ def stats_tokens(r: dict) -> list[str]:
 
 def _sweep(r: dict, name: str, fmt: Callable[[float], str]) -> list[str]:
     f = r["figures"]
+    short = any("post_norm_shortfall_mean" in row for row in f["rows"])  # models with a post-MLP norm
     rows = []
     for row in f["rows"]:
         if row["value"] is None:
@@ -222,8 +223,10 @@ def _sweep(r: dict, name: str, fmt: Callable[[float], str]) -> list[str]:
             label = fmt(row["value"]) + (f" ({row['note']})" if row.get("note") else "")
             if row["value"] == f.get("default"):
                 label = f"**{label}**"
-        rows.append([label, *[f"{row[k]:.1f}" for k in ("S", "ES", "PS", "NS", "EM", "PM", "NM")]])
-    return table([name, "S", "ES", "PS", "NS", "EM", "PM", "NM"], rows)
+        rows.append([label, *[f"{row[k]:.1f}" for k in ("S", "ES", "PS", "NS", "EM", "PM", "NM")],
+                     *([f"{row['post_norm_shortfall_mean']:.0%} / {row['post_norm_shortfall_max']:.0%}"
+                        if "post_norm_shortfall_mean" in row else None] if short else [])])
+    return table([name, "S", "ES", "PS", "NS", "EM", "PM", "NM", *(["post-norm shortfall (mean / max)"] if short else [])], rows)
 
 
 def memit_lambda(r: dict) -> list[str]:
@@ -502,7 +505,7 @@ def counterfact_generation(r: dict) -> list[str]:
 def rome_variants(r: dict) -> list[str]:
     """ROME's update form and templates: single edits (evaluate runs), then sequential edits."""
     f = r["figures"]
-    cols = ["ES", "PS", "NS", "ES-g", "PS-g", "NS+"]
+    cols = ["ES", "PS", "NS", "EM", "PM", "ES-g", "PS-g", "NS+"]
     lines = []
     if f["single"]:
         rows = [[row["variant"], row["n"], *[num(row.get(c)) for c in ["S", *cols]], num(row.get("NKL"), 3),
@@ -571,7 +574,7 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "sequential_editing": sequential_editing, "sequential_editing_sweep": sequential_editing_sweep,
     "alphaedit_counterfact": counterfact, "sequential_editing_energy": sequential_editing,
     "counterfact_generation": counterfact_generation, "calibration": calibration, "layer_sweep": layer_sweep,
-    "rome_variants": rome_variants,
+    "rome_variants": rome_variants, "memit_lambda_gemma3": memit_lambda,
 }
 
 

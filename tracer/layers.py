@@ -52,8 +52,9 @@ class LayerMap:
     n_layers_attr: str = "num_hidden_layers"
     mlp_out_transposed: bool = False
     norm_kind: Literal["layernorm", "rmsnorm"] = "layernorm"
-    #: the MLP output is normalised before it joins the residual (Gemma 2/3's post-feed-forward norm)
-    mlp_post_norm: bool = False
+    #: the norm the MLP output passes before it joins the residual (Gemma 2/3's post-feed-forward
+    #: norm, ``"{}"`` the layer); empty where the MLP output is added as it is
+    mlp_post_norm: str = ""
 
     def name(self, kind: Kind, layer: int) -> str:
         """Module whose output is restored for ``kind`` at ``layer``."""
@@ -65,6 +66,10 @@ class LayerMap:
 
     def mlp_out_name(self, layer: int) -> str:
         return self.mlp_out.format(layer)
+
+    def mlp_post_norm_name(self, layer: int) -> str | None:
+        """The norm between the MLP output and the residual at ``layer``; None where there is none."""
+        return self.mlp_post_norm.format(layer) if self.mlp_post_norm else None
 
     def n_layers(self, model: torch.nn.Module) -> int:
         return int(getattr(model.config, self.n_layers_attr))
@@ -108,7 +113,7 @@ LAYER_MAPS: dict[str, LayerMap] = {
     "gptj": _GPTJ,
     "gpt_neox": _NEOX,
     **{t: _LLAMA.with_family(t) for t in ("llama", "mistral", "qwen2", "qwen3", "smollm3")},
-    "gemma3_text": replace(_LLAMA.with_family("gemma3_text"), mlp_post_norm=True),
+    "gemma3_text": replace(_LLAMA.with_family("gemma3_text"), mlp_post_norm="model.layers.{}.post_feedforward_layernorm"),
 }
 
 
@@ -127,7 +132,7 @@ def get_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
 def _matches(model: torch.nn.Module, lm: LayerMap) -> bool:
     names = set(module_names(model))
     probe = [lm.embed, lm.block_name(0), lm.name("attn", 0), lm.name("mlp", 0), lm.mlp_out_name(0),
-             lm.final_norm, lm.unembed, lm.backbone]
+             lm.final_norm, lm.unembed, lm.backbone, *filter(None, [lm.mlp_post_norm_name(0)])]
     return all(p in names for p in probe)
 
 

@@ -100,13 +100,19 @@ MEASURED: tuple[Measured, ...] = (
                                         "(bench/results/ftl_epsilon.json)"}),
     Measured("Gemma 3 270M (the second embedded model)",
              {"family": "gemma3_text", "n_layers": 18, "hidden_size": 640, "vocab_size": 262144},
-             rome={"layer": 4},
+             rome={"layer": 4}, memit={"layers": (2, 3, 4, 5), "mom2_weight": 500.0},
              evidence={
+                 "memit.layers": "the scaling rule's 11 %-29 % of the depth, 2-5, around the ROME layer 4; MEMIT's "
+                                 "residual shares are carried back through the post-feed-forward norm "
+                                 "(tracer/edit/post_norm.py)",
+                 "memit.mom2_weight": "λ sweep on 20 held-out CounterFact records (1000-1019) in one batch: S 32.3 / 55.7 / "
+                                      "80.2 / 82.6 / 84.4 / 84.4 for λ = 50,000 / 15,000 / 5,000 / 1,500 / 500 / 150; 500 "
+                                      "is the largest λ within one point of the best (bench/results/memit_lambda_gemma3.json)",
                  "rome.layer": "MLP-window causal traces of the first 20 known facts it answers (window 6, a third of "
                                "the depth as 10 is for SmolLM2): peak at layer 4 of 18, layers 2-6 inside its interval "
                                "(bench/results/known_facts_averages_gemma3_w6.json); single Eiffel→Rome edits wrote the "
                                "prompt and a paraphrase at layers 2 and 4, broke the Louvre neighbour at 3 and were weak "
-                               "at 6. MEMIT is refused on this family (post-feed-forward norm); FT-L keeps ROME's ε."}),
+                               "at 6. FT-L keeps ROME's ε."}),
     Measured("GPT-2 XL", {"family": "gpt2", "n_layers": 48, "hidden_size": 1600},
              rome={"layer": 17}, memit={"layers": (13, 14, 15, 16, 17), "mom2_weight": 20000.0},
              evidence={"rome.layer": "ROME paper / hparams/ROME/gpt2-xl.json",

@@ -43,6 +43,7 @@ from .keys import KeyRows, key_rows, read_keys
 from .records import MemitRecord
 from .requests import Request
 from .statistics import checked_pairs
+from .post_norm import PostNorm
 from .templates import context_templates
 from .zs import ZResult, compute_zs
 
@@ -55,6 +56,15 @@ def keys_and_z(lm: LanguageModel, rows: KeyRows, layer: int, z_layer: int, batch
     k, z = read_keys(lm, rows, layer, z_layer=z_layer, batch_rows=batch_rows, bar=bar)
     keys = (k[:, 0] + k[:, 1:].mean(1)) / 2 if rows.n_templates > 1 else k[:, 0]
     return keys, z[:, 0]
+
+
+def mlp_output(lm: LanguageModel, module: str, keys: torch.Tensor) -> torch.Tensor:
+    """The MLP output projection's output for ``keys`` ("n d_k" -> "n hidden", float64)."""
+    proj = get_module(lm.model, module)
+    w = proj.weight.detach().double().to(keys.device)
+    out = keys.double() @ (w if lm.layers.mlp_out_transposed else w.T)
+    bias = getattr(proj, "bias", None)
+    return out if bias is None else out + bias.detach().double().to(keys.device)
 
 
 def solve_update(keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor | None, mom2_weight: float) -> torch.Tensor:
@@ -96,10 +106,6 @@ def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: Mem
     if not reqs:
         raise EditError("no requests to edit")
     hp = hp or MemitHyperParams.for_model(lm)
-    if lm.layers.mlp_post_norm:
-        raise HyperParameterError(f"MEMIT writes each layer's share of the change as an MLP output added to the residual; "
-                                  f"{lm.layers.family} normalises the MLP output first, so the update would not land "
-                                  "where MEMIT puts it: use ROME (rome_edit) on this model")
     if hp.layers[-1] >= lm.n_layers:
         raise HyperParameterError(f"layers must be < {lm.n_layers} for {lm.name}, got {list(hp.layers)}")
     t0 = time.perf_counter()
@@ -125,6 +131,8 @@ def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: Mem
     batch_rows = max(8, hp.chunk_requests * len(templates) if hp.chunk_requests else 256)
     t1 = time.perf_counter()
     rows = key_rows(lm, reqs, templates)
+    post_norms = {l: PostNorm.of(lm, l) for l in hp.layers} if lm.layers.mlp_post_norm else {}
+    shortfalls: list[torch.Tensor] = []  # per layer, "n": what the norm could not give
     bar = tqdm(total=len(hp.layers) * len(rows.ids), desc=f"MEMIT keys and update (layers {hp.layers[0]}-{hp.layers[-1]})",
                unit="row", disable=not progress, leave=False)
     try:
@@ -132,6 +140,10 @@ def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: Mem
             for i, layer in enumerate(hp.layers):
                 keys, cur = keys_and_z(lm, rows, layer, hp.layers[-1], batch_rows, bar)
                 resid = (zres.z.to(cur.device) - cur) / (len(hp.layers) - i)  # "n hidden"
+                if layer in post_norms:  # the residual share, carried back through the post-MLP norm
+                    resid, short = post_norms[layer].targets(mlp_output(lm, modules[i], keys), resid)
+                    resid = resid.to(cur.dtype)
+                    shortfalls.append(short)
                 dw = (update(layer, keys, resid) if update is not None
                       else solve_update(keys, resid, statistics[layer][0], hp.mom2_weight)).float()  # "hidden d_k"
                 w = weights[i]
@@ -157,7 +169,10 @@ def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: Mem
                          stats=[statistics[l][1] for l in hp.layers], z_losses=zres.losses,
                          timings={"statistics_s": t_stats, "z_s": zres.seconds, "z_reused": zres.reused,
                                   **{f"z_reused_{k}": v for k, v in zres.reused_cost.items()},
-                                  "update_s": time.perf_counter() - t1},
+                                  "update_s": time.perf_counter() - t1,
+                                  **({"post_norm_shortfall_mean": float(torch.cat(shortfalls).mean()),
+                                      "post_norm_shortfall_max": float(torch.cat(shortfalls).max())}
+                                     if shortfalls else {})},
                          fingerprints=fingerprints)
     if apply:
         WeightBook.of(lm).apply(record, verify=False)  # on the weights it was computed on
