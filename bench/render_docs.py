@@ -574,7 +574,7 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "sequential_editing": sequential_editing, "sequential_editing_sweep": sequential_editing_sweep,
     "alphaedit_counterfact": counterfact, "sequential_editing_energy": sequential_editing,
     "counterfact_generation": counterfact_generation, "calibration": calibration, "layer_sweep": layer_sweep,
-    "rome_variants": rome_variants, "memit_lambda_gemma3": memit_lambda,
+    "rome_variants": rome_variants, "memit_lambda_gemma3": memit_lambda, "ftl_epsilon_gemma3": ftl_epsilon,
 }
 
 

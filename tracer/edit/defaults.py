@@ -101,7 +101,12 @@ MEASURED: tuple[Measured, ...] = (
     Measured("Gemma 3 270M (the second embedded model)",
              {"family": "gemma3_text", "n_layers": 18, "hidden_size": 640, "vocab_size": 262144},
              rome={"layer": 4}, memit={"layers": (2, 3, 4, 5), "mom2_weight": 500.0},
+             ftl={"lr": 1e-4, "norm_constraint": 1e-4},
              evidence={
+                 "ftl.norm_constraint": "ε sweep on the same 20 held-out records, one at a time at layer 4: NS 76.5 / 73.0 / "
+                                        "63.5 / 53.0 / 36.5 (unedited 79.0) for ε = lr = 5e-5 / 1e-4 / 2e-4 / 5e-4 / 1e-3; "
+                                        "1e-4 is the largest that keeps NS within 10 points of the unedited model "
+                                        "(bench/results/ftl_epsilon_gemma3.json)",
                  "memit.layers": "the scaling rule's 11 %-29 % of the depth, 2-5, around the ROME layer 4; MEMIT's "
                                  "residual shares are carried back through the post-feed-forward norm "
                                  "(tracer/edit/post_norm.py)",
@@ -112,7 +117,7 @@ MEASURED: tuple[Measured, ...] = (
                                "the depth as 10 is for SmolLM2): peak at layer 4 of 18, layers 2-6 inside its interval "
                                "(bench/results/known_facts_averages_gemma3_w6.json); single Eiffel→Rome edits wrote the "
                                "prompt and a paraphrase at layers 2 and 4, broke the Louvre neighbour at 3 and were weak "
-                               "at 6. FT-L keeps ROME's ε."}),
+                               "at 6."}),
     Measured("GPT-2 XL", {"family": "gpt2", "n_layers": 48, "hidden_size": 1600},
              rome={"layer": 17}, memit={"layers": (13, 14, 15, 16, 17), "mom2_weight": 20000.0},
              evidence={"rome.layer": "ROME paper / hparams/ROME/gpt2-xl.json",
