@@ -41,5 +41,5 @@ from .values import compute_v
 __all__ = ["Defaults", "EditCheck", "EditRecord", "EditRequest", "FTLHyperParams", "Health", "Ledger", "MemitHyperParams",
            "MemitRecord", "ModelIdentity", "ROMEHyperParams", "Request", "WeightBook", "check_edit", "compute_k",
            "compute_keys", "compute_memit", "compute_v", "context_templates", "defaults_for", "edited",
-           "generate_context_templates", "load_records", "rome_templates", "load_statistics", "rome_edit", "save_records", "sequential_memit",
-           "solve_update"]
+           "generate_context_templates", "load_records", "load_statistics", "rome_edit", "rome_templates", "save_records",
+           "sequential_memit", "solve_update"]

@@ -140,9 +140,8 @@ def compute_memit(model: "LanguageModel | str", requests: Sequence[Any], hp: Mem
             for i, layer in enumerate(hp.layers):
                 keys, cur = keys_and_z(lm, rows, layer, hp.layers[-1], batch_rows, bar)
                 resid = (zres.z.to(cur.device) - cur) / (len(hp.layers) - i)  # "n hidden"
-                if layer in post_norms:  # the residual share, carried back through the post-MLP norm
+                if layer in post_norms:  # the share carried back through the post-MLP norm (float64, as the solves read it)
                     resid, short = post_norms[layer].targets(mlp_output(lm, modules[i], keys), resid)
-                    resid = resid.to(cur.dtype)
                     shortfalls.append(short)
                 dw = (update(layer, keys, resid) if update is not None
                       else solve_update(keys, resid, statistics[layer][0], hp.mom2_weight)).float()  # "hidden d_k"

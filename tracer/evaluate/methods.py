@@ -184,7 +184,7 @@ class MemitMethod:
         self.statistics = checked_pairs(lm, self.hp, stats, statistics, progress)
         self.templates = tuple(templates) if templates is not None else context_templates(lm, self.hp)
         self.progress = progress
-        self.checkpoint_dir = None  # the harness sets <out>/z: z of finished chunks survive an interruption
+        self.checkpoint_dir = None  # a sequence sets <out>/z (the harness passes its own to compute_zs)
 
     def settings(self) -> dict:
         return {**self.hp.to_dict(), "statistics": [info for _, info in self.statistics.values()]}
