@@ -41,7 +41,7 @@ def row(summary: dict, phase: str, label: str) -> dict:
     sec = summary.get("seconds_per_edit")
     out["s_per_edit"] = round(sec, 2) if sec is not None and phase == "post" and label != "unedited" else None
     bs = summary["settings"].get("batch_size")
-    if summary["settings"]["method"] in ("memit", "alphaedit"):
+    if summary["settings"]["method"] in ("memit", "alphaedit") and label != "unedited":
         out["batch"] = bs
     return out
 

@@ -15,10 +15,14 @@ Single: the first ``--single`` cases in one batch with each method (scores on up
 (``absolute:0.02,energy:0.02,...``) and with MEMIT, on the same z: how much the threshold costs.
 
 z are kept under ``--checkpoint`` (shared: the first batch's z and a single batch's z are computed
-once for all methods with the same last layer) and every sequence's ledger under
-``--checkpoint/seq_<label>``, so an interrupted run resumes. The 10,000-edit batch needs its z
-(about 10 CPU-hours): ``python bench/memit_scale.py --sizes 10000 --checkpoint DIR --z-only`` does
-them ahead in parallel shards into the same folder.
+once for all methods with the same last layer), every sequence's ledger and measured rows under
+``--checkpoint/seq_<label>`` and the unedited scores (of a second, unedited copy of the model)
+under ``--checkpoint/unedited.json``, so an interrupted run resumes with its rows. ``--minutes M``
+starts no new batch of a sequence after M minutes of it: the same command run again continues each
+sequence where it stopped; with ``--minutes 0`` it edits nothing more and writes the result from
+the rows measured so far. The 10,000-edit batch needs its z (about 8 CPU-hours at 2.9 s each):
+``python bench/memit_scale.py --sizes 10000 --checkpoint DIR --z-only`` does them ahead in
+parallel shards into the same folder.
 """
 from __future__ import annotations
 
@@ -34,14 +38,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results import add_result_arguments, save_result  # noqa: E402
 from tracer.commands.evaluate import parse_hparams, parse_layers  # noqa: E402
-from tracer.edit import WeightBook, context_templates, load_statistics  # noqa: E402
+from tracer.edit import WeightBook, context_templates, load_records, load_statistics  # noqa: E402
 from tracer.edit.alphaedit import compute_alphaedit  # noqa: E402
 from tracer.edit.hparams import AlphaEditHyperParams, MemitHyperParams  # noqa: E402
 from tracer.edit.memit import compute_memit  # noqa: E402
 from tracer.edit.sequential import heldout_texts, perplexity  # noqa: E402
 from tracer.evaluate import case_scores, load_cases, measure_probabilities, summarize  # noqa: E402
 from tracer.evaluate.sequence import run_sequence  # noqa: E402
+from tracer.files import write_json_atomic  # noqa: E402
 from tracer.models import load_model  # noqa: E402
+
+
+class OutOfTime(Exception):
+    """``--minutes`` spent: stop a sequence after the batch just kept."""
+
+
+class UneditedScores:
+    """Scores of a batch's first ``n`` cases on the unedited model (a second copy, so a sequence can
+    ask after editing), kept in ``path`` by case ids for reruns and the other methods."""
+
+    def __init__(self, lm0, n: int, path: Path):
+        self.lm0, self.n, self.path = lm0, n, path
+        self.kept = json.loads(path.read_text()) if path.is_file() else {}
+
+    def __call__(self, batch) -> dict:
+        key = ",".join(str(c.case_id) for c in batch[:self.n])
+        if key not in self.kept:
+            self.kept[key] = scores(self.lm0, batch[:self.n])
+            write_json_atomic(self.path, self.kept, indent=1)
+        return self.kept[key]
 
 
 def scores(lm, cases) -> dict:
@@ -61,6 +86,8 @@ def main() -> None:
     ap.add_argument("--alpha-layers", default=None, help="also AlphaEdit over these layers, e.g. 0-6")
     ap.add_argument("--sweep", default=None, help="thresholds MODE:VALUE,... for AlphaEdit on the first batch alone")
     ap.add_argument("--checkpoint", type=Path, required=True, help="z checkpoints and the sequences' ledgers")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="start no new batch of a sequence after this many minutes of it (rerun to continue)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     add_result_arguments(ap, "sequential_editing")
@@ -94,9 +121,9 @@ def main() -> None:
 
     seq = cases[:args.edits]
     batches = [seq[s:s + args.batch] for s in range(0, len(seq), args.batch)]
-    unedited = [scores(lm, b[:args.eval]) for b in batches]
+    unedited = UneditedScores(load_model("smollm2-135m", device=args.device), args.eval, args.checkpoint / "unedited.json")
     first = cases[:args.batch]
-    first_before = unedited[0] if unedited else scores(lm, first[:args.eval])
+    first_before = unedited(first)
     for item in (args.sweep.split(",") if args.sweep else []):
         mode, _, value = item.partition(":")
         t = time.perf_counter()
@@ -118,37 +145,52 @@ def main() -> None:
     for label, method, options in configs:
         if not args.edits:
             break
-        rows = figures["sequential"][label] = [{"edits": 0, "perplexity": round(ppl0, 3), "first_batch": unedited[0]}]
+        out = args.checkpoint / f"seq_{label.replace(' ', '_')}"
+        kept_rows = out / "bench_rows.json"  # rows of the batches a resumed sequence does not redo
+        rows = figures["sequential"][label] = (json.loads(kept_rows.read_text()) if kept_rows.is_file() else
+                                               [{"edits": 0, "perplexity": round(ppl0, 3), "first_batch": first_before}])
         started = time.perf_counter()
 
-        def on_batch(b, batch, records, health, rows=rows, started=started) -> None:
+        def on_batch(b, batch, records, health, rows=rows, started=started, kept_rows=kept_rows) -> None:
             row = {"edits": health.n_edits, "batch_s": round(health.seconds, 1),
                    "wall_s": round(time.perf_counter() - started, 1),
                    "norm_ratio": [round(v, 4) for v in health.norm_ratio.values()],
                    "perplexity": round(health.perplexity, 3), "entropy": round(health.entropy, 3),
                    "efficacy": health.efficacy, "retention": health.retention,
                    "z_reused": records[0].timings.get("z_reused"),
-                   "this_batch": {"before": unedited[b - 1], "after": scores(lm, batch[:args.eval])},
+                   "this_batch": {"before": unedited(batch), "after": scores(lm, batch[:args.eval])},
                    "first_batch": scores(lm, batches[0][:args.eval])}
+            del rows[b:]  # a batch the sequence redid after an interruption replaces its old row
+            rows.extend({"batch": k, "not_measured": "interrupted between its ledger entry and this row"}
+                        for k in range(len(rows), b))
             rows.append(row)
+            write_json_atomic(kept_rows, rows, indent=1)
             print(json.dumps({"method": label, **row}), flush=True)
             emit()
+            if args.minutes is not None and time.perf_counter() - started > 60 * args.minutes:
+                raise OutOfTime
 
-        result = run_sequence(lm, method, seq, batch_size=args.batch, out_dir=args.checkpoint / f"seq_{label.replace(' ', '_')}",
-                              method_options=options, texts=texts, checkpoint_dir=args.checkpoint / "z", on_batch=on_batch)
-        if result.resumed:
-            rows.insert(1, {"resumed_batches": result.resumed})
-        run = json.loads((args.checkpoint / f"seq_{label.replace(' ', '_')}" / "run.json").read_text())
+        if args.minutes == 0 and (out / "run.json").is_file():  # edit nothing more: the rows measured so far
+            records = []
+        else:
+            try:
+                result = run_sequence(lm, method, seq, batch_size=args.batch, out_dir=out, method_options=options,
+                                      texts=texts, checkpoint_dir=args.checkpoint / "z", on_batch=on_batch)
+                records = result.records
+            except OutOfTime:  # the kept batches are in the ledger; the same command continues from them
+                records = load_records(out / "ledger.safetensors")
+                print(f"{label}: time budget spent after {rows[-1]['edits']} edits; stopping this sequence", flush=True)
+        run = json.loads((out / "run.json").read_text())
         figures["settings"][label] = {k: v for k, v in run["settings"]["method_settings"].items() if k != "statistics"}
-        figures["settings"][label]["entropy_unedited"] = result.health[0].entropy
-        for rec in reversed(result.records):
+        figures["settings"][label]["entropy_unedited"] = json.loads((out / "health.json").read_text())["rows"][0]["entropy"]
+        for rec in reversed(records):
             WeightBook.of(lm).revert(rec)
         emit()
     for label, method, options in configs:
         if not args.single:
             break
         batch = cases[:args.single]
-        before = scores(lm, batch[:args.eval])
+        before = unedited(batch)
         t, cpu = time.perf_counter(), time.process_time()
         if method == "memit":
             hp = MemitHyperParams.for_model(lm, **options)

@@ -215,15 +215,18 @@ def test_harness_ftl_resumable_and_reverts(tmp_path):
     ("rome", {"layer": 1, "stats": "identity", "v_num_grad_steps": 15, "context_template_lengths": ((4, 2),)}),
     ("memit", {"layers": (1, 2), "stats": "identity", "v_steps": 15}),
 ])
-def test_harness_editing_methods_restore_weights(tmp_path, method, options):
+def test_harness_editing_methods_restore_weights(tmp_path, method, options, capsys):
     from conftest import make_tiny_model
 
     lm = make_tiny_model("gpt2")
     data = _tiny_counterfact(tmp_path / "cf.json")
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     s = run_evaluation(lm, method, "counterfact", tmp_path / method, data_path=data, batch_size=None,
-                       generation=False, method_options=options, progress=False)
+                       generation=False, method_options=options, progress=True)
     assert s["settings"]["batch_size"] == (2 if method == "memit" else 1)  # None: MEMIT takes all cases at once
+    err = capsys.readouterr().err
+    assert f"evaluate {method}" in err
+    assert ("measuring after" in err and "2/2" in err) == (method == "memit")  # a batch's own cases show progress
     assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
     assert s["n_cases"] == 2 and s["post"]["EM"]["mean"] != s["pre"]["EM"]["mean"]  # the edit was in place
     if method == "memit":  # on random tiny models ROME's averaged k* can miss the bare prompt; MEMIT's z does not

@@ -192,6 +192,28 @@ def test_map_raises_the_first_failure_for_good_when_asked(tiny, pool, tmp_path):
             list(runner.map(_flaky, [("c", ("always", "c"))], shared=str(tmp_path), progress=False, errors="raise"))
 
 
+_KEPT: list = []  # in each worker: every shared object a task saw, alive, so no two share an id
+
+
+def _shared_seen(lm, item, shared):
+    _KEPT.append(shared)
+    time.sleep(0.05)
+    return os.getpid(), id(shared), float(shared["C"].sum())
+
+
+def test_each_worker_reads_the_shared_object_once_per_map(pool):
+    wait_for_both(pool)
+    for scale in (1.0, 2.0):  # a second map ships its own shared object
+        shared = {"C": torch.full((256, 256), scale, dtype=torch.float64)}
+        done = list(pool.map(_shared_seen, [(i, i) for i in range(8)], shared=shared, progress=False))
+        seen = {}
+        for d in done:
+            pid, ident, total = d.result
+            seen.setdefault(pid, set()).add(ident)
+            assert total == 256 * 256 * scale
+        assert len(seen) == 2 and all(len(ids) == 1 for ids in seen.values())  # one copy per worker, not per task
+
+
 def test_local_runner_reports_errors_at_once(tiny, tmp_path):
     items = [("a", ("once", "a")), ("b", ("bad input", "b"))]
     done = list(LocalRunner(tiny).map(_flaky, items, shared=str(tmp_path), progress=False))

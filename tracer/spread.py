@@ -8,7 +8,8 @@
 
 A *task* is a module-level function ``fn(lm, payload, shared) -> result`` that runs where the
 model is (here, or in a Ray actor) and leaves the model as it found it. ``items`` are
-``(key, payload)`` pairs; ``shared`` goes to every task (in Ray, put once in the object store).
+``(key, payload)`` pairs; ``shared`` goes to every task, read-only (in Ray, put once in the object
+store and read once per worker, which hands the same object to each of its tasks, as this process does).
 Results travel back to the caller, so no shared file system is needed: jobs keep their
 resumable file formats by writing each result as it arrives.
 
@@ -146,6 +147,7 @@ class _Worker:
     def __init__(self, model: "LanguageModel | str", device: str, threads: int, load_options: dict):
         self.model, self.device, self.threads, self.load_options = model, device, threads, load_options
         self.lm: LanguageModel | None = None
+        self.shared_id, self.shared = None, None  # the map's shared object, read once per worker
 
     def load(self) -> dict:
         torch.set_num_threads(self.threads)
@@ -158,8 +160,15 @@ class _Worker:
         return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.lm.device),
                 "threads": torch.get_num_threads(), "model": self.lm.name}
 
-    def run(self, fn: Task, payload: Any, shared: Any) -> tuple[Any, float, float]:
-        return _timed(fn, self.lm, payload, shared)
+    def run(self, fn: Task, payload: Any, shared_box: list) -> tuple[Any, float, float]:
+        """``shared_box``: ``[ref]`` of the map's ``shared`` (boxed, so Ray hands the reference
+        over instead of a fresh copy per task: key statistics of a 7B model are gigabytes)."""
+        import ray
+
+        [ref] = shared_box
+        if ref.hex() != self.shared_id:
+            self.shared, self.shared_id = ray.get(ref), ref.hex()
+        return _timed(fn, self.lm, payload, self.shared)
 
     def call(self, fn: Callable[..., Any], args: tuple) -> Any:
         return fn(self.lm, *args)
@@ -308,7 +317,7 @@ class RayPool:
                 for slot in range(len(self._actors)):
                     if queue and self._live[slot] and slot not in busy:
                         i = queue.popleft()
-                        running[self._actors[slot].run.remote(fn, items[i][1], shared_ref)] = (slot, i)
+                        running[self._actors[slot].run.remote(fn, items[i][1], [shared_ref])] = (slot, i)
                         busy.add(slot)
                 if not running:
                     if not self._loading:

@@ -28,7 +28,7 @@ from ..edit.zs import compute_zs
 from ..errors import FactscopeError, HyperParameterError
 from ..files import write_json_atomic, write_text_atomic
 from ..models import LanguageModel, cache_dir
-from ..spread import Runner, as_runner
+from ..spread import LocalRunner, Runner, as_runner
 from .metrics import summarize
 from .methods import method_spec
 from .records import Case, load_cases
@@ -127,7 +127,8 @@ def run_evaluation(
     if gen and tfidf is None and any(c.attribute_prompts for c in cases):
         tfidf = Tfidf.cached(data_file(WIKIPEDIA), cache_dir() / "tfidf")
     job = BatchJob(prepared, settings.key(), greedy_tokens=greedy_tokens, generation=gen,
-                   generation_prompts=generation_prompts, generation_length=generation_length, seed=seed, tfidf=tfidf)
+                   generation_prompts=generation_prompts, generation_length=generation_length, seed=seed, tfidf=tfidf,
+                   progress=progress and isinstance(runner, LocalRunner))
     todo = [c for c in cases if not (case_dir / f"{c.case_id}.json").is_file()]
     log.info("%s on %s: %d cases, %d already done", method, dataset, len(cases), len(cases) - len(todo))
     step = 1 if method in ("rome", "ft-l") else 50 if method == "none" else batch_size

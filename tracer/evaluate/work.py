@@ -25,6 +25,7 @@ from ..edit.hparams import MemitHyperParams, ROMEHyperParams
 from ..edit.zs import ZResult
 from ..generation import sample
 from ..models import LanguageModel, cache_dir
+from ..progress import tqdm
 from ..spread import Runner
 from ..stats import StatsCache
 from .methods import make_method, method_hparams
@@ -96,6 +97,7 @@ class BatchJob:
     generation_length: int
     seed: int
     tfidf: Tfidf | None
+    progress: bool = False  # a bar over a batch's cases (in this process; a Ray worker has no screen)
 
 
 def _generation_metrics(lm: LanguageModel, case: Case, tfidf: Tfidf | None, n_prompts: int | None, length: int,
@@ -126,7 +128,9 @@ def evaluate_batch(lm: LanguageModel, payload: tuple[Sequence[Case], ZResult | N
     editor = job.method.build(lm)
     greedy = job.greedy_tokens
     t0 = time.perf_counter()
-    pre = [measure_probabilities(lm, c) for c in batch]
+    bars = job.progress and len(batch) > 1  # a MEMIT batch of thousands is one task: show its steps
+    pre = [measure_probabilities(lm, c) for c in tqdm(batch, desc="measuring before", unit="case", leave=False,
+                                                      disable=not bars)]
     pre_text = greedy_outcomes(lm, batch, greedy) if greedy else [{} for _ in batch]
     pre_dist = None if method == "none" else neighbourhood_distributions(lm, batch)
     t1 = time.perf_counter()
@@ -140,7 +144,8 @@ def evaluate_batch(lm: LanguageModel, payload: tuple[Sequence[Case], ZResult | N
         else:
             post_text = greedy_outcomes(lm, batch, greedy) if greedy else [{} for _ in batch]
             post_dist = neighbourhood_distributions(lm, batch)
-        for i, (c, p) in enumerate(zip(batch, pre)):
+        for i, (c, p) in enumerate(tqdm(list(zip(batch, pre)), desc="measuring after", unit="case", leave=False,
+                                        disable=not bars)):
             post = p if method == "none" else measure_probabilities(lm, c)
             g = (_generation_metrics(lm, c, job.tfidf, job.generation_prompts, job.generation_length, job.seed)
                  if job.generation else {})
