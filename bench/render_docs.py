@@ -339,15 +339,16 @@ def sequential_editing(r: dict) -> list[str]:
                          _es_ps_ns(row["first_batch"]),
                          "–" if row["retention"] is None else f"{row['retention'] * 100:.0f} %"])
     lines = table(["method", "edits", "max ‖W‖ / ‖W₀‖", "perplexity", "entropy", "this batch: ES / PS / NS",
-                   "first batch: ES / PS / NS", "retention"], rows)
+                   "first batch: ES / PS / NS", "retention"], rows) if rows else []
     if f.get("single"):
-        lines += ["", *table(["one batch", "edits", "layers", f"ES / PS / NS of the first {f['eval']} (unedited → edited)",
-                              "perplexity", "wall (z optimised in it)"], [
+        single = table(["one batch", "edits", "layers", f"ES / PS / NS of the first {f['eval']} (unedited → edited)",
+                        "perplexity", "wall (z optimised in it)"], [
             [label, f"{row['n']:,}", f"{row['layers'][0]}–{row['layers'][-1]}",
              f"{_es_ps_ns(row['before'])} → {_es_ps_ns(row['after'])}",
              f"{f['perplexity_unedited']:.2f} → {row['perplexity']:.2f}",
              f"{row['wall_s']:,.0f} s ({row['n'] - (row['z_reused'] or 0):,})"]
-            for label, row in f["single"].items()])]
+            for label, row in f["single"].items()])
+        lines += ([""] if lines else []) + single
     return lines
 
 
