@@ -573,7 +573,7 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "plan_accuracy": plan_accuracy, "trace_speed_rome": trace_speed_rome, "gpu_suite": gpu_suite,
     "naive_vs_rome": naive_vs_rome,
     "sequential_editing": sequential_editing, "sequential_editing_b50": sequential_editing,
-    "sequential_editing_sweep": sequential_editing_sweep,
+    "sequential_editing_sweep": sequential_editing_sweep, "sequential_editing_single2000": sequential_editing,
     "alphaedit_counterfact": counterfact_generation, "sequential_editing_energy": sequential_editing,
     "counterfact_generation": counterfact_generation, "calibration": calibration, "layer_sweep": layer_sweep,
     "rome_variants": rome_variants, "memit_lambda_gemma3": memit_lambda, "ftl_epsilon_gemma3": ftl_epsilon,

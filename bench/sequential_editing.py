@@ -10,7 +10,8 @@ batch just written (before → after, up to ``--eval`` of its cases), of the fir
 there?), ‖W‖ / ‖W₀‖ of each edited matrix, perplexity on 16 held-out Wikipedia articles, the
 n-gram entropy of text sampled from held-out openings, retention of a sample of earlier edits.
 Single: the first ``--single`` cases in one batch with each method (scores on up to ``--eval``).
-``--alpha-layers 0-6`` adds AlphaEdit over that wider range (capacity grows with the edited layers).
+``--wide-layers 0-6`` adds every method of ``--methods`` over that wider range (capacity grows with
+the edited layers; MEMIT's row there separates the effect of the range from that of the projection).
 ``--sweep`` first writes the first batch alone with AlphaEdit at each null-space threshold given
 (``absolute:0.02,energy:0.02,...``) and with MEMIT, on the same z: how much the threshold costs.
 
@@ -83,7 +84,7 @@ def main() -> None:
     ap.add_argument("--methods", default="memit,alphaedit")
     ap.add_argument("--alpha", action="append", default=[], metavar="KEY=VALUE",
                     help="AlphaEdit setting (repeatable), e.g. nullspace_threshold=0.02 threshold_mode=energy")
-    ap.add_argument("--alpha-layers", default=None, help="also AlphaEdit over these layers, e.g. 0-6")
+    ap.add_argument("--wide-layers", default=None, help="also every method over these layers, e.g. 0-6")
     ap.add_argument("--sweep", default=None, help="thresholds MODE:VALUE,... for AlphaEdit on the first batch alone")
     ap.add_argument("--checkpoint", type=Path, required=True, help="z checkpoints and the sequences' ledgers")
     ap.add_argument("--minutes", type=float, default=None,
@@ -100,9 +101,10 @@ def main() -> None:
     tag = "".join(f" {k}={v}" for k, v in sorted(alpha.items()))  # labels name the settings that differ
     for m in args.methods.split(","):
         configs.append((m + tag, m, dict(alpha)) if m == "alphaedit" else (m, m, {}))
-    if args.alpha_layers:
-        layers = parse_layers(args.alpha_layers)
-        configs.append((f"alphaedit{tag} L{layers[0]}-{layers[-1]}", "alphaedit", {**alpha, "layers": layers}))
+    if args.wide_layers:
+        layers = parse_layers(args.wide_layers)
+        configs += [(f"{label} L{layers[0]}-{layers[-1]}", m, {**options, "layers": layers})
+                    for label, m, options in list(configs)]
     texts = heldout_texts()
     t = time.perf_counter()
     hp0 = MemitHyperParams.for_model(lm)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import tracer.dataset_trace as dt
+import tracer.limits as limits
 from tracer.errors import DatasetError, ModelNotFoundError
 from tracer.spread import LocalRunner, RayPool, model_name
 from tracer.stats import StatsCache, compute_key_statistics
@@ -238,7 +239,7 @@ def test_key_statistics_over_two_workers_equal_one_process(tiny, pool, tmp_path)
     assert len(list(tmp_path.glob("*.safetensors"))) == 1 and torch.equal(first.mom2, again.mom2)
 
 
-def test_cli_trace_dataset_with_ray(tiny, pool, runs, tmp_path, capsys):
+def test_cli_trace_dataset_with_ray(tiny, pool, runs, tmp_path, capsys, monkeypatch):
     from tracer.cli import main
 
     model_dir = tmp_path / "tiny-model"
@@ -253,6 +254,8 @@ def test_cli_trace_dataset_with_ray(tiny, pool, runs, tmp_path, capsys):
     assert main([*common, "--out", str(tmp_path / "ray"), "--ray", "--workers", "2"]) == 0
     assert "5 traced, 1 failed" in capsys.readouterr().out
     assert_same_run(tmp_path / "plain", tmp_path / "ray")
+    # the CPU check, whatever memory this machine has free (5 planned workers need ~20 GB)
+    monkeypatch.setattr(limits, "available_memory", lambda device="cpu": 1 << 40)
     assert main([*common, "--out", str(tmp_path / "more"), "--ray", "--workers", "5"]) == 2
     assert "5 workers need 5 CPUs and 0 GPUs but the Ray cluster has 4 CPUs" in capsys.readouterr().err
     with pytest.raises(ModelNotFoundError):
