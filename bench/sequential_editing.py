@@ -104,7 +104,7 @@ def main() -> None:
     if args.wide_layers:
         layers = parse_layers(args.wide_layers)
         configs += [(f"{label} L{layers[0]}-{layers[-1]}", m, {**options, "layers": layers})
-                    for label, m, options in list(configs)]
+                    for label, m, options in configs]
     texts = heldout_texts()
     t = time.perf_counter()
     hp0 = MemitHyperParams.for_model(lm)
